@@ -1,0 +1,46 @@
+# megatron_spot: two commands do all set-up.
+#   make test   create .venv (Python 3.11), install everything, build the extension, run the tests
+#   make demo   create .venv if missing and run the SPoT pipeline end to end on a CPU
+#   make bench  run the benchmarks and rewrite BENCHMARKS.md
+# GPU users with an NGC-style PyTorch image: see README ("Installing on a GPU machine").
+
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch is pinned to the CPU build that lies on this machine's disk; a bare `torch`
+# requirement would pull a multi-GB CUDA build onto a CPU box.
+TORCH_SPEC ?= torch==2.13.0
+# megatron-core 0.19.2 declares Requires-Python >=3.12 but ships a working cp311 wheel.
+MCORE_SPEC ?= megatron-core==0.19.2
+PYTEST_ARGS ?=
+
+STAMP := $(VENV)/.installed
+EXT_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh)
+
+.PHONY: install test demo bench clean-venv
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+
+$(STAMP): $(VENV)/bin/python requirements.txt setup.py $(EXT_SOURCES)
+	$(PIP) install -q $(TORCH_SPEC)
+	$(PIP) install -q --no-deps --ignore-requires-python $(MCORE_SPEC)
+	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: install
+	$(PY) examples/demo.py
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean-venv:
+	rm -rf $(VENV)

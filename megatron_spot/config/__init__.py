@@ -1,0 +1,19 @@
+"""Run configuration: dataclasses, YAML loading and key=value overrides."""
+from megatron_spot.config.loader import ConfigError, apply_overrides, dump_config, from_dict, load_config, to_dict
+from megatron_spot.config.schema import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    RecomputeConfig,
+    RunConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "ConfigError", "apply_overrides", "dump_config", "from_dict", "load_config", "to_dict",
+    "DataConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig",
+    "RecomputeConfig", "RunConfig", "TrainConfig",
+]

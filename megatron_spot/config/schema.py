@@ -1,0 +1,121 @@
+"""Dataclass configs: one tree for a run, loaded from YAML with dotted key=value overrides.
+
+Every field has a default that runs the tiny CPU demo; recipes in examples/ override them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+@dataclass
+class ModelConfig:
+    # A preset name (see megatron_spot.models.qwen3.presets.PRESETS) or a path to a Hugging Face
+    # config.json / checkpoint folder; the folder's config.json wins when both are given.
+    preset: str = "qwen3-tiny"
+    hf_config: Optional[str] = None
+    # Megatron checkpoint to start from (written by `tools/convert_checkpoint.py hf-to-mcore`).
+    # Empty: random initialisation (only sensible for tests and profiling).
+    init_checkpoint: Optional[str] = None
+    max_sequence_length: int = 8192
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    # virtual pipeline stages per rank (interleaved 1F1B); None = not interleaved
+    virtual_pipeline: Optional[int] = None
+    context_parallel: int = 1
+    sequence_parallel: bool = False  # Transformer Engine only
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    # gloo mixes messages to one peer when p2p ops are batched with interleaved pipelines
+    # (see README); None = False on CPU, True on GPU.
+    batch_p2p_comm: Optional[bool] = None
+    distributed_timeout_minutes: int = 30
+
+
+@dataclass
+class PrecisionConfig:
+    dtype: str = "fp32"  # fp32 | bf16 | fp16
+    fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | blockwise | mxfp8 (Blackwell)
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+    # keep the first/last N transformer layers in BF16 when training in FP8
+    fp8_bf16_first_layers: int = 0
+    fp8_bf16_last_layers: int = 0
+
+
+@dataclass
+class RecomputeConfig:
+    granularity: Optional[str] = None  # None | selective | full
+    method: str = "uniform"  # uniform | block (full recompute only)
+    num_layers: int = 1
+
+
+@dataclass
+class DataConfig:
+    # prefix of a pack written by tools/pack_pairs.py (<prefix>.bin/.idx/.manifest.json)
+    pack: Optional[str] = None
+    # reference log-probs written by tools/score_logprobs.py; default: beside the pack
+    ref_logprobs: Optional[str] = None
+    tokenizer: Optional[str] = None
+    micro_batch_size: int = 2  # pairs per micro-batch (2x sequences: chosen + rejected)
+    global_batch_size: int = 32  # pairs per optimizer step
+    seq_length: int = 8192  # longest prompt+response; longer pairs are an error at load
+    pad_to_multiple_of: int = 64
+    shuffle: bool = True
+    bucket_by_length: bool = True
+
+
+@dataclass
+class LossConfig:
+    # one objective or a weighted sum: spot-bco | spot-bce | dpo | reward-sft | sft, e.g. "spot-bco:1,sft:0.1"
+    objective: str = "spot-bco"
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    # recompute the reference with a frozen copy of the starting model instead of a precomputed sidecar
+    online_reference: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"  # AdamW (decoupled weight decay)
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    lr_schedule: str = "cosine"  # cosine | linear | constant
+    warmup_fraction: float = 0.05
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/spot"
+    epochs: int = 2
+    train_steps: Optional[int] = None  # cap on optimizer steps (None: epochs x steps per epoch)
+    seed: int = 1234
+    log_interval: int = 1
+    save_interval: int = 0  # 0: only at the end
+    load: Optional[str] = None  # resume from this run folder / checkpoint
+    export_hf: bool = True  # export the final policy as a Hugging Face checkpoint
+    tensorboard: bool = True
+    ckpt_format: str = "torch_dist"
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    run: RunConfig = field(default_factory=RunConfig)

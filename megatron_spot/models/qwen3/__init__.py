@@ -1,0 +1,14 @@
+"""Everything Qwen3-specific: presets, Megatron-Core model construction, HF weight mapping."""
+from megatron_spot.models.qwen3.presets import PRESETS, VOCAB_PAD_MULTIPLE, Qwen3Config, load_qwen3_config
+from megatron_spot.models.qwen3.provider import (
+    build_model_chunks,
+    build_transformer_config,
+    layer_spec,
+    transformer_engine_available,
+    validate_model_layout,
+)
+
+__all__ = [
+    "PRESETS", "VOCAB_PAD_MULTIPLE", "Qwen3Config", "load_qwen3_config", "build_model_chunks",
+    "build_transformer_config", "layer_spec", "transformer_engine_available", "validate_model_layout",
+]

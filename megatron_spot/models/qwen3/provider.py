@@ -1,0 +1,210 @@
+"""Qwen3 on Megatron-Core GPTModel: TransformerConfig, layer-spec choice and model construction.
+
+Layer spec: Transformer Engine when it imports and a GPU is present (needed for FP8 and sequence
+parallel); Megatron-Core's local spec otherwise (CPU, or GPUs without TE).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron_spot.config.loader import ConfigError
+from megatron_spot.config.schema import ParallelConfig, PrecisionConfig, RecomputeConfig
+from megatron_spot.models.qwen3.presets import Qwen3Config
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+def transformer_engine_available() -> bool:
+    """TE is usable only with CUDA; its torch binding cannot be built on a CPU box."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def validate_model_layout(cfg: Qwen3Config, parallel: ParallelConfig, precision: PrecisionConfig,
+                          recompute: Optional[RecomputeConfig] = None, world_size: Optional[int] = None) -> None:
+    """Check that the model fits the layout and the platform; raise before anything is allocated."""
+    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
+    vpp = parallel.virtual_pipeline or 1
+    if cfg.num_attention_heads % tp:
+        raise ConfigError(
+            f"attention heads ({cfg.num_attention_heads}) are not divisible by parallel.tensor_parallel={tp}; "
+            f"pick a tensor_parallel that divides {cfg.num_attention_heads}"
+        )
+    if cfg.num_query_groups % tp:
+        raise ConfigError(
+            f"query groups / KV heads ({cfg.num_query_groups}) are not divisible by parallel.tensor_parallel={tp}; "
+            f"tensor_parallel must divide {cfg.num_query_groups} (e.g. 1, 2, 4, 8 for Qwen3)"
+        )
+    if cfg.padded_vocab_size % tp:
+        raise ConfigError(f"padded vocabulary {cfg.padded_vocab_size} is not divisible by parallel.tensor_parallel={tp}")
+    if cfg.num_hidden_layers % (pp * vpp):
+        raise ConfigError(
+            f"{cfg.num_hidden_layers} layers are not divisible by pipeline_parallel x virtual_pipeline = "
+            f"{pp} x {vpp}; choose parallel.pipeline_parallel/virtual_pipeline whose product divides "
+            f"{cfg.num_hidden_layers}"
+        )
+    if world_size is not None and world_size % (tp * pp * parallel.context_parallel):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = {tp * pp}"
+        )
+    if precision.dtype not in _DTYPES:
+        raise ConfigError(f"precision.dtype={precision.dtype!r}: choose one of {', '.join(_DTYPES)}")
+    te = transformer_engine_available()
+    if precision.fp8:
+        if precision.fp8 not in ("hybrid", "e4m3"):
+            raise ConfigError(f"precision.fp8={precision.fp8!r}: choose hybrid or e4m3 (or null for no FP8)")
+        if precision.fp8_recipe not in _FP8_RECIPES:
+            raise ConfigError(f"precision.fp8_recipe={precision.fp8_recipe!r}: choose one of {', '.join(_FP8_RECIPES)}")
+        if not te:
+            raise ConfigError(
+                "precision.fp8 needs Transformer Engine on a CUDA GPU, which is not available here; "
+                "set precision.fp8=null (and precision.dtype=bf16 on GPUs) or install transformer-engine"
+            )
+        if precision.dtype == "fp32":
+            raise ConfigError("precision.fp8 trains FP8 GEMMs inside BF16/FP16 training; set precision.dtype=bf16")
+        if precision.fp8_recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
+            raise ConfigError("precision.fp8_recipe=mxfp8 needs a Blackwell GPU (sm_100+); use delayed/tensorwise/blockwise")
+        if precision.fp8_bf16_first_layers + precision.fp8_bf16_last_layers > cfg.num_hidden_layers:
+            raise ConfigError("precision.fp8_bf16_first_layers + fp8_bf16_last_layers exceed the number of layers")
+    if parallel.sequence_parallel and not te:
+        raise ConfigError(
+            "parallel.sequence_parallel needs Transformer Engine on a CUDA GPU; set parallel.sequence_parallel=false"
+        )
+    if parallel.sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+    if recompute is not None and recompute.granularity not in (None, "selective", "full"):
+        raise ConfigError(f"recompute.granularity={recompute.granularity!r}: choose selective, full or null")
+    if recompute is not None and recompute.method not in ("uniform", "block"):
+        raise ConfigError(f"recompute.method={recompute.method!r}: choose uniform or block")
+
+
+def build_transformer_config(cfg: Qwen3Config, parallel: ParallelConfig, precision: PrecisionConfig,
+                             recompute: Optional[RecomputeConfig] = None, use_te: Optional[bool] = None):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    recompute = recompute or RecomputeConfig()
+    validate_model_layout(cfg, parallel, precision, recompute)
+    use_te = transformer_engine_available() if use_te is None else use_te
+    on_gpu = torch.cuda.is_available()
+    dtype = _DTYPES[precision.dtype]
+    vpp = parallel.virtual_pipeline if (parallel.virtual_pipeline or 1) > 1 else None
+    batch_p2p = parallel.batch_p2p_comm
+    if batch_p2p is None:
+        # gloo mixes both directions' messages to one peer in batched p2p with interleaving
+        batch_p2p = on_gpu
+    fp8_kwargs = {}
+    if precision.fp8:
+        fp8_kwargs = dict(
+            fp8=precision.fp8, fp8_recipe=precision.fp8_recipe,
+            fp8_amax_history_len=precision.fp8_amax_history_len,
+            fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
+        )
+        if precision.fp8_bf16_first_layers or precision.fp8_bf16_last_layers:
+            fp8_kwargs.update(first_last_layers_bf16=True,
+                              num_layers_at_start_in_bf16=precision.fp8_bf16_first_layers,
+                              num_layers_at_end_in_bf16=precision.fp8_bf16_last_layers)
+    recompute_kwargs = {}
+    if recompute.granularity == "full":
+        recompute_kwargs = dict(recompute_granularity="full", recompute_method=recompute.method,
+                                recompute_num_layers=recompute.num_layers)
+    elif recompute.granularity == "selective":
+        recompute_kwargs = dict(recompute_granularity="selective")
+    fused = on_gpu  # fusions need CUDA kernels (apex/TE/triton)
+    return TransformerConfig(
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.intermediate_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=True,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        init_method_std=0.02,
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=parallel.context_parallel,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=precision.dtype == "bf16",
+        fp16=precision.dtype == "fp16",
+        batch_p2p_comm=batch_p2p,
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=fused and use_te,
+        masked_softmax_fusion=fused and use_te,
+        persist_layer_norm=False,
+        bias_dropout_fusion=fused and use_te,
+        apply_rope_fusion=fused and use_te,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+        **fp8_kwargs,
+        **recompute_kwargs,
+    )
+
+
+def layer_spec(use_te: bool):
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_te:
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
+    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+
+
+def build_model_chunks(cfg: Qwen3Config, transformer_config, use_te: Optional[bool] = None,
+                       max_sequence_length: Optional[int] = None, model_cls=None) -> list:
+    """Build this rank's GPTModel chunk(s) (one per virtual pipeline stage) on the current device.
+
+    Parallel state must be initialised (megatron_spot.platform.initialize).
+    """
+    from megatron.core import parallel_state as ps
+
+    if model_cls is None:
+        from megatron_spot.models.qwen3.model import Qwen3GPTModel as model_cls
+    use_te = transformer_engine_available() if use_te is None else use_te
+    spec = layer_spec(use_te)
+    vpp = transformer_config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        model = model_cls(
+            config=transformer_config,
+            transformer_layer_spec=spec,
+            vocab_size=cfg.padded_vocab_size,
+            max_sequence_length=max_sequence_length or cfg.max_position_embeddings,
+            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+            parallel_output=True,
+            share_embeddings_and_output_weights=cfg.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(cfg.rope_theta),
+            vp_stage=stage,
+        )
+        model.valid_vocab_size = cfg.vocab_size
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks

@@ -1,0 +1,166 @@
+"""Platform start-up: torch.distributed, Megatron-Core parallel state, device and RNG seeding.
+
+Entry points call :func:`initialize` first; nothing else in the package initialises
+torch.distributed or picks CUDA devices. GPUs present: NCCL and one CUDA device per local rank.
+No GPU: gloo on the CPU, with :mod:`megatron_spot.platform.cpu_compat` applied.
+"""
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import random
+import socket
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_spot.config.loader import ConfigError
+from megatron_spot.config.schema import ParallelConfig
+from megatron_spot.platform import cpu_compat
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    tp: int
+    pp: int
+    vpp: Optional[int]
+    cp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validate_parallel_layout(parallel: ParallelConfig, world_size: int) -> None:
+    """World-size checks that need no model: fail before any process group or allocation."""
+    tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
+    for name, value in (("parallel.tensor_parallel", tp), ("parallel.pipeline_parallel", pp),
+                        ("parallel.context_parallel", cp)):
+        if value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1")
+    if world_size % (tp * pp * cp) != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel x "
+            f"context_parallel = {tp} x {pp} x {cp} = {tp * pp * cp}; launch a multiple of "
+            f"{tp * pp * cp} processes or change parallel.tensor_parallel/pipeline_parallel"
+        )
+    vpp = parallel.virtual_pipeline
+    if vpp is not None and vpp > 1 and pp < 2:
+        raise ConfigError(
+            f"parallel.virtual_pipeline={vpp} needs parallel.pipeline_parallel >= 2 (got {pp}); "
+            "set parallel.virtual_pipeline=null"
+        )
+    if cp > 1 and not has_cuda():
+        raise ConfigError(
+            "parallel.context_parallel > 1 needs Transformer Engine attention on GPUs; "
+            "set parallel.context_parallel=1 on CPU"
+        )
+
+
+def init_process_group(timeout_minutes: int = 30) -> tuple[int, int, int, str]:
+    """Start torch.distributed from torchrun's environment (or as a single process)."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python ...`: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        backend = "nccl" if has_cuda() else "gloo"
+        if has_cuda():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(
+            backend=backend,
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    if has_cuda():
+        torch.cuda.set_device(local_rank)
+    return dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend()
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and Megatron's model-parallel RNG tracker reproducibly.
+
+    The default generators get the same seed on every rank so CPU-initialised weights agree across
+    TP ranks; Megatron's tracker then derives per-TP-rank streams for dropout from the seed.
+    """
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def initialize(parallel: ParallelConfig, seed: int = 1234) -> RuntimeInfo:
+    """Start distributed, initialise Megatron-Core model-parallel groups, seed RNGs."""
+    world_size_env = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_parallel_layout(parallel, dist.get_world_size() if dist.is_initialized() else world_size_env)
+    if not has_cuda():
+        cpu_compat.apply()
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
+    rank, world_size, local_rank, backend = init_process_group(parallel.distributed_timeout_minutes)
+    validate_parallel_layout(parallel, world_size)
+
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    vpp = parallel.virtual_pipeline if (parallel.virtual_pipeline or 1) > 1 else None
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=parallel.context_parallel,
+    )
+    seed_everything(seed)
+    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+    info = RuntimeInfo(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
+        tp=parallel.tensor_parallel, pp=parallel.pipeline_parallel, vpp=vpp,
+        cp=parallel.context_parallel, dp=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+    if rank == 0:
+        log.info(
+            "platform: %s on %s, world %d = TP%d x PP%d%s x CP%d x DP%d", backend, device.type, world_size,
+            info.tp, info.pp, f" (VPP{vpp})" if vpp else "", info.cp, info.dp,
+        )
+    return info
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

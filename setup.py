@@ -1,0 +1,46 @@
+"""megatron_spot: Surgical Post-Training on Megatron-Core.
+
+torch is deliberately NOT a build requirement (no pyproject.toml build-system table): an
+isolated build would pull a CUDA torch onto a CPU box. Install torch first, then
+`pip install --no-build-isolation -e .` (the Makefile does this).
+
+The C++/CUDA extension is chosen by MEGATRON_SPOT_EXT=auto|cuda|cpu|none (see csrc/README.md).
+"""
+from setuptools import find_packages, setup
+
+
+def _extension_build():
+    """Return (ext_modules, cmdclass) for csrc/; owned by csrc/build.py."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc"))
+    try:
+        import build_ext_config
+    except ImportError:  # csrc/ not populated yet
+        return [], {}
+    finally:
+        sys.path.pop(0)
+    return build_ext_config.extensions()
+
+
+ext_modules, cmdclass = _extension_build()
+
+setup(
+    name="megatron_spot",
+    version="0.1.0",
+    description="Surgical Post-Training (SPoT) backend on Megatron-Core",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_spot", "megatron_spot.*"]),
+    package_data={"megatron_spot": ["**/*.yaml", "**/*.json", "**/*.txt"]},
+    # torch and megatron-core are installed by the Makefile (or come with an NGC image); listing
+    # them here would let pip replace an image's torch. See README.
+    install_requires=[],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    entry_points={
+        "console_scripts": [
+            "spot-train=megatron_spot.train:main",
+        ]
+    },
+)
