@@ -1,0 +1,162 @@
+"""Tokenisation of pairs, the way TRL's DPOTrainer does it.
+
+Plain strings (TRL 0.20 `tokenize_row`): prompt, chosen and rejected are tokenised separately with
+add_special_tokens=False (no BOS); EOS is appended to chosen and rejected, not to the prompt.
+
+Conversational values (TRL `maybe_apply_chat_template`): the chat template renders
+  prompt_text = template(prompt, add_generation_prompt=True)
+  full_text   = template(prompt + response)
+and the response text is full_text after the common prefix; then the texts are tokenised as above.
+For Qwen3 the template is used in non-thinking mode (enable_thinking=False), so the empty think block
+"<think>\\n\\n</think>\\n\\n" is part of the prompt (conditioning, not scored).
+
+`--apply-chat-template` wraps plain strings as one user turn and one assistant turn first.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import List, Optional, Sequence, Tuple
+
+# Files that determine an HF tokenizer's behaviour (token ids, special tokens, chat template).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                      "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model",
+                      "chat_template.jinja", "chat_template.json")
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def tokenizer_hash(tokenizer_path: str) -> str:
+    """Stable sha256 (hex) of a tokenizer: a sentencepiece .model file, or an HF tokenizer folder.
+
+    For a folder only the files that define tokenisation are hashed (HF_TOKENIZER_FILES), so the same
+    tokenizer inside a model checkpoint folder and in a standalone folder hash the same.
+    """
+    h = hashlib.sha256()
+    if os.path.isfile(tokenizer_path):
+        h.update(b"sentencepiece\0")
+        with open(tokenizer_path, "rb") as f:
+            h.update(f.read())
+        return h.hexdigest()
+    if not os.path.isdir(tokenizer_path):
+        raise TokenizerError(f"tokenizer not found: {tokenizer_path!r}")
+    found = False
+    for name in HF_TOKENIZER_FILES:
+        p = os.path.join(tokenizer_path, name)
+        if os.path.isfile(p):
+            found = True
+            with open(p, "rb") as f:
+                data = f.read()
+            h.update(name.encode() + b"\0" + str(len(data)).encode() + b"\0" + data)
+    if not found:
+        raise TokenizerError(f"{tokenizer_path!r} holds no tokenizer files ({', '.join(HF_TOKENIZER_FILES[:2])})")
+    return h.hexdigest()
+
+
+def _render_jinja(template: str, messages, add_generation_prompt: bool, **kwargs) -> str:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **kwargs)
+
+
+class PairTokenizer:
+    """A tokenizer for pair packing: an HF tokenizer folder or a sentencepiece `.model` file."""
+
+    def __init__(self, path: str, chat_template: Optional[str] = None, enable_thinking: bool = False):
+        self.path = path
+        self.enable_thinking = enable_thinking
+        self.hash = tokenizer_hash(path)
+        self._template_override = chat_template
+        if os.path.isfile(path):
+            import sentencepiece as spm
+
+            self.kind = "sentencepiece"
+            try:
+                self._sp = spm.SentencePieceProcessor(model_file=path)
+            except Exception as e:
+                raise TokenizerError(f"{path!r} is not a sentencepiece model ({e})") from None
+            self.vocab_size = int(self._sp.get_piece_size())
+            self.eos_token_id = int(self._sp.eos_id())
+            self.pad_token_id = int(self._sp.pad_id()) if self._sp.pad_id() >= 0 else self.eos_token_id
+            self.chat_template = chat_template
+            if self.eos_token_id < 0:
+                raise TokenizerError(f"{path!r}: the sentencepiece model has no EOS piece")
+        else:
+            from transformers import AutoTokenizer
+
+            self.kind = "hf"
+            try:
+                self._hf = AutoTokenizer.from_pretrained(path)
+            except Exception as e:
+                raise TokenizerError(f"cannot load an HF tokenizer from {path!r}: {e}") from None
+            self.vocab_size = int(len(self._hf))
+            if self._hf.eos_token_id is None:
+                raise TokenizerError(f"{path!r}: the tokenizer has no eos_token")
+            self.eos_token_id = int(self._hf.eos_token_id)
+            pad = self._hf.pad_token_id
+            self.pad_token_id = int(pad) if pad is not None else self.eos_token_id
+            self.chat_template = chat_template or getattr(self._hf, "chat_template", None)
+            backend = getattr(self._hf, "backend_tokenizer", None)
+            self._fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+
+    # -- encoding ---------------------------------------------------------------------------------
+    def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
+        """Token ids of each text, no special tokens added (TRL's add_special_tokens=False)."""
+        if not texts:
+            return []
+        if self.kind == "sentencepiece":
+            return self._sp.encode(list(texts))
+        if self._fast is not None:
+            return [e.ids for e in self._fast(list(texts), add_special_tokens=False)]
+        return self._hf(list(texts), add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.kind == "sentencepiece":
+            return self._sp.decode(ids)
+        return self._hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    # -- chat template ----------------------------------------------------------------------------
+    def _apply(self, messages, add_generation_prompt: bool) -> str:
+        kwargs = {} if self.enable_thinking else {"enable_thinking": False}
+        if self.kind == "hf" and self._template_override is None:
+            return self._hf.apply_chat_template(messages, tokenize=False,
+                                                add_generation_prompt=add_generation_prompt, **kwargs)
+        if not self.chat_template:
+            raise TokenizerError(f"{self.path!r} has no chat template; pass --chat-template FILE")
+        return _render_jinja(self.chat_template, messages, add_generation_prompt, **kwargs)
+
+    def render_pair(self, prompt, chosen, rejected) -> Tuple[str, str, str]:
+        """Prompt/chosen/rejected texts under the chat template, split like TRL does."""
+        if not self.chat_template and not (self.kind == "hf" and self._template_override is None
+                                           and getattr(self._hf, "chat_template", None)):
+            raise TokenizerError(f"{self.path!r} has no chat template; pass --chat-template FILE "
+                                 f"or use plain-string fields without --apply-chat-template")
+        p = self._apply(list(prompt), add_generation_prompt=True)
+        fc = self._apply(list(prompt) + list(chosen), add_generation_prompt=False)
+        fr = self._apply(list(prompt) + list(rejected), add_generation_prompt=False)
+        n = 0
+        m = min(len(p), len(fc), len(fr))
+        while n < m and p[n] == fc[n] == fr[n]:
+            n += 1
+        return p[:n], fc[n:], fr[n:]
+
+    def describe(self) -> dict:
+        d = {"path": os.path.abspath(self.path), "kind": self.kind, "hash": self.hash,
+             "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id,
+             "pad_token_id": self.pad_token_id, "enable_thinking": self.enable_thinking}
+        if self.chat_template:
+            d["chat_template_sha256"] = hashlib.sha256(self.chat_template.encode()).hexdigest()
+            d["chat_template_overridden"] = self._template_override is not None
+        return d
+
+
+def token_dtype(vocab_size: int):
+    """Megatron's rule: uint16 when the vocabulary has fewer than 65,500 entries, else int32."""
+    import numpy as np
+
+    return np.uint16 if vocab_size < 65500 else np.int32
