@@ -1,0 +1,72 @@
+"""Small, crash-safe file helpers shared by the rectification stages.
+
+Every stage output is written to ``<name>.tmp`` and renamed into place, so a crash or Ctrl-C never
+leaves a half-written stage file behind: a stage's output either exists completely or not at all.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Iterator
+
+
+def read_jsonl(path: str) -> Iterator[dict]:
+    """Yield one dict per non-empty line; a malformed line raises ValueError naming the line."""
+    with open(path, "r", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield obj
+
+
+def read_records(path: str) -> list[dict]:
+    """Read .jsonl/.json (a list of objects) or .parquet into a list of dicts."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq  # lazy: only for parquet inputs
+
+        return pq.read_table(path).to_pylist()
+    if path.endswith(".json"):
+        with open(path, "r", encoding="utf-8") as f:
+            data = json.load(f)
+        if not isinstance(data, list):
+            raise ValueError(f"{path}: expected a JSON list of objects")
+        return data
+    return list(read_jsonl(path))
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict]) -> int:
+    """Write records as JSON lines via a temp file + rename; returns the number written."""
+    tmp = path + ".tmp"
+    n = 0
+    with open(tmp, "w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return n
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: str, default: Any = None) -> Any:
+    if not os.path.exists(path):
+        return default
+    with open(path, "r", encoding="utf-8") as f:
+        return json.load(f)
