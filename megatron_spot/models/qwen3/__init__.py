@@ -4,11 +4,12 @@ from megatron_spot.models.qwen3.provider import (
     build_model_chunks,
     build_transformer_config,
     layer_spec,
+    meta_parameter_count,
     transformer_engine_available,
     validate_model_layout,
 )
 
 __all__ = [
     "PRESETS", "VOCAB_PAD_MULTIPLE", "Qwen3Config", "load_qwen3_config", "build_model_chunks",
-    "build_transformer_config", "layer_spec", "transformer_engine_available", "validate_model_layout",
+    "build_transformer_config", "layer_spec", "meta_parameter_count", "transformer_engine_available", "validate_model_layout",
 ]

@@ -204,7 +204,21 @@ def build_model_chunks(cfg: Qwen3Config, transformer_config, use_te: Optional[bo
             vp_stage=stage,
         )
         model.valid_vocab_size = cfg.vocab_size
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and next(model.parameters()).device.type != "meta":
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
     return chunks
+
+
+def meta_parameter_count(cfg: Qwen3Config, parallel: Optional[ParallelConfig] = None) -> int:
+    """Parameters of this rank's Megatron model, built on the meta device (no weights allocated).
+
+    Parallel state must be initialised; at TP1PP1 this is the whole model (padded vocabulary).
+    """
+    parallel = parallel or ParallelConfig()
+    tc = build_transformer_config(cfg, parallel, PrecisionConfig(dtype="bf16"), use_te=False)
+    tc.perform_initialization = False
+    tc.use_cpu_initialization = True  # factories without an explicit device follow the meta context
+    with torch.device("meta"):
+        chunks = build_model_chunks(cfg, tc, use_te=False)
+    return sum(p.numel() for c in chunks for p in c.parameters())

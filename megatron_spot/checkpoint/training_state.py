@@ -1,0 +1,164 @@
+"""Atomic save/load of the whole training state, resumable at the same or another TP/PP layout.
+
+<run>/checkpoints/step_0000010/
+    model/               the policy, in the conversion tool's format (hf_convert.save_model_checkpoint)
+    optimizer/           dist_checkpointing of the optimizer state (resharded on load)
+    rng/rank_00003.pt    each rank's RNG states (restored when the layout is unchanged)
+    trainer_state.json   step, epoch, reader position, loss running statistics, scheduler, config
+<run>/checkpoints/latest  the name of the newest complete checkpoint
+
+Everything is written under `step_N.tmp` and renamed by rank 0 after every rank finished, then
+`latest` is updated (write + rename), so a crash mid-save leaves the previous checkpoint as latest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_spot.config.loader import ConfigError
+
+
+def _model_sharded_state_dict(model_chunks: list) -> dict:
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def checkpoint_root(run_dir: str) -> str:
+    return os.path.join(run_dir, "checkpoints")
+
+
+def latest_checkpoint(path: str) -> Optional[str]:
+    """A run folder, a checkpoints folder or one checkpoint -> the checkpoint folder to load."""
+    if os.path.exists(os.path.join(path, "trainer_state.json")):
+        return path
+    root = path if os.path.basename(path.rstrip("/")) == "checkpoints" else checkpoint_root(path)
+    latest = os.path.join(root, "latest")
+    if not os.path.exists(latest):
+        return None
+    with open(latest) as f:
+        name = f.read().strip()
+    ckpt = os.path.join(root, name)
+    return ckpt if os.path.exists(os.path.join(ckpt, "trainer_state.json")) else None
+
+
+def save_training_checkpoint(run_dir: str, step: int, engine, trainer_state: dict[str, Any],
+                             tokenizer_dir: Optional[str] = None) -> str:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from megatron_spot.checkpoint.hf_convert import save_model_checkpoint
+
+    rank = dist.get_rank()
+    root = checkpoint_root(run_dir)
+    final = os.path.join(root, f"step_{step:07d}")
+    tmp = final + ".tmp"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "optimizer"))
+        os.makedirs(os.path.join(tmp, "rng"))
+    dist.barrier()
+    save_model_checkpoint(engine.model, os.path.join(tmp, "model"), engine.qwen3, hf_side_files_from=tokenizer_dir)
+    model_ssd = _model_sharded_state_dict(engine.model)
+    optim_ssd = engine.optimizer.sharded_state_dict(model_ssd)
+    dist_checkpointing.save({"optimizer": optim_ssd}, os.path.join(tmp, "optimizer"))
+    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    # the loss's running statistics live on the last pipeline stage: hand them to rank 0
+    loss_state = [engine.loss_fn.state_dict() if engine.pp_last else None]
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast_object_list(loss_state, src=ps.get_pipeline_model_parallel_last_rank(),
+                                   group=ps.get_pipeline_model_parallel_group())
+    if rank == 0:
+        state = dict(trainer_state)
+        state.update(
+            step=step, loss_state=_to_jsonable(loss_state[0]), scheduler=engine.scheduler.state_dict(),
+            layout={"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+                    "dp": ps.get_data_parallel_world_size(), "world": dist.get_world_size()},
+        )
+        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
+            json.dump(state, f, indent=2)
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest_tmp = os.path.join(root, "latest.tmp")
+        with open(latest_tmp, "w") as f:
+            f.write(os.path.basename(final))
+        os.replace(latest_tmp, os.path.join(root, "latest"))
+    dist.barrier()
+    return final
+
+
+def _to_jsonable(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, dict):
+        return {k: _to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_jsonable(v) for v in obj]
+    return obj
+
+
+def read_trainer_state(ckpt: str) -> dict:
+    path = os.path.join(ckpt, "trainer_state.json")
+    if not os.path.exists(path):
+        raise ConfigError(f"{ckpt} is not a training checkpoint (no trainer_state.json)")
+    with open(path) as f:
+        return json.load(f)
+
+
+def load_training_state(ckpt: str, engine) -> dict:
+    """Collective: restore optimizer, scheduler, loss statistics and (same layout) RNG states.
+
+    Model weights are loaded earlier (Engine's load_weights hook, before the optimizer is built).
+    Returns the trainer state dict (step, epoch, reader position, ...).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    state = read_trainer_state(ckpt)
+    model_ssd = _model_sharded_state_dict(engine.model)
+    optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, is_loading=True)
+    loaded = dist_checkpointing.load({"optimizer": optim_ssd}, os.path.join(ckpt, "optimizer"))
+    engine.optimizer.load_state_dict(loaded["optimizer"])
+    engine.scheduler.load_state_dict(state["scheduler"])
+    if engine.loss_fn is not None and state.get("loss_state") is not None:
+        engine.loss_fn.load_state_dict(state["loss_state"])
+    same_layout = state.get("layout") == {
+        "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(), "world": dist.get_world_size()}
+    rng_path = os.path.join(ckpt, "rng", f"rank_{dist.get_rank():05d}.pt")
+    if same_layout and os.path.exists(rng_path):
+        _set_rng_state(torch.load(rng_path, weights_only=False))
+    return state

@@ -1,0 +1,235 @@
+"""SPoT training entry point.
+
+    torchrun --nproc-per-node N -m megatron_spot.train --config examples/qwen3_8b_spot.yaml [key=value ...]
+
+Reads a YAML recipe (megatron_spot.config.TrainConfig) plus dotted overrides, checks the inputs
+(pack, tokenizer, checkpoint, reference log-probs, layout) before starting anything, then trains with
+Megatron-Core's pipeline schedules, logs metrics, checkpoints atomically and exports an HF checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from typing import Optional
+
+from megatron_spot.config import ConfigError, TrainConfig, dump_config, load_config
+
+log = logging.getLogger("megatron_spot.train")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def _setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def resolve_model(cfg: TrainConfig, resume_ckpt: Optional[str]):
+    """The Qwen3 architecture: from the checkpoint we start from, else the preset/config.json."""
+    from megatron_spot.models.qwen3 import Qwen3Config, load_qwen3_config
+
+    source = os.path.join(resume_ckpt, "model") if resume_ckpt else cfg.model.init_checkpoint
+    if source:
+        if not os.path.isdir(source):
+            raise ConfigError(f"model.init_checkpoint: {source} does not exist (convert one with "
+                              f"tools/convert_checkpoint.py hf-to-mcore)")
+        from megatron_spot.checkpoint.hf_convert import read_checkpoint_metadata
+
+        meta = read_checkpoint_metadata(source)
+        return Qwen3Config.from_hf_dict(meta["hf_config"], source=source), source
+    return load_qwen3_config(cfg.model.preset, cfg.model.hf_config), None
+
+
+def preflight(cfg: TrainConfig, world_size: int):
+    """Every check that needs no process group: fail before any rank allocates anything."""
+    from megatron_spot.checkpoint.training_state import latest_checkpoint
+    from megatron_spot.data import PairDataset, tokenizer_hash
+    from megatron_spot.models.qwen3 import validate_model_layout
+    from megatron_spot.platform import validate_parallel_layout
+    from megatron_spot.training.reference import load_ref_logps
+
+    validate_parallel_layout(cfg.parallel, world_size)
+    resume = None
+    if cfg.run.load:
+        resume = latest_checkpoint(cfg.run.load)
+        if resume is None:
+            raise ConfigError(f"run.load={cfg.run.load}: no complete checkpoint there")
+    qwen3, weights = resolve_model(cfg, resume)
+    validate_model_layout(qwen3, cfg.parallel, cfg.precision, cfg.recompute, world_size)
+    if not cfg.data.pack:
+        raise ConfigError("data.pack is not set: pack pairs with tools/pack_pairs.py and pass data.pack=<prefix>")
+    tok_dir = cfg.data.tokenizer or cfg.model.init_checkpoint
+    expected = None
+    if tok_dir and os.path.exists(os.path.join(tok_dir, "tokenizer.json")) or (
+            tok_dir and os.path.exists(os.path.join(tok_dir, "tokenizer_config.json"))):
+        expected = tokenizer_hash(tok_dir)
+    dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected)
+    longest = int(dataset.lengths().max())
+    if longest > cfg.data.seq_length:
+        raise ConfigError(f"{cfg.data.pack}: the longest pair has {longest} tokens > data.seq_length="
+                          f"{cfg.data.seq_length}; raise data.seq_length or repack with a smaller --max-length")
+    if longest > qwen3.max_position_embeddings:
+        raise ConfigError(f"pairs of {longest} tokens exceed the model's max_position_embeddings "
+                          f"{qwen3.max_position_embeddings}")
+    dp = world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel * cfg.parallel.context_parallel)
+    per_step = cfg.data.micro_batch_size * dp
+    if cfg.data.global_batch_size % per_step:
+        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
+                          f"micro_batch_size x data-parallel size = {cfg.data.micro_batch_size} x {dp}")
+    ref = None
+    if not cfg.loss.online_reference:
+        ref = load_ref_logps(cfg.data.pack, dataset.fingerprint, len(dataset), cfg.data.ref_logprobs)
+    return qwen3, weights, resume, dataset, ref, tok_dir
+
+
+def _export_hf(model_dir: str, out_dir: str) -> None:
+    """Run the converter in a clean single-process environment (we are inside a torchrun world)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_checkpoint.py")
+    cmd = [sys.executable, tool, "mcore-to-hf", "--ckpt", model_dir, "--out", out_dir]
+    subprocess.run(cmd, check=True, env=env)
+
+
+def run(cfg: TrainConfig) -> dict:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from megatron_spot.checkpoint.training_state import load_training_state, save_training_checkpoint
+    from megatron_spot.platform import initialize
+    from megatron_spot.training.batches import make_micro_batches
+    from megatron_spot.training.engine import Engine, is_finite
+    from megatron_spot.training.metrics import MetricsLogger
+    from megatron_spot.data import PairBatchSampler
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(rank)
+    qwen3, weights, resume, dataset, ref, tok_dir = preflight(cfg, world_size)
+
+    info = initialize(cfg.parallel, seed=cfg.run.seed)
+    run_dir = cfg.run.output_dir
+    if info.rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
+        dump_config(cfg, os.path.join(run_dir, "config.yaml"))
+    num_mb = cfg.data.global_batch_size // (cfg.data.micro_batch_size * info.dp)
+    sampler = PairBatchSampler(dataset.lengths(), cfg.data.micro_batch_size, num_mb, info.dp_rank, info.dp,
+                               seed=cfg.run.seed, shuffle=cfg.data.shuffle, bucket_by_length=cfg.data.bucket_by_length)
+    steps_per_epoch = len(sampler)
+    total = steps_per_epoch * cfg.run.epochs
+    if cfg.run.train_steps:
+        total = min(total, cfg.run.train_steps)
+
+    def load_weights(chunks):
+        if weights:
+            from megatron_spot.checkpoint.hf_convert import load_model_checkpoint
+
+            load_model_checkpoint(chunks, weights)
+
+    engine = Engine(cfg, qwen3, total, load_weights=load_weights)
+    reference = None
+    if cfg.loss.online_reference:
+        start = cfg.model.init_checkpoint
+        reference = Engine(cfg, qwen3, total, trainable=False, load_weights=(
+            (lambda chunks: __import__("megatron_spot.checkpoint.hf_convert", fromlist=["x"]).load_model_checkpoint(chunks, start))
+            if start else None))
+    step = 0
+    if resume:
+        state = load_training_state(resume, engine)
+        sampler.load_state_dict(state["sampler"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d (epoch %d)", resume, step, sampler.epoch)
+    logger = MetricsLogger(run_dir, qwen3, info.world_size, enabled=info.rank == 0,
+                           fp8=bool(cfg.precision.fp8), full_recompute=cfg.recompute.granularity == "full",
+                           tensorboard=cfg.run.tensorboard)
+    if info.rank == 0:
+        log.info("training %s: %d pairs, %d steps/epoch x %d epochs -> %d steps, %d micro-batches x %d pairs "
+                 "per rank per step, world %d (TP%d PP%d DP%d)", qwen3.num_parameters(), len(dataset),
+                 steps_per_epoch, cfg.run.epochs, total, num_mb, cfg.data.micro_batch_size, info.world_size,
+                 info.tp, info.pp, info.dp)
+    last_ckpt, history, t0 = resume, [], time.time()
+    for epoch, _, indices in sampler.iter_epochs(cfg.run.epochs):
+        if step >= total:
+            break
+        mbs = make_micro_batches(dataset, indices, info.device, ref_logps=ref,
+                                 pad_to_multiple_of=cfg.data.pad_to_multiple_of, max_length=cfg.data.seq_length)
+        if reference is not None:
+            for mb, seq in zip(mbs, reference.sequence_logps(mbs)):
+                mb["ref_logps"] = seq.float()
+        metrics = engine.train_step(mbs)
+        step += 1
+        if not is_finite(metrics["loss"]):
+            msg = (f"loss is {metrics['loss']} at step {step} (epoch {epoch}); stopping. The last good "
+                   f"checkpoint is {last_ckpt or 'none'}; lower optimizer.lr or check the data.")
+            log.error(msg)
+            raise TrainingDiverged(msg)
+        mean_len = float(np.mean([mb["attention_tokens"] / mb["tokens"].shape[0] for mb in mbs]))
+        metrics = logger.enrich(metrics, mean_len)
+        metrics["epoch"] = epoch
+        history.append({"step": step, **metrics})
+        if step % cfg.run.log_interval == 0 or step == total:
+            logger.log(step, total, metrics)
+        if (cfg.run.save_interval and step % cfg.run.save_interval == 0) or step == total:
+            last_ckpt = save_training_checkpoint(
+                run_dir, step, engine, {"sampler": sampler.state_dict(), "epoch": sampler.epoch,
+                                        "config": cfg.__class__.__name__}, tokenizer_dir=tok_dir)
+            if info.rank == 0:
+                log.info("saved checkpoint %s", last_ckpt)
+    logger.close()
+    summary = {"steps": step, "seconds": time.time() - t0, "checkpoint": last_ckpt, "history": history}
+    hf_dir = None
+    if cfg.run.export_hf and last_ckpt:
+        dist.barrier()
+        if info.rank == 0:
+            hf_dir = os.path.join(run_dir, "hf")
+            log.info("exporting the policy as a Hugging Face checkpoint to %s", hf_dir)
+            _export_hf(os.path.join(last_ckpt, "model"), hf_dir)
+        dist.barrier()
+    summary["hf_export"] = hf_dir
+    if info.rank == 0:
+        with open(os.path.join(run_dir, "summary.json"), "w") as f:
+            json.dump({k: v for k, v in summary.items()}, f, indent=2, default=str)
+    torch.distributed.barrier()
+    return summary
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_spot.train",
+        description="Train a Qwen3 policy with SPoT objectives on packed pairs (Megatron-Core TP/PP/DP). "
+                    "Launch with torchrun for several processes.",
+        epilog="Overrides are dotted keys, e.g. parallel.tensor_parallel=2 loss.objective=spot-bco:1,sft:0.1 "
+               "run.train_steps=10. See megatron_spot/config/schema.py for every key.",
+    )
+    parser.add_argument("--config", help="YAML recipe (see examples/)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides applied after the YAML file")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+        run(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        from megatron_spot.platform import shutdown
+
+        try:
+            shutdown()
+        except Exception:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

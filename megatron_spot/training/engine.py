@@ -1,0 +1,225 @@
+"""The Megatron-Core side of training: model chunks under DDP, optimizer, LR schedule, and one step.
+
+`Engine.train_step` runs Megatron-Core's pipeline schedule (`get_forward_backward_func`) over this
+rank's micro-batches with the SPoT loss on the last stage, reduces gradients with
+`finalize_model_grads`, clips and steps the (distributed) optimizer. `Engine.sequence_logps` is the
+same forward without gradients, used to score reference log-probs.
+"""
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_spot.config.schema import TrainConfig
+from megatron_spot.models.qwen3 import Qwen3Config, build_model_chunks, build_transformer_config
+
+IGNORE_INDEX = -100
+
+
+class Engine:
+    def __init__(self, cfg: TrainConfig, qwen3: Qwen3Config, total_steps: int,
+                 load_weights: Optional[Callable[[list], None]] = None, trainable: bool = True):
+        from megatron.core import parallel_state as ps
+
+        self.cfg = cfg
+        self.qwen3 = qwen3
+        self.total_steps = max(1, total_steps)
+        self.transformer_config = build_transformer_config(qwen3, cfg.parallel, cfg.precision, cfg.recompute)
+        chunks = build_model_chunks(qwen3, self.transformer_config, max_sequence_length=cfg.model.max_sequence_length)
+        if load_weights is not None:
+            load_weights(chunks)  # before the optimizer copies fp32 main params from the model
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.pp_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.pp_first = ps.is_pipeline_first_stage(ignore_virtual=True)
+        self.loss_fn = None
+        if not trainable:
+            for chunk in chunks:
+                chunk.eval()
+                chunk.requires_grad_(False)
+            self.model, self.optimizer, self.scheduler = chunks, None, None
+            return
+        self.model = self._wrap(chunks)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        from megatron_spot.losses import SpotLoss
+
+        self.loss_fn = SpotLoss(cfg.loss.objective, beta=cfg.loss.beta, label_smoothing=cfg.loss.label_smoothing,
+                                dp_group=ps.get_data_parallel_group())
+        from megatron.core.distributed import finalize_model_grads
+
+        tc = self.transformer_config
+        tc.grad_scale_func = self.optimizer.scale_loss
+        tc.finalize_model_grads_func = finalize_model_grads
+        if cfg.parallel.overlap_grad_reduce:
+            no_sync = [m.no_sync for m in self.model]
+            tc.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if cfg.parallel.overlap_param_gather and cfg.parallel.use_distributed_optimizer:
+            tc.param_sync_func = [m.start_param_sync for m in self.model]
+            if len(self.model) == 1:
+                tc.param_sync_func = tc.param_sync_func[0]
+
+    # ----------------------------------------------------------------------------------------------
+    def _wrap(self, chunks: list) -> list:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        if self.cfg.precision.dtype in ("bf16", "fp16"):
+            chunks = [Float16Module(self.transformer_config, c) for c in chunks]
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=self.cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=self.cfg.parallel.overlap_param_gather,
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+            check_for_nan_in_grad=False,  # the loop stops on a NaN loss with its own message
+        )
+        return [
+            DistributedDataParallel(config=self.transformer_config, ddp_config=ddp_config, module=c,
+                                    disable_bucketing=i > 0)
+            for i, c in enumerate(chunks)
+        ]
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o, p = self.cfg.optimizer, self.cfg.precision
+        if o.name != "adam":
+            from megatron_spot.config.loader import ConfigError
+
+            raise ConfigError(f"optimizer.name={o.name!r}: only 'adam' (AdamW) is supported")
+        opt_cfg = OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+            adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+            bf16=p.dtype == "bf16", fp16=p.dtype == "fp16", params_dtype=self.transformer_config.params_dtype,
+            use_distributed_optimizer=self.cfg.parallel.use_distributed_optimizer,
+        )
+        return get_megatron_optimizer(opt_cfg, self.model)
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o = self.cfg.optimizer
+        warmup = int(round(o.warmup_fraction * self.total_steps))
+        style = {"cosine": "cosine", "linear": "linear", "constant": "constant"}.get(o.lr_schedule)
+        if style is None:
+            from megatron_spot.config.loader import ConfigError
+
+            raise ConfigError(f"optimizer.lr_schedule={o.lr_schedule!r}: choose cosine, linear or constant")
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=warmup, lr_decay_steps=self.total_steps, lr_decay_style=style,
+            start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=self.total_steps, wd_incr_style="constant",
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def _forward_step(self, loss_func, data_iterator, model):
+        batch = next(data_iterator)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(loss_func, batch)
+
+    def _train_loss(self, batch, output_tensor):
+        token_logps = -output_tensor.float()  # the model returns per-token negative log-probs
+        loss, metrics = self.loss_fn(token_logps, batch["loss_mask"], batch["ref_logps"])
+        reported = {"loss": loss.detach().clone()}
+        reported.update({k: v.detach().float().mean() for k, v in metrics.items()})
+        return loss, reported
+
+    def _score_loss(self, batch, output_tensor):
+        from megatron_spot.losses import sequence_logps
+
+        seq = sequence_logps(-output_tensor.float(), batch["loss_mask"])
+        return output_tensor.new_zeros(()), {"seq_logps": seq.detach()}
+
+    def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        seq_length = micro_batches[0]["tokens"].shape[1]
+        rows = micro_batches[0]["tokens"].shape[0]
+        for mb in micro_batches:
+            if tuple(mb["tokens"].shape) != (rows, seq_length):
+                raise ValueError("all micro-batches of a step must share one [rows, seq_length] shape")
+        iters = [iter(micro_batches) for _ in self.model]
+        return get_forward_backward_func()(
+            forward_step_func=partial(self._forward_step, loss_func),
+            data_iterator=iters if len(iters) > 1 else iters[0],
+            model=self.model,
+            num_microbatches=len(micro_batches),
+            seq_length=seq_length,
+            micro_batch_size=rows,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches; metrics are identical on every rank."""
+        from megatron.core import parallel_state as ps
+
+        start = time.perf_counter()
+        for m in self.model:
+            m.train()
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reported = self._run_schedule(micro_batches, self._train_loss, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        lr = self.optimizer.param_groups[0]["lr"]
+        if ok:
+            self.scheduler.step(increment=1)
+        metrics = self._reduce_metrics(reported)
+        metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr,
+                       update_skipped=float(not ok), step_time_s=time.perf_counter() - start)
+        tokens = sum(int(mb["attention_tokens"]) for mb in micro_batches)
+        tokens_t = torch.tensor([tokens], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tokens_t, group=ps.get_data_parallel_group())
+        metrics["tokens"] = float(tokens_t.item())
+        return metrics
+
+    @torch.no_grad()
+    def sequence_logps(self, micro_batches: list[dict]) -> list[torch.Tensor]:
+        """Forward only: per-sequence response log-prob sums [2B] for each micro-batch (every rank)."""
+        from megatron.core import parallel_state as ps
+
+        for m in self.model:
+            m.eval()
+        out = self._run_schedule(micro_batches, self._score_loss, forward_only=True)
+        rows = micro_batches[0]["tokens"].shape[0]
+        if self.pp_last:
+            stacked = torch.stack([o["seq_logps"].double() for o in out])
+        else:
+            stacked = torch.zeros(len(micro_batches), rows, dtype=torch.float64, device=self.device)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(stacked, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        return list(stacked.unbind(0))
+
+    def _reduce_metrics(self, reported: list[dict]) -> dict[str, float]:
+        """Average the last stage's per-micro-batch metrics over micro-batches and DP ranks; share with all."""
+        from megatron.core import parallel_state as ps
+
+        keys = sorted(reported[0].keys()) if self.pp_last and reported else None
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            box = [keys]
+            dist.broadcast_object_list(box, src=ps.get_pipeline_model_parallel_last_rank(),
+                                       group=ps.get_pipeline_model_parallel_group())
+            keys = box[0]
+        if self.pp_last:
+            per_mb = torch.stack([torch.stack([r[k].double() for k in keys]) for r in reported])
+            values = per_mb.mean(0)
+            if "delta" in keys:  # a running statistic: report its value after the step, not a mean
+                values[keys.index("delta")] = per_mb[-1, keys.index("delta")]
+        else:
+            values = torch.zeros(len(keys), dtype=torch.float64, device=self.device)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(values, src=ps.get_pipeline_model_parallel_last_rank(),
+                           group=ps.get_pipeline_model_parallel_group())
+        dp = ps.get_data_parallel_world_size()
+        if dp > 1:
+            dist.all_reduce(values, group=ps.get_data_parallel_group())
+            values /= dp
+        return {k: float(v) for k, v in zip(keys, values.tolist())}
+
+
+def is_finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))

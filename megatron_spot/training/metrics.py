@@ -1,0 +1,95 @@
+"""Per-step metrics: a readable console line, metrics.jsonl in the run folder, TensorBoard if installed."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+from typing import Optional
+
+import torch
+
+from megatron_spot.models.qwen3.presets import Qwen3Config
+from megatron_spot.profiling.flops import train_flops_per_token
+
+log = logging.getLogger("megatron_spot.train")
+
+# Dense BF16 / FP8 peak TFLOP/s of known GPUs (no sparsity), for MFU.
+GPU_PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp8": 1979.0},
+    "H800": {"bf16": 989.0, "fp8": 1979.0},
+    "H200": {"bf16": 989.0, "fp8": 1979.0},
+    "A100": {"bf16": 312.0, "fp8": None},
+    "A800": {"bf16": 312.0, "fp8": None},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0},
+    "GB200": {"bf16": 2500.0, "fp8": 5000.0},
+    "L40S": {"bf16": 362.0, "fp8": 733.0},
+}
+
+
+def gpu_peak_tflops(fp8: bool) -> Optional[float]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if key in name:
+            return GPU_PEAK_TFLOPS[key]["fp8" if fp8 else "bf16"] or GPU_PEAK_TFLOPS[key]["bf16"]
+    return None
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, qwen3: Qwen3Config, world_size: int, enabled: bool,
+                 fp8: bool = False, full_recompute: bool = False, tensorboard: bool = True):
+        self.enabled = enabled
+        self.qwen3, self.world_size = qwen3, world_size
+        self.full_recompute = full_recompute
+        self.peak = gpu_peak_tflops(fp8)
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except Exception:  # tensorboard not installed: jsonl + console only
+                self.tb = None
+
+    def enrich(self, metrics: dict, mean_seq_length: float) -> dict:
+        tokens, seconds = metrics["tokens"], max(metrics["step_time_s"], 1e-9)
+        flops = tokens * train_flops_per_token(self.qwen3, int(mean_seq_length), self.full_recompute)
+        metrics["tokens_per_s"] = tokens / seconds
+        metrics["tflops_per_device"] = flops / seconds / self.world_size / 1e12
+        if self.peak:
+            metrics["mfu"] = metrics["tflops_per_device"] / self.peak
+        metrics["peak_memory_gib"] = peak_memory_bytes() / 2**30
+        return metrics
+
+    def log(self, step: int, total: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, step)
+        mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
+        log.info(
+            "step %d/%d | loss %.4f | reward ch %+.4f rej %+.4f margin %+.4f acc %.2f | delta %+.4f | "
+            "lr %.2e | grad %.3f | %.0f tok/s | %.3f TFLOP/s/dev%s | mem %.2f GiB",
+            step, total, metrics.get("loss", float("nan")), metrics.get("rewards/chosen", 0.0),
+            metrics.get("rewards/rejected", 0.0), metrics.get("rewards/margin", 0.0),
+            metrics.get("rewards/accuracy", 0.0), metrics.get("delta", 0.0), metrics["lr"], metrics["grad_norm"],
+            metrics["tokens_per_s"], metrics["tflops_per_device"], mfu, metrics["peak_memory_gib"],
+        )
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
