@@ -503,7 +503,7 @@ def filter_pairs(input_path: str, cfg: PipelineConfig) -> dict:
                          tokenization=("hf:" + cfg.tokenizer) if cfg.tokenizer else "whitespace",
                          change_ratio=_summary(ratios), change_ratios=ratios)
     write_json_atomic(cfg.path("stats.filter.json"), stats)
-    finalize(cfg)
+    finalize(cfg, plot=True)
     return stats
 
 
@@ -516,8 +516,9 @@ def _summary(xs: list) -> dict:
 
 
 # --- report -------------------------------------------------------------------------------------------
-def finalize(cfg: PipelineConfig) -> dict:
-    """Merge the stage files into rejects.jsonl, report.json and change_ratio_hist.png."""
+def finalize(cfg: PipelineConfig, plot: bool = False) -> dict:
+    """Merge the stage files into rejects.jsonl and report.json (and, with ``plot``, redraw
+    change_ratio_hist.png from the filter stage's ratios; the filter stage does that)."""
     stats = {s: read_json(cfg.path(f"stats.{s}.json")) for s in STAGES}
     stats = {k: v for k, v in stats.items() if v is not None}
     all_rejects = []
@@ -546,8 +547,10 @@ def finalize(cfg: PipelineConfig) -> dict:
         for k in usage:
             usage[k] += c.get(k, 0) or 0
     report["usage_this_run"] = usage
-    if "filter" in stats:
-        report["histogram_png"] = _histogram(cfg, stats["filter"].get("change_ratios", []))
+    if "filter" in stats and plot:
+        _histogram(cfg, stats["filter"].get("change_ratios", []))
+    if os.path.exists(cfg.path("change_ratio_hist.png")):
+        report["histogram_png"] = cfg.path("change_ratio_hist.png")
     write_json_atomic(cfg.path("report.json"), report)
     return report
 
