@@ -190,9 +190,9 @@ def _summary(cfg) -> None:
     print(f"pairs: {rep.get('pairs')}  rejects: {rep.get('rejects')}  -> {os.path.abspath(cfg.output_dir)}")
     for stage, reasons in rep.get("rejects_by_stage_and_reason", {}).items():
         print(f"  {stage}: " + ", ".join(f"{k}={v}" for k, v in sorted(reasons.items())))
-    u = rep.get("usage_this_run") or {}
+    u = rep.get("usage") or {}
     if u.get("http_requests") or u.get("cache_hits"):
-        print(f"  requests sent: {u['http_requests']}  cache hits: {u['cache_hits']}  tokens: "
+        print(f"  (latest run of each stage) requests sent: {u['http_requests']}  cache hits: {u['cache_hits']}  tokens: "
               f"{u['prompt_tokens']} prompt + {u['completion_tokens']} completion  cost: ${u['cost_usd']:.4f}")
     acc = rep.get("accounting")
     if acc and not acc["balanced"]:

@@ -67,30 +67,37 @@ class Transport(Protocol):
 
 
 class HttpTransport:
-    """requests-based transport; one Session (connection pool) per worker thread."""
+    """requests-based transport; one Session (connection pool) per worker thread. Loopback URLs
+    never go through an HTTP(S)_PROXY from the environment."""
+
+    _LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
     def __init__(self):
         self._local = threading.local()
 
-    def _session(self):
-        s = getattr(self._local, "session", None)
+    def _session(self, loopback: bool):
+        name = "loopback" if loopback else "remote"
+        s = getattr(self._local, name, None)
         if s is None:
             import requests
 
             s = requests.Session()
-            s.trust_env = False if os.environ.get("RECTIFY_IGNORE_PROXY") else True
-            self._local.session = s
+            s.trust_env = not loopback
+            setattr(self._local, name, s)
         return s
 
     def post(self, url, headers, body, timeout):
         import requests
+        from urllib.parse import urlsplit
 
+        host = urlsplit(url).netloc.rsplit("@", 1)[-1]
+        loopback = host.split(":")[0] in self._LOOPBACK or host.startswith("[::1]")
         try:
-            r = self._session().post(url, data=body, headers=headers, timeout=(min(timeout, 30.0), timeout))
+            r = self._session(loopback).post(url, data=body, headers=headers, timeout=(min(timeout, 30.0), timeout))
         except requests.exceptions.Timeout:
             raise TransportTimeout("request timed out") from None
         except requests.exceptions.RequestException as e:
-            # str(e) names the URL, never headers.
+            # the exception type only: messages can echo request details
             raise TransportError(type(e).__name__) from None
         return TransportResponse(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
 

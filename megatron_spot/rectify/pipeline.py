@@ -546,7 +546,7 @@ def finalize(cfg: PipelineConfig, plot: bool = False) -> dict:
         c = st.get("client") or {}
         for k in usage:
             usage[k] += c.get(k, 0) or 0
-    report["usage_this_run"] = usage
+    report["usage"] = usage  # summed over each stage's latest run (stats.<stage>.json)
     if "filter" in stats and plot:
         _histogram(cfg, stats["filter"].get("change_ratios", []))
     if os.path.exists(cfg.path("change_ratio_hist.png")):

@@ -61,7 +61,7 @@ def test_offline_demo_end_to_end(tmp_path):
     before = open(path).read()
     run_offline_demo(str(tmp_path / "demo"), num_problems=80, seed=0)
     rep2 = json.load(open(tmp_path / "demo" / "report.json"))
-    assert rep2["usage_this_run"]["http_requests"] == 0
+    assert rep2["usage"]["http_requests"] == 0
     assert open(path).read() == before
 
 

@@ -109,7 +109,7 @@ def test_every_input_ends_in_pairs_or_rejects(tmp_path, fault_server, monkeypatc
     assert srv.auth["Bearer " + SECRET] == sum(srv.requests.values())
     assert scan_for_secret(str(tmp_path)) == []
     rep = json.loads((out / "report.json").read_text())
-    assert rep["usage_this_run"]["prompt_tokens"] > 0 and os.path.exists(rep["histogram_png"])
+    assert rep["usage"]["prompt_tokens"] > 0 and os.path.exists(rep["histogram_png"])
 
     # rerun: nothing that succeeded is sent again; only the failed requests are retried
     before = dict(srv.requests)
