@@ -1,0 +1,6 @@
+"""Errors a user can act on (bad paths, wrong tensors, corrupt files, layouts that do not fit)."""
+from megatron_spot.config.loader import ConfigError
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint problem the user can fix; the message names the file, tensor or setting."""

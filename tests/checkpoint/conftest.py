@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny HF checkpoints (tied / untied / vocab 300 / real 151,936 vocab), converted once."""
+from __future__ import annotations
+
+import pytest
+
+from tests.checkpoint import helpers
+
+
+@pytest.fixture(scope="session")
+def ckpts(tmp_path_factory):
+    """name -> dict(hf=folder, mcore=fp32 conversion, model=transformers model, ref=logits, tok, pos)."""
+    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
+
+    root = tmp_path_factory.mktemp("ckpts")
+    cases = {
+        "untied": dict(preset="qwen3-tiny"),
+        "tied": dict(preset="qwen3-tiny-tied", seed=1),
+        # vocab not a multiple of 128 -> padded rows; written as 3 shards with an index
+        "vocab300": dict(preset="qwen3-tiny-tied", seed=2, vocab_size=300, max_shard_size="200KB"),
+        "vocab151936": dict(preset="qwen3-tiny", seed=3, vocab_size=151936),
+    }
+    out = {}
+    for name, spec in cases.items():
+        spec = dict(spec)
+        preset, seed = spec.pop("preset"), spec.pop("seed", 0)
+        hf = str(root / f"{name}-hf")
+        model = helpers.make_hf_checkpoint(hf, preset, seed, **spec)
+        mcore = str(root / f"{name}-mcore")
+        summary = convert_hf_to_mcore(hf, mcore, dtype="fp32", progress=False)
+        tok, pos = helpers.tokens(model.config.vocab_size)
+        out[name] = dict(hf=hf, mcore=mcore, model=model, ref=helpers.hf_logits(model, tok), tok=tok, pos=pos,
+                         summary=summary, vocab=model.config.vocab_size)
+    return out

@@ -1,0 +1,68 @@
+"""Tiny Qwen3 models built by transformers from a config (random weights, fp32, no downloads)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from megatron_spot.models.qwen3.presets import PRESETS
+
+SEQ, BATCH = 16, 2
+
+
+def hf_config_dict(preset: str, **changes) -> dict:
+    d = dict(PRESETS[preset])
+    d.update(changes)
+    return d
+
+
+def build_hf_model(preset: str, seed: int = 0, **changes):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    d = hf_config_dict(preset, **changes)
+    d.pop("architectures", None)
+    cfg = Qwen3Config(**d, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(cfg).float().eval()
+    with torch.no_grad():  # norms start at exactly 1.0; randomise them so the mapping is really tested
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def write_tokenizer_files(folder: str) -> None:
+    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
+        f.write('{"model_max_length": 1024, "tokenizer_class": "PreTrainedTokenizerFast"}\n')
+    with open(os.path.join(folder, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}{{ m['content'] }}{% endfor %}\n")
+
+
+def tokens(vocab: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    tok = torch.randint(0, vocab, (BATCH, SEQ), generator=g)
+    pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, -1).contiguous()
+    return tok, pos
+
+
+@torch.no_grad()
+def hf_logits(model, tok) -> torch.Tensor:
+    return model(tok).logits.float()
+
+
+def make_hf_checkpoint(folder: str, preset: str, seed: int = 0, max_shard_size=None, **changes):
+    model = build_hf_model(preset, seed, **changes)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, safe_serialization=True, **kwargs)
+    write_tokenizer_files(folder)
+    return model
+
+
+def read_hf_tensors(folder: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, name)))
+    return out
