@@ -58,7 +58,7 @@ def _network(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff in seconds; doubles per retry (default 1)")
     g.add_argument("--retry-max-delay", type=float, default=60.0, help="backoff cap in seconds (default 60)")
     g.add_argument("--max-requests", type=int, default=None,
-                   help="request budget for this invocation (HTTP attempts incl. retries); items left over are "
+                   help="request budget per network stage for this invocation (HTTP attempts incl. retries); items left over are "
                         "rejected as budget_exhausted and NOT cached, so a rerun continues them")
     g.add_argument("--offline", action="store_true",
                    help="use the built-in offline student/calculator Oracle instead of any server (demos, tests)")
