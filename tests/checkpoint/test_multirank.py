@@ -1,0 +1,111 @@
+"""Checkpoints at other layouts, in ONE spawn of 4 gloo ranks (process start-up is the cost):
+load HF-converted checkpoints at TP2PP2 and TP1PP2xVPP2 (x DP2) and compare logits with
+transformers (tied, untied, the real 151,936-token vocabulary at TP2); save at TP2PP2 and check
+that it loads at TP1PP1 bit-exact and exports to the original HF tensors."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.checkpoint import helpers
+from tests.multiprocess import run_on_ranks
+
+pytestmark = pytest.mark.slow
+
+
+@torch.no_grad()
+def _pipeline_logits(chunks, tok, pos):
+    """Forward through this rank's chunks with blocking p2p between stages; full-vocab logits on
+    the last stage (gathered over TP), None elsewhere."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    pp_rank = ps.get_pipeline_model_parallel_rank()
+    prev_rank, next_rank = ps.get_pipeline_model_parallel_prev_rank(), ps.get_pipeline_model_parallel_next_rank()
+    hidden = chunks[0].config.hidden_size
+    out = None
+    for v, chunk in enumerate(chunks):
+        first = pp_rank == 0 and v == 0
+        last = pp_rank == pp - 1 and v == len(chunks) - 1
+        if not first:
+            buf = torch.empty(tok.shape[1], tok.shape[0], hidden)
+            dist.recv(buf, src=prev_rank)
+            chunk.set_input_tensor(buf)
+        out = chunk(tok, pos, None)
+        if not last:
+            dist.send(out.contiguous(), dst=next_rank)
+            out = None
+    if out is None:
+        return None
+    group = ps.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, out.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _worker(rank, world_size, cases, save_root):
+    from megatron.core import parallel_state as ps
+
+    from megatron_spot.checkpoint import hf_convert as hc
+    from megatron_spot.config.schema import ParallelConfig, PrecisionConfig
+    from megatron_spot.models.qwen3 import build_model_chunks, build_transformer_config
+    from megatron_spot.platform import initialize
+
+    results = {}
+    for layout in ("tp2pp2", "tp1pp2vpp2"):
+        parallel = (ParallelConfig(tensor_parallel=2, pipeline_parallel=2) if layout == "tp2pp2"
+                    else ParallelConfig(tensor_parallel=1, pipeline_parallel=2, virtual_pipeline=2))
+        initialize(parallel, seed=0)
+        for name, (ckpt, tok, pos, vocab) in cases.items():
+            if layout != "tp2pp2" and name == "vocab151936":
+                continue
+            cfg = hc.checkpoint_qwen3_config(ckpt)
+            chunks = build_model_chunks(cfg, build_transformer_config(cfg, parallel, PrecisionConfig(dtype="fp32")))
+            hc.load_model_checkpoint(chunks, ckpt)
+            logits = _pipeline_logits(chunks, tok, pos)
+            if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+                assert logits.shape[-1] == cfg.padded_vocab_size
+                results[(layout, name)] = logits[..., :vocab].clone()
+            if layout == "tp2pp2" and name in ("untied", "tied"):
+                hc.save_model_checkpoint(chunks, os.path.join(save_root, name), cfg, hf_side_files_from=ckpt)
+    return results
+
+
+def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
+    from megatron_spot.checkpoint import hf_convert as hc
+
+    cases = {n: (ckpts[n]["mcore"], ckpts[n]["tok"], ckpts[n]["pos"], ckpts[n]["vocab"])
+             for n in ("untied", "tied", "vocab151936")}
+    save_root = str(tmp_path / "saved")
+    per_rank = run_on_ranks(_worker, 4, args=(cases, save_root))
+    results = {}
+    for r in per_rank:
+        results.update(r)
+    assert set(results) == {("tp2pp2", "untied"), ("tp2pp2", "tied"), ("tp2pp2", "vocab151936"),
+                            ("tp1pp2vpp2", "untied"), ("tp1pp2vpp2", "tied")}
+    for (layout, name), logits in sorted(results.items()):
+        diff = (logits - ckpts[name]["ref"]).abs().max().item()
+        print(f"{layout} {name}: max abs logit diff vs transformers {diff:.3g}")
+        assert diff <= 1e-4, (layout, name, diff)
+
+    # saved at TP2PP2 -> loads at TP1PP1 with the very same tensors, and exports to the original HF
+    for name in ("untied", "tied"):
+        saved = os.path.join(save_root, name)
+        meta = hc.read_checkpoint_metadata(saved)
+        assert meta["saved_layout"] == {"tp": 2, "pp": 2, "vpp": None} and meta["dtype"] == "fp32"
+        assert os.path.isfile(os.path.join(saved, "chat_template.jinja"))
+        cfg = hc.checkpoint_qwen3_config(saved)
+        a, b = hc._build_tp1_model(cfg, "fp32"), hc._build_tp1_model(cfg, "fp32")
+        hc.load_model_checkpoint(a, saved)
+        hc.load_model_checkpoint(b, ckpts[name]["mcore"])
+        pa, pb = hc._params_by_name(a), hc._params_by_name(b)
+        assert set(pa) == set(pb)
+        for k in pa:
+            assert torch.equal(pa[k], pb[k]), (name, k)
+        out = str(tmp_path / f"{name}-export")
+        hc.convert_mcore_to_hf(saved, out, progress=False)
+        src, dst = helpers.read_hf_tensors(ckpts[name]["hf"]), helpers.read_hf_tensors(out)
+        assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
