@@ -85,6 +85,12 @@ def preflight(cfg: TrainConfig, world_size: int):
     if cfg.data.global_batch_size % per_step:
         raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
                           f"micro_batch_size x data-parallel size = {cfg.data.micro_batch_size} x {dp}")
+    num_mb = cfg.data.global_batch_size // per_step
+    vpp = cfg.parallel.virtual_pipeline or 1
+    if vpp > 1 and num_mb < cfg.parallel.pipeline_parallel:
+        raise ConfigError(f"the interleaved pipeline needs at least pipeline_parallel={cfg.parallel.pipeline_parallel} "
+                          f"micro-batches per step, got {num_mb} (global_batch_size / (micro_batch_size x DP)); "
+                          "raise data.global_batch_size or lower data.micro_batch_size")
     ref = None
     if not cfg.loss.online_reference:
         ref = load_ref_logps(cfg.data.pack, dataset.fingerprint, len(dataset), cfg.data.ref_logprobs)

@@ -86,6 +86,8 @@ def score_pairs(engine, dataset, dp_rank: int, dp_size: int, micro_batch_size: i
     for call in iterator:
         # a schedule call needs equal micro-batch sizes: pad the short tail batch with repeats
         full = [b if len(b) == micro_batch_size else b + [b[-1]] * (micro_batch_size - len(b)) for b in call]
+        # interleaved pipelines need a fixed number (>= PP) of micro-batches per call: repeat the last
+        full += [full[-1]] * (micro_batches_per_call - len(full))
         mbs = make_micro_batches(dataset, full, device, pad_to_multiple_of=pad_to_multiple_of, max_length=max_length)
         seq = engine.sequence_logps(mbs)
         for idx, s in zip(call, seq):
@@ -105,3 +107,41 @@ def score_pairs(engine, dataset, dp_rank: int, dp_size: int, micro_batch_size: i
     if np.isnan(out).any():
         raise RuntimeError("scoring left pairs without a reference log-prob (internal error)")
     return out
+
+
+def score_reference(cfg, progress: bool = True) -> Optional[str]:
+    """Collective entry for tools/score_logprobs.py: score cfg.data.pack with cfg.model.init_checkpoint.
+
+    Runs at any TP/PP/DP layout; rank 0 writes the sidecar. Returns its path on rank 0.
+    """
+    from megatron_spot.checkpoint.hf_convert import load_model_checkpoint
+    from megatron_spot.data import PairDataset, tokenizer_hash
+    from megatron_spot.models.qwen3 import validate_model_layout
+    from megatron_spot.platform import initialize, validate_parallel_layout
+    from megatron_spot.train import resolve_model
+    from megatron_spot.training.engine import Engine
+
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_parallel_layout(cfg.parallel, world)
+    if not cfg.model.init_checkpoint:
+        raise ConfigError("model.init_checkpoint is not set: the reference model is the Megatron checkpoint "
+                          "training starts from (tools/convert_checkpoint.py hf-to-mcore writes one)")
+    if not cfg.data.pack:
+        raise ConfigError("data.pack is not set")
+    qwen3, weights = resolve_model(cfg, None)
+    validate_model_layout(qwen3, cfg.parallel, cfg.precision, cfg.recompute, world)
+    tok_dir = cfg.data.tokenizer or cfg.model.init_checkpoint
+    expected = tokenizer_hash(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")) else None
+    dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected)
+    info = initialize(cfg.parallel, seed=cfg.run.seed)
+    engine = Engine(cfg, qwen3, 1, trainable=False, load_weights=lambda chunks: load_model_checkpoint(chunks, weights))
+    values = score_pairs(engine, dataset, info.dp_rank, info.dp, cfg.data.micro_batch_size, info.device,
+                         pad_to_multiple_of=cfg.data.pad_to_multiple_of, max_length=cfg.data.seq_length,
+                         micro_batches_per_call=max(1, 2 * info.pp), progress=progress and info.rank == 0)
+    path = None
+    if info.rank == 0:
+        path = save_ref_logps(values, cfg.data.pack, dataset.fingerprint, model=weights, override=cfg.data.ref_logprobs)
+    dist.barrier()
+    return path

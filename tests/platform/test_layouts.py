@@ -33,10 +33,10 @@ def _logits_through_pipeline(engine, tokens):
         out = model(b["tokens"], b["position_ids"], None)
         return out, lambda o: (o.new_zeros(()), {"logits": gather_from_tensor_model_parallel_region(o)})
 
-    iters = [iter([batch]) for _ in engine.model]
+    iters = [iter([batch, batch]) for _ in engine.model]  # interleaving needs >= PP micro-batches
     with torch.no_grad():
         out = get_forward_backward_func()(forward_step_func=step, data_iterator=iters if len(iters) > 1 else iters[0],
-                                          model=engine.model, num_microbatches=1, seq_length=tokens.shape[1],
+                                          model=engine.model, num_microbatches=2, seq_length=tokens.shape[1],
                                           micro_batch_size=tokens.shape[0], forward_only=True)
     return out[0]["logits"] if ps.is_pipeline_last_stage() else None
 
