@@ -147,7 +147,8 @@ __global__ void __launch_bounds__(kRowThreads)
 template <typename T, int N>
 __global__ void __launch_bounds__(kRowThreads)
     token_grad_kernel(const T* logits, T* out, const int64_t* __restrict__ targets,
-                      const typename Acc<T>::type* __restrict__ g, const typename Acc<T>::type* __restrict__ lse,
+                      const typename Acc<T>::type* __restrict__ g, const typename Acc<T>::type* __restrict__ mx,
+                      const typename Acc<T>::type* __restrict__ logs,
                       int64_t V, int64_t valid, int64_t vocab_start, int64_t ignore_index) {
   using acc_t = typename Acc<T>::type;
   const int64_t row = blockIdx.x;
@@ -164,7 +165,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int64_t p = threadIdx.x; p < npack; p += blockDim.x) reinterpret_cast<Pack<T, N>*>(y)[p] = z;
     return;
   }
-  const acc_t l = lse[row];
+  const acc_t m = mx[row], l = logs[row];
   for (int64_t p = threadIdx.x; p < npack; p += blockDim.x) {
     const Pack<T, N> pk = reinterpret_cast<const Pack<T, N>*>(x)[p];
     Pack<T, N> r;
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(kRowThreads)
       const int64_t col = p * N + k;
       acc_t gv = acc_t(0);
       if (col < valid) {
-        const acc_t prob = exp_acc(to_acc(pk.v[k]) - l);
+        const acc_t prob = exp_acc((to_acc(pk.v[k]) - m) - l);
         gv = col == tloc ? gi * (acc_t(1) - prob) : -gi * prob;
       }
       r.v[k] = from_acc<T>(gv);
@@ -240,8 +241,8 @@ const char* stats_typed(const void* logits, const int64_t* targets, int64_t n, i
 }
 
 template <typename T>
-const char* grad_typed(const void* logits, void* out, const int64_t* targets, const void* g, const void* lse,
-                       int64_t n, int64_t V, int64_t valid, int64_t vocab_start, int64_t ignore_index,
+const char* grad_typed(const void* logits, void* out, const int64_t* targets, const void* g, const void* mx,
+                       const void* logs, int64_t n, int64_t V, int64_t valid, int64_t vocab_start, int64_t ignore_index,
                        cudaStream_t st) {
   using acc_t = typename Acc<T>::type;
   constexpr int N = 16 / sizeof(T);
@@ -249,11 +250,12 @@ const char* grad_typed(const void* logits, void* out, const int64_t* targets, co
   const T* x = static_cast<const T*>(logits);
   T* y = static_cast<T*>(out);
   const acc_t* gp = static_cast<const acc_t*>(g);
-  const acc_t* lp = static_cast<const acc_t*>(lse);
+  const acc_t* mp = static_cast<const acc_t*>(mx);
+  const acc_t* lp = static_cast<const acc_t*>(logs);
   if (V % N == 0 && aligned16(x) && aligned16(y)) {
-    token_grad_kernel<T, N><<<n, kRowThreads, 0, st>>>(x, y, targets, gp, lp, V, valid, vocab_start, ignore_index);
+    token_grad_kernel<T, N><<<n, kRowThreads, 0, st>>>(x, y, targets, gp, mp, lp, V, valid, vocab_start, ignore_index);
   } else {
-    token_grad_kernel<T, 1><<<n, kRowThreads, 0, st>>>(x, y, targets, gp, lp, V, valid, vocab_start, ignore_index);
+    token_grad_kernel<T, 1><<<n, kRowThreads, 0, st>>>(x, y, targets, gp, mp, lp, V, valid, vocab_start, ignore_index);
   }
   return last_error();
 }
@@ -304,19 +306,19 @@ const char* launch_token_stats(DType dt, const void* logits, const int64_t* targ
 }
 
 const char* launch_token_grad(DType dt, const void* logits, void* out, const int64_t* targets, const void* g,
-                              const void* lse, int64_t n, int64_t V, int64_t valid_local, int64_t vocab_start,
+                              const void* m, const void* logs, int64_t n, int64_t V, int64_t valid_local, int64_t vocab_start,
                               int64_t ignore_index, void* stream) {
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   switch (dt) {
     case DType::kFloat32:
-      return grad_typed<float>(logits, out, targets, g, lse, n, V, valid_local, vocab_start, ignore_index, st);
+      return grad_typed<float>(logits, out, targets, g, m, logs, n, V, valid_local, vocab_start, ignore_index, st);
     case DType::kFloat64:
-      return grad_typed<double>(logits, out, targets, g, lse, n, V, valid_local, vocab_start, ignore_index, st);
+      return grad_typed<double>(logits, out, targets, g, m, logs, n, V, valid_local, vocab_start, ignore_index, st);
     case DType::kBFloat16:
-      return grad_typed<__nv_bfloat16>(logits, out, targets, g, lse, n, V, valid_local, vocab_start, ignore_index,
+      return grad_typed<__nv_bfloat16>(logits, out, targets, g, m, logs, n, V, valid_local, vocab_start, ignore_index,
                                        st);
     case DType::kFloat16:
-      return grad_typed<__half>(logits, out, targets, g, lse, n, V, valid_local, vocab_start, ignore_index, st);
+      return grad_typed<__half>(logits, out, targets, g, m, logs, n, V, valid_local, vocab_start, ignore_index, st);
   }
   return "megatron_spot: unsupported logits dtype";
 }

@@ -21,10 +21,12 @@ const char* launch_token_stats(DType dt, const void* logits, const int64_t* targ
                                int64_t valid_local, int64_t vocab_start, int64_t ignore_index, void* out,
                                void* stream);
 
-// grad_logits[i, j] = g[i] * (onehot(t_i)[j] - exp(x[i, j] - lse[i])) for j < valid_local, 0 beyond.
-// g and lse are [n] in the accumulation type. out may alias logits (in-place backward).
+// grad_logits[i, j] = g[i] * (onehot(t_i)[j] - exp((x[i, j] - m[i]) - logs[i])) for j < valid_local, 0 beyond,
+// where m is the global max and logs = log(global sum exp(x - m)); subtracting m first keeps the
+// softmax exact for large-magnitude logits. g, m, logs are [n] in the accumulation type. out may alias
+// logits (in-place backward).
 const char* launch_token_grad(DType dt, const void* logits, void* out, const int64_t* targets, const void* g,
-                              const void* lse, int64_t n, int64_t V, int64_t valid_local, int64_t vocab_start,
+                              const void* m, const void* logs, int64_t n, int64_t V, int64_t valid_local, int64_t vocab_start,
                               int64_t ignore_index, void* stream);
 
 // token_logps, loss_mask [2B, L]; ref_logps [2B]; delta: a 1-element device tensor. dt is kFloat32

@@ -128,10 +128,10 @@ void stats_rows_double(const double* logits, const int64_t* targets, int64_t r0,
   }
 }
 
-// ---- gradient: y = g * (onehot - exp(x - lse)); y may alias x -------------------------------------
+// ---- gradient: y = g * (onehot - exp((x - m) - logs)); y may alias x -------------------------------------
 template <typename T>
-SPOT_INLINE void grad_rows_f32acc(const T* logits, T* out, const int64_t* targets, const float* g, const float* lse,
-                             int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vocab_start,
+SPOT_INLINE void grad_rows_f32acc(const T* logits, T* out, const int64_t* targets, const float* g, const float* mx,
+                             const float* logs, int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vocab_start,
                              int64_t ignore_index) {
   alignas(64) float buf[kChunk];
   for (int64_t row = r0; row < r1; ++row) {
@@ -142,7 +142,7 @@ SPOT_INLINE void grad_rows_f32acc(const T* logits, T* out, const int64_t* target
       std::memset(static_cast<void*>(y), 0, V * sizeof(T));
       continue;
     }
-    const float l = lse[row];
+    const float mr = mx[row], l = logs[row];
     const int64_t t = targets[row];
     const bool has_t = target_in_shard(t, ignore_index, vocab_start, valid);
     const float xt = has_t ? load_one(x + (t - vocab_start)) : 0.0f;  // read before an in-place overwrite
@@ -150,28 +150,28 @@ SPOT_INLINE void grad_rows_f32acc(const T* logits, T* out, const int64_t* target
       const int64_t len = std::min(kChunk, valid - c0);
       load_chunk(x + c0, len, buf);
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) buf[j] = -gi * cpu_exp_f32(buf[j] - l);
+      for (int64_t j = 0; j < len; ++j) buf[j] = -gi * cpu_exp_f32((buf[j] - mr) - l);
       store_chunk(buf, len, y + c0);
     }
     if (valid < V) std::memset(static_cast<void*>(y + valid), 0, (V - valid) * sizeof(T));
-    if (has_t) store_one(gi * (1.0f - std::exp(xt - l)), y + (t - vocab_start));
+    if (has_t) store_one(gi * (1.0f - std::exp((xt - mr) - l)), y + (t - vocab_start));
   }
 }
 
-SPOT_CLONES void grad_rows_float(const float* x, float* y, const int64_t* t, const float* g, const float* lse,
-                                 int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vs, int64_t ign) {
-  grad_rows_f32acc(x, y, t, g, lse, r0, r1, V, valid, vs, ign);
+SPOT_CLONES void grad_rows_float(const float* x, float* y, const int64_t* t, const float* g, const float* mx,
+                                 const float* logs, int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vs, int64_t ign) {
+  grad_rows_f32acc(x, y, t, g, mx, logs, r0, r1, V, valid, vs, ign);
 }
-SPOT_CLONES void grad_rows_bf16(const uint16_t* x, uint16_t* y, const int64_t* t, const float* g, const float* lse,
-                                int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vs, int64_t ign) {
-  grad_rows_f32acc(x, y, t, g, lse, r0, r1, V, valid, vs, ign);
+SPOT_CLONES void grad_rows_bf16(const uint16_t* x, uint16_t* y, const int64_t* t, const float* g, const float* mx,
+                                const float* logs, int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vs, int64_t ign) {
+  grad_rows_f32acc(x, y, t, g, mx, logs, r0, r1, V, valid, vs, ign);
 }
-SPOT_CLONES void grad_rows_half(const c10::Half* x, c10::Half* y, const int64_t* t, const float* g, const float* lse,
-                                int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vs, int64_t ign) {
-  grad_rows_f32acc(x, y, t, g, lse, r0, r1, V, valid, vs, ign);
+SPOT_CLONES void grad_rows_half(const c10::Half* x, c10::Half* y, const int64_t* t, const float* g, const float* mx,
+                                const float* logs, int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vs, int64_t ign) {
+  grad_rows_f32acc(x, y, t, g, mx, logs, r0, r1, V, valid, vs, ign);
 }
 
-void grad_rows_double(const double* logits, double* out, const int64_t* targets, const double* g, const double* lse,
+void grad_rows_double(const double* logits, double* out, const int64_t* targets, const double* g, const double* mx, const double* logs,
                       int64_t r0, int64_t r1, int64_t V, int64_t valid, int64_t vocab_start, int64_t ignore_index) {
   for (int64_t row = r0; row < r1; ++row) {
     const double* x = logits + row * V;
@@ -181,13 +181,13 @@ void grad_rows_double(const double* logits, double* out, const int64_t* targets,
       std::memset(y, 0, V * sizeof(double));
       continue;
     }
-    const double l = lse[row];
+    const double mr = mx[row], l = logs[row];
     const int64_t t = targets[row];
     const bool has_t = target_in_shard(t, ignore_index, vocab_start, valid);
     const double xt = has_t ? x[t - vocab_start] : 0.0;
-    for (int64_t j = 0; j < valid; ++j) y[j] = -gi * std::exp(x[j] - l);
+    for (int64_t j = 0; j < valid; ++j) y[j] = -gi * std::exp((x[j] - mr) - l);
     for (int64_t j = valid; j < V; ++j) y[j] = 0.0;
-    if (has_t) y[t - vocab_start] = gi * (1.0 - std::exp(xt - l));
+    if (has_t) y[t - vocab_start] = gi * (1.0 - std::exp((xt - mr) - l));
   }
 }
 
@@ -220,42 +220,42 @@ at::Tensor token_logprobs_stats_cpu(const at::Tensor& logits, const at::Tensor& 
 }
 
 void grad_into(const at::Tensor& logits, const at::Tensor& out, const at::Tensor& targets, const at::Tensor& g,
-               const at::Tensor& lse, int64_t vocab_start, int64_t valid_local, int64_t ignore_index) {
+               const at::Tensor& m, const at::Tensor& logs, int64_t vocab_start, int64_t valid_local, int64_t ignore_index) {
   const int64_t n = logits.size(0), V = logits.size(1);
   const int64_t* t = targets.data_ptr<int64_t>();
   const auto st = logits.scalar_type();
   at::parallel_for(0, n, row_grain(V), [&](int64_t r0, int64_t r1) {
     if (st == at::kFloat) {
-      grad_rows_float(logits.data_ptr<float>(), out.data_ptr<float>(), t, g.data_ptr<float>(), lse.data_ptr<float>(),
-                      r0, r1, V, valid_local, vocab_start, ignore_index);
+      grad_rows_float(logits.data_ptr<float>(), out.data_ptr<float>(), t, g.data_ptr<float>(), m.data_ptr<float>(),
+                      logs.data_ptr<float>(), r0, r1, V, valid_local, vocab_start, ignore_index);
     } else if (st == at::kBFloat16) {
       grad_rows_bf16(reinterpret_cast<const uint16_t*>(logits.data_ptr<at::BFloat16>()),
                      reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()), t, g.data_ptr<float>(),
-                     lse.data_ptr<float>(), r0, r1, V, valid_local, vocab_start, ignore_index);
+                     m.data_ptr<float>(), logs.data_ptr<float>(), r0, r1, V, valid_local, vocab_start, ignore_index);
     } else if (st == at::kHalf) {
       grad_rows_half(logits.data_ptr<c10::Half>(), out.data_ptr<c10::Half>(), t, g.data_ptr<float>(),
-                     lse.data_ptr<float>(), r0, r1, V, valid_local, vocab_start, ignore_index);
+                     m.data_ptr<float>(), logs.data_ptr<float>(), r0, r1, V, valid_local, vocab_start, ignore_index);
     } else {
       grad_rows_double(logits.data_ptr<double>(), out.data_ptr<double>(), t, g.data_ptr<double>(),
-                       lse.data_ptr<double>(), r0, r1, V, valid_local, vocab_start, ignore_index);
+                       m.data_ptr<double>(), logs.data_ptr<double>(), r0, r1, V, valid_local, vocab_start, ignore_index);
     }
   });
 }
 
 at::Tensor token_logprobs_grad_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& g,
-                                   const at::Tensor& lse, int64_t vocab_start, int64_t valid_local,
+                                   const at::Tensor& m, const at::Tensor& logs, int64_t vocab_start, int64_t valid_local,
                                    int64_t ignore_index) {
-  check_grad_inputs("megatron_spot::token_logprobs_grad", logits, targets, g, lse, vocab_start, valid_local);
+  check_grad_inputs("megatron_spot::token_logprobs_grad", logits, targets, g, m, logs, vocab_start, valid_local);
   at::Tensor out = at::empty_like(logits);
-  grad_into(logits, out, targets, g, lse, vocab_start, valid_local, ignore_index);
+  grad_into(logits, out, targets, g, m, logs, vocab_start, valid_local, ignore_index);
   return out;
 }
 
 void token_logprobs_grad_inplace_cpu(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& g,
-                                     const at::Tensor& lse, int64_t vocab_start, int64_t valid_local,
+                                     const at::Tensor& m, const at::Tensor& logs, int64_t vocab_start, int64_t valid_local,
                                      int64_t ignore_index) {
-  check_grad_inputs("megatron_spot::token_logprobs_grad_", logits, targets, g, lse, vocab_start, valid_local);
-  grad_into(logits, logits, targets, g, lse, vocab_start, valid_local, ignore_index);
+  check_grad_inputs("megatron_spot::token_logprobs_grad_", logits, targets, g, m, logs, vocab_start, valid_local);
+  grad_into(logits, logits, targets, g, m, logs, vocab_start, valid_local, ignore_index);
 }
 
 template <typename T>
@@ -336,11 +336,11 @@ TORCH_LIBRARY(megatron_spot, m) {
       "token_logprobs_stats(Tensor logits, Tensor targets, int vocab_start, int valid_local, int ignore_index) "
       "-> Tensor");
   m.def(
-      "token_logprobs_grad(Tensor logits, Tensor targets, Tensor g, Tensor lse, int vocab_start, int valid_local, "
-      "int ignore_index) -> Tensor");
+      "token_logprobs_grad(Tensor logits, Tensor targets, Tensor g, Tensor m, Tensor logs, int vocab_start, "
+      "int valid_local, int ignore_index) -> Tensor");
   m.def(
-      "token_logprobs_grad_(Tensor(a!) logits, Tensor targets, Tensor g, Tensor lse, int vocab_start, "
-      "int valid_local, int ignore_index) -> ()");
+      "token_logprobs_grad_(Tensor(a!) logits, Tensor targets, Tensor g, Tensor m, Tensor logs, "
+      "int vocab_start, int valid_local, int ignore_index) -> ()");
   m.def(
       "pair_loss(Tensor token_logps, Tensor loss_mask, Tensor ref_logps, Tensor delta, float beta, "
       "float label_smoothing, float[] weights) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -34,16 +34,17 @@ inline void check_token_inputs(const char* op, const at::Tensor& logits, const a
 }
 
 inline void check_grad_inputs(const char* op, const at::Tensor& logits, const at::Tensor& targets,
-                              const at::Tensor& g, const at::Tensor& lse, int64_t vocab_start, int64_t valid_local) {
+                              const at::Tensor& g, const at::Tensor& m, const at::Tensor& logs, int64_t vocab_start,
+                              int64_t valid_local) {
   check_token_inputs(op, logits, targets, vocab_start, valid_local);
   const auto acc = acc_dtype(logits.scalar_type());
-  for (const at::Tensor* t : {&g, &lse}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == logits.size(0), op, ": grad and lse must be [", logits.size(0),
+  for (const at::Tensor* t : {&g, &m, &logs}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == logits.size(0), op, ": g, m and logs must be [", logits.size(0),
                 "], got ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == acc, op, ": grad and lse must be ", acc, ", got ", t->scalar_type());
-    TORCH_CHECK(t->device() == logits.device(), op, ": grad/lse are on ", t->device(), " but logits are on ",
+    TORCH_CHECK(t->scalar_type() == acc, op, ": g, m and logs must be ", acc, ", got ", t->scalar_type());
+    TORCH_CHECK(t->device() == logits.device(), op, ": g/m/logs are on ", t->device(), " but logits are on ",
                 logits.device());
-    TORCH_CHECK(t->is_contiguous(), op, ": grad and lse must be contiguous");
+    TORCH_CHECK(t->is_contiguous(), op, ": g, m and logs must be contiguous");
   }
 }
 

@@ -55,32 +55,32 @@ at::Tensor token_logprobs_stats_cuda(const at::Tensor& logits, const at::Tensor&
 }
 
 void grad_into(const char* op, const at::Tensor& logits, const at::Tensor& out, const at::Tensor& targets,
-               const at::Tensor& g, const at::Tensor& lse, int64_t vocab_start, int64_t valid_local,
+               const at::Tensor& g, const at::Tensor& m, const at::Tensor& logs, int64_t vocab_start, int64_t valid_local,
                int64_t ignore_index) {
   check_rows(op, logits.size(0));
   const c10::cuda::CUDAGuard guard(logits.device());
   check_launch(op, cuda::launch_token_grad(to_dtype(logits.scalar_type()), logits.data_ptr(), out.data_ptr(),
-                                           targets.data_ptr<int64_t>(), g.data_ptr(), lse.data_ptr(),
+                                           targets.data_ptr<int64_t>(), g.data_ptr(), m.data_ptr(), logs.data_ptr(),
                                            logits.size(0), logits.size(1), valid_local, vocab_start, ignore_index,
                                            stream_of(logits)));
 }
 
 at::Tensor token_logprobs_grad_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& g,
-                                    const at::Tensor& lse, int64_t vocab_start, int64_t valid_local,
+                                    const at::Tensor& m, const at::Tensor& logs, int64_t vocab_start, int64_t valid_local,
                                     int64_t ignore_index) {
   const char* op = "megatron_spot::token_logprobs_grad";
-  check_grad_inputs(op, logits, targets, g, lse, vocab_start, valid_local);
+  check_grad_inputs(op, logits, targets, g, m, logs, vocab_start, valid_local);
   at::Tensor out = at::empty_like(logits);
-  grad_into(op, logits, out, targets, g, lse, vocab_start, valid_local, ignore_index);
+  grad_into(op, logits, out, targets, g, m, logs, vocab_start, valid_local, ignore_index);
   return out;
 }
 
 void token_logprobs_grad_inplace_cuda(const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& g,
-                                      const at::Tensor& lse, int64_t vocab_start, int64_t valid_local,
+                                      const at::Tensor& m, const at::Tensor& logs, int64_t vocab_start, int64_t valid_local,
                                       int64_t ignore_index) {
   const char* op = "megatron_spot::token_logprobs_grad_";
-  check_grad_inputs(op, logits, targets, g, lse, vocab_start, valid_local);
-  grad_into(op, logits, logits, targets, g, lse, vocab_start, valid_local, ignore_index);
+  check_grad_inputs(op, logits, targets, g, m, logs, vocab_start, valid_local);
+  grad_into(op, logits, logits, targets, g, m, logs, vocab_start, valid_local, ignore_index);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pair_loss_cuda(const at::Tensor& lp,

@@ -145,11 +145,11 @@ def _register_fakes() -> None:
         return logits.new_empty((3, logits.shape[0]), dtype=reference.acc_dtype(logits.dtype))
 
     @torch.library.register_fake("megatron_spot::token_logprobs_grad")
-    def _grad_fake(logits, targets, g, lse, vocab_start, valid_local, ignore_index):
+    def _grad_fake(logits, targets, g, m, logs, vocab_start, valid_local, ignore_index):
         return torch.empty_like(logits)
 
     @torch.library.register_fake("megatron_spot::token_logprobs_grad_")
-    def _grad_inplace_fake(logits, targets, g, lse, vocab_start, valid_local, ignore_index):
+    def _grad_inplace_fake(logits, targets, g, m, logs, vocab_start, valid_local, ignore_index):
         return None
 
     @torch.library.register_fake("megatron_spot::pair_loss")

@@ -10,8 +10,9 @@ Primitive contract (per vocab shard, logits 2-D [n, V_local], targets 1-D int64 
 - `token_logprobs_stats` -> [3, n] (float64 for float64 logits, else float32):
   local max, local sum exp(x - max), target logit (0 where the target is not in this shard).
   Columns >= valid_local are vocabulary padding and are ignored.
-- `token_logprobs_grad(_)`: g * (onehot - exp(x - lse)), zero for padding columns and for rows with
-  g == 0; the trailing-underscore variant writes into `logits`.
+- `token_logprobs_grad(_)`: g * (onehot - exp((x - m) - logs)) with m the global max and logs the
+  log of the global sum-exp; zero for padding columns and for rows with g == 0; the
+  trailing-underscore variant writes into `logits`.
 - `pair_loss` -> (losses [4, B], seq_logps [2B], rewards [2B], coef [2B]); rows are B chosen then
   B rejected sequences; coef[i] = d(sum_k w_k loss_k[pair]) / d seq_logps[i].
 - `pair_loss_grad` -> grad_token [2B, L] = grad_pair[i mod B] * coef[i] * mask.
@@ -60,7 +61,7 @@ def token_logprobs_stats(logits, targets, vocab_start: int, valid_local: int, ig
     return out
 
 
-def _grad_into(logits, out, targets, g, lse, vocab_start: int, valid_local: int, ignore_index: int):
+def _grad_into(logits, out, targets, g, m, logs, vocab_start: int, valid_local: int, ignore_index: int):
     n = logits.shape[0]
     acc = acc_dtype(logits.dtype)
     in_shard = _target_in_shard(targets, ignore_index, vocab_start, valid_local)
@@ -72,7 +73,7 @@ def _grad_into(logits, out, targets, g, lse, vocab_start: int, valid_local: int,
     for r0, r1 in _row_chunks(n, valid_local):
         x = logits[r0:r1, :valid_local].to(acc)
         gi = g[r0:r1, None]
-        gr = -gi * torch.exp(x - lse[r0:r1, None])
+        gr = -gi * torch.exp((x - m[r0:r1, None]) - logs[r0:r1, None])
         onehot_g = torch.where(in_shard[r0:r1], g[r0:r1], torch.zeros_like(g[r0:r1]))
         gr.scatter_add_(1, local_t[r0:r1, None], onehot_g[:, None])
         gr = torch.where(gi != 0, gr, torch.zeros_like(gr))  # ignored rows: exact zeros, never NaN
@@ -80,13 +81,13 @@ def _grad_into(logits, out, targets, g, lse, vocab_start: int, valid_local: int,
     return out
 
 
-def token_logprobs_grad(logits, targets, g, lse, vocab_start: int, valid_local: int, ignore_index: int):
+def token_logprobs_grad(logits, targets, g, m, logs, vocab_start: int, valid_local: int, ignore_index: int):
     out = torch.empty_like(logits)
-    return _grad_into(logits, out, targets, g, lse, vocab_start, valid_local, ignore_index)
+    return _grad_into(logits, out, targets, g, m, logs, vocab_start, valid_local, ignore_index)
 
 
-def token_logprobs_grad_(logits, targets, g, lse, vocab_start: int, valid_local: int, ignore_index: int):
-    _grad_into(logits, logits, targets, g, lse, vocab_start, valid_local, ignore_index)
+def token_logprobs_grad_(logits, targets, g, m, logs, vocab_start: int, valid_local: int, ignore_index: int):
+    _grad_into(logits, logits, targets, g, m, logs, vocab_start, valid_local, ignore_index)
 
 
 def pair_objective_terms(rc, rr, delta, label_smoothing: float):

@@ -61,9 +61,9 @@ class _TokenLogprobs(torch.autograd.Function):
         else:
             m, s = m_local, s_local
         valid = (t != ignore_index) & (t >= 0) & (t < valid_vocab)
-        lse = m + torch.log(s)
-        logp = torch.where(valid, tgt - lse, torch.zeros_like(lse))
-        ctx.save_for_backward(x, t, lse, valid)
+        logs = torch.log(s)
+        logp = torch.where(valid, (tgt - m) - logs, torch.zeros_like(logs))
+        ctx.save_for_backward(x, t, m, logs, valid)
         ctx.impl = impl
         ctx.args = (vocab_start, valid_local, ignore_index)
         ctx.inplace = inplace_backward
@@ -72,17 +72,17 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, t, lse, valid = ctx.saved_tensors
-        g = grad_out.reshape(-1).to(lse.dtype)
+        x, t, m, logs, valid = ctx.saved_tensors
+        g = grad_out.reshape(-1).to(logs.dtype)
         g = torch.where(valid, g, torch.zeros_like(g)).contiguous()
-        lse = lse.contiguous()
+        m, logs = m.contiguous(), logs.contiguous()
         vocab_start, valid_local, ignore_index = ctx.args
         if ctx.inplace:
-            ctx.impl.token_logprobs_grad_(x, t, g, lse, vocab_start, valid_local, ignore_index)
+            ctx.impl.token_logprobs_grad_(x, t, g, m, logs, vocab_start, valid_local, ignore_index)
             torch.autograd.graph.increment_version(x)
             grad = x.detach().view(ctx.logits_shape)
         else:
-            grad = ctx.impl.token_logprobs_grad(x, t, g, lse, vocab_start, valid_local, ignore_index)
+            grad = ctx.impl.token_logprobs_grad(x, t, g, m, logs, vocab_start, valid_local, ignore_index)
             grad = grad.view(ctx.logits_shape)
         return grad, None, None, None, None, None, None, None, None, None
 
