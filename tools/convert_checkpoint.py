@@ -68,16 +68,18 @@ def main(argv=None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore, convert_mcore_to_hf
+    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore, convert_mcore_to_hf, summary_line
     from megatron_spot.config.loader import ConfigError
 
     try:
         if args.command == "hf-to-mcore":
-            convert_hf_to_mcore(args.hf, args.out, dtype=args.dtype, progress=not args.no_progress,
-                                overwrite=args.force)
+            summary = convert_hf_to_mcore(args.hf, args.out, dtype=args.dtype, progress=not args.no_progress,
+                                          overwrite=args.force)
         else:
-            convert_mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, progress=not args.no_progress,
-                                max_shard_bytes=args.max_shard_size, overwrite=args.force)
+            summary = convert_mcore_to_hf(args.ckpt, args.out, dtype=args.dtype, progress=not args.no_progress,
+                                          max_shard_bytes=args.max_shard_size, overwrite=args.force)
+        if args.no_progress:  # with the bar on, the library already printed it
+            print(summary_line(args.command, summary), flush=True)
     except ConfigError as exc:  # CheckpointError is a ConfigError: a user-fixable input problem
         print(f"convert_checkpoint.py {args.command}: error: {exc}", file=sys.stderr)
         return 1

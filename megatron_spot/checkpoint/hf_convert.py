@@ -29,7 +29,6 @@ import datetime
 import gc
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -178,7 +177,7 @@ def _copy_side_files(src_dir: Optional[str], dst_dir: str, cfg: Qwen3Config) -> 
     return copied
 
 
-def _summary_line(direction: str, summary: dict) -> str:
+def summary_line(direction: str, summary: dict) -> str:
     return (f"{direction}: {summary['tensors']} tensors, {_fmt_bytes(summary['bytes'])} in {summary['seconds']:.1f} s "
             f"-> {summary['out']}")
 
@@ -186,6 +185,10 @@ def _summary_line(direction: str, summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # the world the converters run in
 # ---------------------------------------------------------------------------------------------
+_LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                 "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_USE_AGENT_STORE")
+
+
 def _in_multi_rank_world() -> bool:
     import torch.distributed as dist
 
@@ -203,14 +206,17 @@ def _ensure_single_process_world() -> None:
     if (dist.is_initialized() and ps.model_parallel_is_initialized()
             and ps.get_tensor_model_parallel_world_size() == 1 and ps.get_pipeline_model_parallel_world_size() == 1):
         return
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        # a world of one of our own: stale launcher variables (e.g. inherited from a parent that ran
+        # one) would point at a port that is already taken
+        for k in _LAUNCHER_ENV:
+            os.environ.pop(k, None)
     initialize(ParallelConfig(), seed=0)
 
 
 def _run_in_child(kind: str, kwargs: dict) -> dict:
     """Run a conversion in a fresh single-process python (used from inside a multi-rank world)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                        "MASTER_ADDR", "MASTER_PORT") and not k.startswith("TORCHELASTIC_")}
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
     with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
         cmd = [sys.executable, "-m", "megatron_spot.checkpoint.hf_convert", kind, json.dumps(kwargs), result.name]
         proc = subprocess.run(cmd, env=env)
@@ -337,7 +343,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", progress
     summary = dict(tensors=len(entries), hf_tensors=sum(len(e.hf) for e in entries), bytes=nbytes,
                    seconds=round(time.perf_counter() - t0, 3), out=os.path.abspath(out_dir), dtype=dtype)
     if progress:
-        print(_summary_line("hf-to-mcore", summary), flush=True)
+        print(summary_line("hf-to-mcore", summary), flush=True)
     return summary
 
 
@@ -619,7 +625,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
     summary = dict(tensors=len(items), bytes=total, seconds=round(time.perf_counter() - t0, 3),
                    out=os.path.abspath(out_dir), dtype=dtype, files=names)
     if progress:
-        print(_summary_line("mcore-to-hf", summary), flush=True)
+        print(summary_line("mcore-to-hf", summary), flush=True)
     return summary
 
 
