@@ -54,6 +54,7 @@ class PackOptions:
     max_length: int = 8192
     max_prompt_length: int = 4096
     truncation: str = "truncate"
+    token_dtype: str = "int32"
 
 
 def pack_fingerprint(tokenizer_hash: str, bin_sha256: str, idx_sha256: str) -> str:
@@ -157,7 +158,7 @@ def _process_chunk(chunk):
         flat += r
         lens += (lp, lc, lr)
     errors.sort(key=lambda e: _where_order(e[1], items))
-    return {"src": src, "read": len(items), "tokens": np.array(flat, dtype=np.int64),
+    return {"src": src, "read": len(items), "tokens": np.array(flat, dtype=opts.token_dtype),
             "lengths": np.array(lens, dtype=np.int64), "errors": errors,
             "truncated_prompt": trunc_p, "truncated_response": trunc_r}
 
@@ -211,10 +212,10 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
     mapping = resolve_mapping(preset, prompt_field, chosen_field, rejected_field)
     paths = expand_inputs(list(inputs))
     formats = [detect_format(p) for p in paths]
-    opts = PackOptions(tokenizer, mapping, apply_chat_template, system_prompt, enable_thinking, chat_template,
-                       max_length, max_prompt_length, truncation)
     tok = PairTokenizer(tokenizer, chat_template=chat_template, enable_thinking=enable_thinking)
     dtype = np.dtype(token_dtype(tok.vocab_size))
+    opts = PackOptions(tokenizer, mapping, apply_chat_template, system_prompt, enable_thinking, chat_template,
+                       max_length, max_prompt_length, truncation, dtype.name)
 
     final = {ext: output_prefix + ext for ext in (".bin", ".idx", ".manifest.json")}
     out_dir = os.path.dirname(os.path.abspath(output_prefix))

@@ -66,7 +66,8 @@ def _render_jinja(template: str, messages, add_generation_prompt: bool, **kwargs
 class PairTokenizer:
     """A tokenizer for pair packing: an HF tokenizer folder or a sentencepiece `.model` file."""
 
-    def __init__(self, path: str, chat_template: Optional[str] = None, enable_thinking: bool = False):
+    def __init__(self, path: str, chat_template: Optional[str] = None, enable_thinking: bool = False,
+                 use_piece_cache: bool = True):
         self.path = path
         self.enable_thinking = enable_thinking
         self.hash = tokenizer_hash(path)
@@ -102,6 +103,11 @@ class PairTokenizer:
             self.chat_template = chat_template or getattr(self._hf, "chat_template", None)
             backend = getattr(self._hf, "backend_tokenizer", None)
             self._fast = getattr(backend, "encode_batch_fast", None) or getattr(backend, "encode_batch", None)
+            self._cached = None
+            if backend is not None and use_piece_cache:
+                from .fast_bpe import CachedByteLevelBPE
+
+                self._cached = CachedByteLevelBPE.from_backend(backend)
 
     # -- encoding ---------------------------------------------------------------------------------
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
@@ -110,9 +116,22 @@ class PairTokenizer:
             return []
         if self.kind == "sentencepiece":
             return self._sp.encode(list(texts))
+        if self._cached is not None:
+            out = self._cached.encode_batch(texts)
+            # spot check one text per batch against the Rust pipeline; on any difference, stop using the cache
+            k = len(texts) // 2
+            if self._fast([texts[k]], add_special_tokens=False)[0].ids == out[k]:
+                return out
+            self._cached = None
         if self._fast is not None:
             return [e.ids for e in self._fast(list(texts), add_special_tokens=False)]
         return self._hf(list(texts), add_special_tokens=False)["input_ids"]
+
+    @property
+    def encoder_name(self) -> str:
+        if self.kind == "sentencepiece":
+            return "sentencepiece"
+        return "piece-cache byte-level BPE" if getattr(self, "_cached", None) is not None else "tokenizers encode_batch"
 
     def decode(self, ids) -> str:
         ids = [int(i) for i in ids]
@@ -148,7 +167,8 @@ class PairTokenizer:
     def describe(self) -> dict:
         d = {"path": os.path.abspath(self.path), "kind": self.kind, "hash": self.hash,
              "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id,
-             "pad_token_id": self.pad_token_id, "enable_thinking": self.enable_thinking}
+             "pad_token_id": self.pad_token_id, "enable_thinking": self.enable_thinking,
+             "encoder": self.encoder_name}
         if self.chat_template:
             d["chat_template_sha256"] = hashlib.sha256(self.chat_template.encode()).hexdigest()
             d["chat_template_overridden"] = self._template_override is not None
