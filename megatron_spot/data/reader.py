@@ -88,6 +88,13 @@ class PairDataset:
                      else np.zeros(0, index.dtype))
         self._lengths = self._seq_lengths[:, 0] + self._seq_lengths[:, 1:].max(axis=1)
 
+    # DataLoader workers: pickle the path, not the memory map, and reopen (and re-validate) on arrival.
+    def __getstate__(self):
+        return {"path_prefix": self.path_prefix, "tokenizer_hash": self.tokenizer_hash}
+
+    def __setstate__(self, state):
+        self.__init__(state["path_prefix"], expected_tokenizer_hash=state["tokenizer_hash"])
+
     # ---------------------------------------------------------------------------------------------
     def __len__(self) -> int:
         return self._seq_lengths.shape[0]

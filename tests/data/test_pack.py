@@ -53,6 +53,11 @@ def test_plain_strings_match_trl_sentencepiece(tmp_path, sp_model, pairs):
         p, c, r = (a.tolist() for a in ds.pair(i))
         assert (p, c, r) == trl_reference_ids(sp.encode, sp.eos_id(), rec["prompt"], rec["chosen"], rec["rejected"])
         assert sp.decode(p) == rec["prompt"] and sp.decode(c[:-1]) == rec["chosen"]
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(ds))
+    assert len(pickle.dumps(ds)) < 1000 and clone.fingerprint == ds.fingerprint
+    assert all((a == b).all() for a, b in zip(clone.pair(3), ds.pair(3)))
 
 
 def test_chat_template_round_trip(tmp_path, hf_tok, hf, pairs):
@@ -209,3 +214,21 @@ def test_tokenizer_hash(tmp_path, hf_tok, sp_model):
     assert tokenizer_hash(str(copy)) != h
     assert tokenizer_hash(sp_model) not in (h, tokenizer_hash(str(copy)))
     assert PairTokenizer(hf_tok).hash == h
+
+
+def test_sentencepiece_with_chat_template_file(tmp_path, sp_model):
+    import sentencepiece as spm
+
+    from megatron_spot.data.tiny_tokenizer import QWEN3_STYLE_CHAT_TEMPLATE
+
+    sp = spm.SentencePieceProcessor(model_file=sp_model)
+    conv = [{"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}],
+             "rejected": [{"role": "assistant", "content": "5"}]}]
+    src = write_jsonl(tmp_path / "c.jsonl", conv)
+    with pytest.raises(Exception, match="no chat template"):
+        pack_pairs([src], sp_model, str(tmp_path / "none"))
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("none")]
+    pack_pairs([src], sp_model, str(tmp_path / "p"), chat_template=QWEN3_STYLE_CHAT_TEMPLATE)
+    p, c, r = (a.tolist() for a in PairDataset(str(tmp_path / "p")).pair(0))
+    prompt = "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert p == sp.encode(prompt) and c == sp.encode("4<|im_end|>\n") + [sp.eos_id()]
