@@ -221,19 +221,20 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML recipe (see examples/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied after the YAML file")
     args = parser.parse_args(argv)
+    from megatron_spot.data import PackFormatError, TokenizerMismatchError
+
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         run(cfg)
-    except ConfigError as exc:
+    except (ConfigError, PackFormatError, TokenizerMismatchError) as exc:
+        # raised before training starts, identically on every rank
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    finally:
-        from megatron_spot.platform import shutdown
+    # Any other exception propagates: the process exits non-zero and torchrun stops the other ranks
+    # (a collective shutdown here would wait forever for ranks blocked in pipeline communication).
+    from megatron_spot.platform import shutdown
 
-        try:
-            shutdown()
-        except Exception:
-            pass
+    shutdown()
     return 0
 
 

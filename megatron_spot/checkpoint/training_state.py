@@ -25,6 +25,10 @@ import torch.distributed as dist
 from megatron_spot.config.loader import ConfigError
 
 
+# Optimizer state stored per parameter in its global (model) shape, so it reshards to any TP/PP/DP.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
 def _model_sharded_state_dict(model_chunks: list) -> dict:
     if len(model_chunks) == 1:
         return {"model": model_chunks[0].sharded_state_dict()}
@@ -91,7 +95,7 @@ def save_training_checkpoint(run_dir: str, step: int, engine, trainer_state: dic
     dist.barrier()
     save_model_checkpoint(engine.model, os.path.join(tmp, "model"), engine.qwen3, hf_side_files_from=tokenizer_dir)
     model_ssd = _model_sharded_state_dict(engine.model)
-    optim_ssd = engine.optimizer.sharded_state_dict(model_ssd)
+    optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, metadata=_OPTIM_METADATA)
     dist_checkpointing.save({"optimizer": optim_ssd}, os.path.join(tmp, "optimizer"))
     torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     # the loss's running statistics live on the last pipeline stage: hand them to rank 0
@@ -149,7 +153,7 @@ def load_training_state(ckpt: str, engine) -> dict:
 
     state = read_trainer_state(ckpt)
     model_ssd = _model_sharded_state_dict(engine.model)
-    optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, is_loading=True)
+    optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, is_loading=True, metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load({"optimizer": optim_ssd}, os.path.join(ckpt, "optimizer"))
     engine.optimizer.load_state_dict(loaded["optimizer"])
     engine.scheduler.load_state_dict(state["scheduler"])

@@ -73,7 +73,7 @@ class MetricsLogger:
     def log(self, step: int, total: int, metrics: dict) -> None:
         if not self.enabled:
             return
-        record = {"step": step, **{k: (round(v, 8) if isinstance(v, float) else v) for k, v in metrics.items()}}
+        record = {"step": step, **metrics}  # full precision: resumed runs are compared exactly
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:

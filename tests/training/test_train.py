@@ -1,0 +1,234 @@
+"""SPoT training end to end on CPU: parity with a plain PyTorch + transformers implementation of the
+same recipe, exact resume after SIGKILL, resume at another layout, and errors before training starts.
+"""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.multiprocess import run_on_ranks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+STEPS = 4
+BETA = 0.5
+LR = 2e-3
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny HF Qwen3 + tokenizer, 32 packed pairs and the converted Megatron checkpoint."""
+    import transformers
+
+    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
+    from megatron_spot.data import build_tiny_tokenizer, pack_pairs
+    from megatron_spot.models.qwen3 import load_qwen3_config
+
+    root = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(0)
+    words = "the a one two three plus minus equals total so answer is step then we add take".split()
+    pairs = []
+    for i in range(32):
+        prompt = f"Problem {i}: " + " ".join(rng.choice(words, 6))
+        chosen = " ".join(rng.choice(words, int(rng.integers(4, 12)))) + f" answer {i}"
+        rejected = " ".join(rng.choice(words, int(rng.integers(4, 12)))) + f" answer {i + 1}"
+        pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
+    jsonl = root / "pairs.jsonl"
+    jsonl.write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    hf_dir = str(root / "hf")
+    build_tiny_tokenizer(hf_dir, [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs], vocab_size=512)
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    cfg = load_qwen3_config("qwen3-tiny").to_hf_dict()
+    cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32")
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(hf_dir)
+    prefix = str(root / "pack" / "pairs")
+    os.makedirs(os.path.dirname(prefix))
+    pack_pairs([str(jsonl)], hf_dir, prefix, preset="trl")
+    convert_hf_to_mcore(hf_dir, str(root / "mcore"), dtype="fp32", progress=False)
+    return {"root": str(root), "hf": hf_dir, "pack": prefix, "mcore": str(root / "mcore")}
+
+
+def _overrides(ws, out, objective="spot-bco", tp=2, pp=2, extra=()):
+    return [f"data.pack={ws['pack']}", f"model.init_checkpoint={ws['mcore']}", f"data.tokenizer={ws['hf']}",
+            f"run.output_dir={out}", f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
+            "data.micro_batch_size=2", "data.global_batch_size=8", "data.seq_length=128", "data.pad_to_multiple_of=8",
+            f"loss.objective={objective}", f"loss.beta={BETA}", f"optimizer.lr={LR}", "optimizer.warmup_fraction=0.25",
+            "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "run.epochs=1", f"run.train_steps={STEPS}",
+            "run.export_hf=false", "run.tensorboard=false", "precision.dtype=fp32", *extra]
+
+
+def _train_worker(rank, world_size, ws):
+    from megatron_spot.config import TrainConfig, load_config
+    from megatron_spot.train import run
+    from megatron_spot.training.reference import score_reference
+
+    out = {}
+    score_reference(load_config(TrainConfig, None, _overrides(ws, os.path.join(ws["root"], "score"))), progress=False)
+    for objective in ("spot-bco", "dpo"):
+        cfg = load_config(TrainConfig, None, _overrides(ws, os.path.join(ws["root"], f"run_{objective}"), objective))
+        summary = run(cfg)
+        out[objective] = [h["loss"] for h in summary["history"]]
+        out[objective + "/rewards"] = [h["rewards/margin"] for h in summary["history"]]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The independent implementation: transformers' Qwen3, torch.optim.AdamW, formulas written out here.
+# ------------------------------------------------------------------------------------------------
+def _reference_losses(ws, objective):
+    import transformers
+
+    from megatron_spot.config import TrainConfig, load_config
+    from megatron_spot.data import PairBatchSampler, PairDataset
+    from megatron_spot.training.batches import make_micro_batches
+
+    cfg = load_config(TrainConfig, None, _overrides(ws, "unused", objective))
+    model = transformers.AutoModelForCausalLM.from_pretrained(ws["hf"], torch_dtype=torch.float32,
+                                                              attn_implementation="eager")
+    ds = PairDataset(ws["pack"])
+    num_mb = cfg.data.global_batch_size // cfg.data.micro_batch_size
+    sampler = PairBatchSampler(ds.lengths(), cfg.data.micro_batch_size, num_mb, 0, 1, seed=cfg.run.seed)
+
+    def seq_logps(batch):
+        logits = model(batch["tokens"]).logits.float()
+        logp = torch.log_softmax(logits, -1)
+        labels = batch["labels"].clamp(min=0)
+        tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * batch["loss_mask"]
+        return tok.sum(-1)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                            lr=LR, betas=(0.9, 0.95), eps=1e-8)
+    warmup = round(0.25 * STEPS)
+
+    def lr_at(step):  # linear warmup from 0, then cosine to 0 over the remaining steps
+        if step < warmup:
+            return LR * step / warmup
+        return LR * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (STEPS - warmup)))
+
+    delta_sum, delta_count, losses = 0.0, 0, []
+    for step, (_, _, indices) in enumerate(sampler.iter_epochs(1)):
+        if step == STEPS:
+            break
+        mbs = make_micro_batches(ds, indices, torch.device("cpu"), pad_to_multiple_of=8, max_length=128)
+        if step == 0:
+            with torch.no_grad():  # reference log-probs: the starting model
+                refs = {}
+                for (_, _, idx) in sampler.__class__(ds.lengths(), 2, 1, 0, 1, shuffle=False,
+                                                     bucket_by_length=False).iter_epochs(1):
+                    b = make_micro_batches(ds, idx, torch.device("cpu"), pad_to_multiple_of=8, max_length=128)[0]
+                    s = seq_logps(b)
+                    for k, pair in enumerate(b["pair_indices"].tolist()):
+                        refs[pair] = (s[k].item(), s[2 + k].item())
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad()
+        step_loss = 0.0
+        for b in mbs:
+            B = b["pair_indices"].numel()
+            ref = torch.tensor([refs[p][0] for p in b["pair_indices"].tolist()] +
+                               [refs[p][1] for p in b["pair_indices"].tolist()], dtype=torch.float64)
+            r = BETA * (seq_logps(b).double() - ref)
+            r_pos, r_neg = r[:B], r[B:]
+            if objective == "spot-bco":
+                delta_sum += r.detach().mean().item()  # one value per micro-batch, count-weighted mean
+                delta_count += 1
+                delta = delta_sum / delta_count
+                loss = (-torch.nn.functional.logsigmoid(r_pos - delta)
+                        - torch.nn.functional.logsigmoid(-(r_neg - delta))).mean()
+            else:
+                loss = -torch.nn.functional.logsigmoid(r_pos - r_neg).mean()
+            (loss / len(mbs)).backward()
+            step_loss += loss.item() / len(mbs)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        losses.append(step_loss)
+    return losses
+
+
+@pytest.fixture(scope="module")
+def megatron_losses(workspace):
+    return run_on_ranks(_train_worker, world_size=4, args=(workspace,))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("objective", ["spot-bco", "dpo"])
+def test_tp2pp2_losses_equal_plain_pytorch_reference(workspace, megatron_losses, objective):
+    ours = megatron_losses[objective]
+    ref = _reference_losses(workspace, objective)
+    assert len(ours) == STEPS
+    assert ours[0] == pytest.approx(2 * math.log(2) if objective == "spot-bco" else math.log(2), abs=1e-6)
+    assert max(megatron_losses[objective + "/rewards"][1:]) != 0.0  # training moved the policy
+    np.testing.assert_allclose(ours, ref, rtol=1e-4)
+
+
+def _torchrun(ws, out, nproc, tp, pp, extra=()):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "megatron_spot.train", *_overrides(ws, out, "spot-bco", tp, pp, extra)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _losses(run_dir):
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_exact_and_resume_at_other_layout(workspace, megatron_losses):
+    uninterrupted = _losses(os.path.join(workspace["root"], "run_spot-bco"))  # the TP2PP2 run, from its log
+    full = [uninterrupted[s] for s in range(1, STEPS + 1)]
+    out = os.path.join(workspace["root"], "killed")
+    proc = _torchrun(workspace, out, 4, 2, 2, ["run.save_interval=2", f"run.train_steps={STEPS}"])
+    ckpt = os.path.join(out, "checkpoints", "step_0000002")
+    deadline = time.time() + 300
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert os.path.exists(ckpt), proc.stdout.read() if proc.poll() is not None else "no checkpoint in time"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    # resume at the same layout: steps 3..4 equal the uninterrupted run exactly
+    resumed = _torchrun(workspace, out, 4, 2, 2, [f"run.load={out}"])
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    losses = _losses(out)
+    assert [losses[3], losses[4]] == full[2:4], log
+    # resume the same checkpoint at TP1PP1 in one process
+    other = os.path.join(workspace["root"], "other_layout")
+    relayout = _torchrun(workspace, other, 1, 1, 1, [f"run.load={ckpt}"])
+    log = relayout.communicate(timeout=300)[0]
+    assert relayout.returncode == 0, log
+    losses = _losses(other)
+    np.testing.assert_allclose([losses[3], losses[4]], full[2:4], rtol=1e-5, atol=1e-6)
+
+
+def test_errors_before_training_starts(workspace, tmp_path):
+    from megatron_spot.config import ConfigError, TrainConfig, load_config
+    from megatron_spot.data import PackFormatError, TokenizerMismatchError, build_tiny_tokenizer
+    from megatron_spot.train import main, preflight
+
+    def check(overrides, exc, match, world=4):
+        cfg = load_config(TrainConfig, None, _overrides(workspace, str(tmp_path / "r")) + overrides)
+        with pytest.raises(exc, match=match):
+            preflight(cfg, world)
+
+    check(["data.pack=" + str(tmp_path / "missing")], (PackFormatError, ConfigError, FileNotFoundError), "missing")
+    check(["model.init_checkpoint=" + str(tmp_path / "nockpt")], ConfigError, "does not exist")
+    check(["parallel.tensor_parallel=4", "parallel.pipeline_parallel=1"], ConfigError, "query groups")
+    check([], ConfigError, "world size 6", world=6)
+    check(["data.ref_logprobs=" + str(tmp_path / "none.npy")], ConfigError, "reference log-probs not found")
+    other_tok = build_tiny_tokenizer(str(tmp_path / "tok"), ["completely different text corpus"] * 4, vocab_size=300)
+    check(["data.tokenizer=" + other_tok], TokenizerMismatchError, "tokenizer")
+    # unknown keys are named with the closest valid key, and main() exits 2 with the message
+    assert main(["data.micro_batch=2"]) == 2
+    with pytest.raises(ConfigError, match="did you mean 'data.micro_batch_size'"):
+        load_config(TrainConfig, None, ["data.micro_batch=2"])
