@@ -97,6 +97,75 @@ def _sharded_state_dict(chunks: list) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+# hf-to-mcore stores tensors above this size as several row chunks. torch_dist serialises (and
+# reads back) each stored chunk as a whole in memory, so one 1.2 GB embedding would otherwise cost
+# a 1.2 GB temporary on save and again on load. Chunks are an on-disk detail: any layout loads them.
+SAVE_CHUNK_BYTES = 128 * 2**20
+
+
+def _chunk_rows(rows: int, nbytes: int, max_bytes: int) -> int:
+    """Number of equal row chunks (a divisor of rows) so that each is at most max_bytes."""
+    if nbytes <= max_bytes or rows < 2:
+        return 1
+    return next((k for k in range(2, rows + 1) if rows % k == 0 and nbytes // k <= max_bytes), rows)
+
+
+def _built(sharded: dict) -> dict:
+    """Turn ShardedTensorFactories (the gated fc1's [gate; up] split) into their ShardedTensors.
+
+    Saving lets torch_dist clone every CPU view it is handed (the halves of fc1 are views: a
+    Qwen3-8B would need 7 GB more), and loading through the factory concatenates the halves into
+    a new tensor per layer. Built ahead, fc1 halves are stored from tensors that own their memory
+    and loaded straight into the parameter's halves."""
+    from megatron.core.dist_checkpointing.mapping import apply_factories
+
+    apply_factories(sharded)
+    return sharded
+
+
+def _substitute_chunks(sharded: dict, chunked: dict[int, list[torch.Tensor]]) -> dict:
+    """Swap the data of ShardedTensors over never-written parameter memory (keyed by data_ptr)
+    for tensors that own their storage, split into row chunks where there are several."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    used = set()
+
+    def split(st):
+        if not isinstance(st, ShardedTensor) or st.data is None or st.data.data_ptr() not in chunked:
+            return st
+        pieces = chunked[st.data.data_ptr()]
+        if st.flattened_range is not None or sum(t.shape[0] for t in pieces) != st.data.shape[0]:
+            raise CheckpointError(f"internal: cannot store {st.key} in row chunks")
+        used.add(st.data.data_ptr())
+        if len(pieces) == 1:
+            return dataclasses.replace(st, data=pieces[0])
+        p, k = st.prepend_axis_num, len(pieces)
+        frag = list(st.axis_fragmentations)
+        frag[p] *= k
+        out, row = [], 0
+        for piece in pieces:
+            offset = list(st.global_offset)
+            offset[p] = st.global_offset[p] + row
+            out.append(dataclasses.replace(st, data=piece, local_shape=tuple(piece.shape),
+                                           global_offset=tuple(offset), axis_fragmentations=tuple(frag)))
+            row += piece.shape[0]
+        return out
+
+    def walk(obj):
+        if isinstance(obj, dict):
+            return {k: walk(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        return split(obj)
+
+    out = walk(_built(sharded))
+    if len(used) != len(chunked):
+        raise CheckpointError(f"internal: {len(chunked) - len(used)} converted tensor(s) found no place in the checkpoint")
+    return out
+
+
 def _list(names: Iterable[str], limit: int = 8) -> str:
     names = sorted(names)
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
@@ -285,17 +354,24 @@ def check_hf_tensors(src: SafetensorsCheckpoint, cfg: Qwen3Config) -> list[str]:
 
 
 @torch.no_grad()
+def _copy_rows(dst: torch.Tensor, src: SafetensorsCheckpoint, name: str, start: int) -> None:
+    """dst[i] = src[name][start + i] for the rows the source has (64 MiB blocks); zeros beyond
+    (vocabulary padding)."""
+    rows = src.shape(name)[0]
+    row_bytes = max(1, src.tensors[name].nbytes // max(1, rows))
+    step = max(1, (64 * 2**20) // row_bytes)
+    end = min(rows, start + dst.shape[0])
+    for r in range(start, end, step):
+        block = src.read(name, r, min(end, r + step))
+        dst[r - start: r - start + block.shape[0]].copy_(block)
+    if end - start < dst.shape[0]:
+        dst[max(0, end - start):].zero_()
+
+
+@torch.no_grad()
 def _fill_from_hf(param: torch.Tensor, entry, src: SafetensorsCheckpoint, cfg: Qwen3Config) -> None:
     if entry.kind in ("vocab", "copy") and src.tensors[entry.hf[0]].nbytes > 2 * 64 * 2**20:
-        # large tensors in row blocks: no full-size temporary (e.g. a 151,936-row embedding)
-        name = entry.hf[0]
-        rows = src.shape(name)[0]
-        step = max(1, (64 * 2**20) // max(1, src.tensors[name].nbytes // rows))
-        for r in range(0, rows, step):
-            block = src.read(name, r, min(rows, r + step))
-            param[r: r + block.shape[0]].copy_(block)
-        if param.shape[0] > rows:  # vocab padding rows
-            param[rows:].zero_()
+        _copy_rows(param, src, entry.hf[0], 0)  # large: in row blocks, no full-size temporary
         return
     value = to_mcore(entry, [src.read(n) for n in entry.hf], cfg)
     if tuple(value.shape) != tuple(param.shape):
@@ -323,13 +399,28 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", progress
         chunks = _build_tp1_model(cfg, dtype)
         params = _params_by_name(chunks)
         entries = mapping_table(cfg)
-        filled, nbytes = set(), 0
+        filled, nbytes, row_chunks = set(), 0, {}
         with _progress(len(entries), "hf->mcore", progress) as bar:
             for entry in entries:
                 if entry.mcore not in params:
                     raise CheckpointError(f"internal: the Megatron model has no parameter {entry.mcore}")
                 param = params[entry.mcore]
-                _fill_from_hf(param, entry, src, cfg)
+                size = param.numel() * param.element_size()
+                k = _chunk_rows(param.shape[0], size, SAVE_CHUNK_BYTES) if entry.kind in ("vocab", "copy") else 1
+                if entry.kind == "fc1":  # gate and up in memory of their own (see _built); fc1 stays untouched
+                    gate, up = (src.read(n).to(param.dtype) for n in entry.hf)
+                    if gate.shape[0] + up.shape[0] != param.shape[0] or gate.shape[1:] != param.shape[1:]:
+                        raise CheckpointError(f"{entry.mcore}: gate/up shapes do not fill {list(param.shape)}")
+                    row_chunks[param.data_ptr()] = [gate.clone() if gate.untyped_storage().nbytes() != gate.nbytes else gate]
+                    row_chunks[param[gate.shape[0]:].data_ptr()] = [up.clone() if up.untyped_storage().nbytes() != up.nbytes else up]
+                elif k > 1:  # stored as row chunks filled straight from the file; the parameter stays untouched
+                    step = param.shape[0] // k
+                    pieces = [torch.empty((step, *param.shape[1:]), dtype=param.dtype) for _ in range(k)]
+                    for i, piece in enumerate(pieces):
+                        _copy_rows(piece, src, entry.hf[0], i * step)
+                    row_chunks[param.data_ptr()] = pieces
+                else:
+                    _fill_from_hf(param, entry, src, cfg)
                 filled.add(entry.mcore)
                 nbytes += param.numel() * param.element_size()
                 bar.update(1)
@@ -337,8 +428,8 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", progress
     if unfilled:
         raise CheckpointError(f"internal: Megatron parameters without a HF source: {_list(unfilled)}")
     _save_chunks_single(chunks, out_dir, cfg, dtype, side_files_from=hf_dir, overwrite=overwrite,
-                        source=os.path.abspath(hf_dir))
-    del chunks, params
+                        source=os.path.abspath(hf_dir), row_chunks=row_chunks)
+    del chunks, params, row_chunks
     gc.collect()
     summary = dict(tensors=len(entries), hf_tensors=sum(len(e.hf) for e in entries), bytes=nbytes,
                    seconds=round(time.perf_counter() - t0, 3), out=os.path.abspath(out_dir), dtype=dtype)
@@ -371,12 +462,12 @@ def _write_side_and_metadata(tmp: str, cfg: Qwen3Config, dtype: str, side_files_
     _write_json(os.path.join(tmp, METADATA_NAME), _metadata(cfg, dtype, source, layout))  # last: completes it
 
 
-def _save_chunks_single(chunks, out_dir, cfg, dtype, side_files_from, overwrite, source) -> None:
+def _save_chunks_single(chunks, out_dir, cfg, dtype, side_files_from, overwrite, source, row_chunks) -> None:
     from megatron.core import dist_checkpointing
 
     tmp = _prepare_out(out_dir, overwrite)
     try:
-        dist_checkpointing.save(_sharded_state_dict(chunks), tmp)
+        dist_checkpointing.save(_substitute_chunks(_sharded_state_dict(chunks), row_chunks), tmp)
         _write_side_and_metadata(tmp, cfg, dtype, side_files_from, source, {"tp": 1, "pp": 1, "vpp": None})
         _publish(tmp, out_dir)
     except BaseException:
@@ -535,7 +626,9 @@ def load_model_checkpoint(chunks, ckpt_dir: str) -> dict:
     models = [_unwrap(c) for c in chunks]
     for m in models:
         _check_model_matches(m, cfg, ckpt_dir)
-    sharded = _sharded_state_dict(models)
+    # factories built ahead: every ShardedTensor's data is (a view of) a parameter, which torch_dist
+    # fills in place; no per-layer concatenation, no second copy of the model
+    sharded = _built(_sharded_state_dict(models))
     try:
         loaded, missing, unexpected = dist_checkpointing.load(sharded, ckpt_dir, strict=StrictHandling.RETURN_ALL)
     except CheckpointingException as exc:
@@ -546,13 +639,35 @@ def load_model_checkpoint(chunks, ckpt_dir: str) -> dict:
         raise CheckpointError(f"{ckpt_dir}: the checkpoint lacks tensor(s) the model needs: {_list(unexpected)}")
     if missing:
         raise CheckpointError(f"{ckpt_dir}: the checkpoint has tensor(s) the model does not: {_list(missing)}")
-    for i, m in enumerate(models):
-        state = loaded[f"model{i}"]
-        result = m.load_state_dict(state, strict=False)
-        bad = [k for k in list(result.missing_keys) + list(result.unexpected_keys) if not k.endswith("_extra_state")]
-        if bad:
-            raise CheckpointError(f"{ckpt_dir}: state dict mismatch after load: {_list(bad)}")
+    copied = _place_loaded(sharded, loaded)
+    for i, m in enumerate(models):  # non-tensor state (Transformer Engine's _extra_state)
+        extra = {k: v for k, v in loaded[f"model{i}"].items() if k.endswith("_extra_state")}
+        if extra:
+            m.load_state_dict(extra, strict=False)
+    log.debug("loaded %s (%d tensors copied, the rest in place)", ckpt_dir, copied)
     return meta
+
+
+@torch.no_grad()
+def _place_loaded(requested, loaded) -> int:
+    """Make sure every requested ShardedTensor's destination holds what was loaded for it."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(requested, ShardedTensor):
+        if not isinstance(loaded, torch.Tensor):
+            raise CheckpointError(f"tensor {requested.key}: nothing was loaded")
+        dest = requested.data
+        if loaded.numel() != dest.numel():
+            raise CheckpointError(f"tensor {requested.key}: loaded shape {list(loaded.shape)} != {list(dest.shape)}")
+        if loaded.data_ptr() == dest.data_ptr() and loaded.dtype == dest.dtype:
+            return 0  # loaded in place (possibly seen through a view with the stacked-layer axis)
+        dest.copy_(loaded.view(dest.shape))
+        return 1
+    if isinstance(requested, dict):
+        return sum(_place_loaded(v, loaded[k]) for k, v in requested.items() if k in loaded)
+    if isinstance(requested, (list, tuple)):
+        return sum(_place_loaded(a, b) for a, b in zip(requested, loaded))
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------

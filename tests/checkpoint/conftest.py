@@ -9,9 +9,13 @@ from tests.checkpoint import helpers
 @pytest.fixture(scope="session")
 def ckpts(tmp_path_factory):
     """name -> dict(hf=folder, mcore=fp32 conversion, model=transformers model, ref=logits, tok, pos)."""
+    from megatron_spot.checkpoint import hf_convert
     from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
 
     root = tmp_path_factory.mktemp("ckpts")
+    # store tensors above 32 KiB in row chunks, as a real model's embedding is (128 MiB chunks), so
+    # every load below (TP1, TP2PP2, VPP) reads chunked storage
+    saved_chunk_bytes, hf_convert.SAVE_CHUNK_BYTES = hf_convert.SAVE_CHUNK_BYTES, 32 * 1024
     cases = {
         "untied": dict(preset="qwen3-tiny"),
         "tied": dict(preset="qwen3-tiny-tied", seed=1),
@@ -26,8 +30,10 @@ def ckpts(tmp_path_factory):
         hf = str(root / f"{name}-hf")
         model = helpers.make_hf_checkpoint(hf, preset, seed, **spec)
         mcore = str(root / f"{name}-mcore")
+        hf_convert.SAVE_CHUNK_BYTES = 4 * 2**20 if name == "vocab151936" else 32 * 1024
         summary = convert_hf_to_mcore(hf, mcore, dtype="fp32", progress=False)
         tok, pos = helpers.tokens(model.config.vocab_size)
         out[name] = dict(hf=hf, mcore=mcore, model=model, ref=helpers.hf_logits(model, tok), tok=tok, pos=pos,
                          summary=summary, vocab=model.config.vocab_size)
+    hf_convert.SAVE_CHUNK_BYTES = saved_chunk_bytes
     return out

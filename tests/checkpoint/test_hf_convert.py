@@ -251,3 +251,16 @@ def test_existing_output_and_interrupted_conversion(ckpts, tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="disk full"):
         hc.convert_mcore_to_hf(c["mcore"], out, progress=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_large_tensors_stored_in_row_chunks(ckpts):
+    """The fixture converted with 32 KiB chunks: the 512 x 64 fp32 embedding (128 KiB) is 4 chunks,
+    fc1 is stored as separate gate/up halves, and everything above loaded from that."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(ckpts["untied"]["mcore"]).read_metadata().state_dict_metadata
+    emb = md["embedding.word_embeddings.weight"]
+    assert tuple(emb.size) == (512, 64) and sorted(tuple(c.offsets)[0] for c in emb.chunks) == [0, 128, 256, 384]
+    fc1 = md["decoder.layers.mlp.linear_fc1.weight"]
+    assert tuple(fc1.size) == (4, 256, 64) and len(fc1.chunks) == 8
+    assert hc._chunk_rows(151936, 151936 * 4096 * 2, 128 * 2**20) == 16  # Qwen3-8B embedding: 78 MB chunks
