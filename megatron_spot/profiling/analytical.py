@@ -1,0 +1,270 @@
+"""Analytical model of a training step: FLOPs, memory per rank, pipeline bubble, step time.
+
+Everything here is arithmetic on the config (no torch, no process group), so a CPU box can predict
+an 8x or 64x H100 run. Conventions:
+
+* FLOPs are matmul FLOPs (see :mod:`megatron_spot.profiling.flops`). *Model* FLOPs count causal
+  attention as half of the full QK^T/AV products (the MFU convention). *Executed* FLOPs are what the
+  kernels run: Megatron-Core's unfused (local-spec) attention multiplies the full s x s matrix, so
+  its attention term is twice the model term; flash attention skips the masked half.
+* Weights, gradients and optimizer states follow Megatron-Core's distributed optimizer
+  (docs/source/api-guide/dist_optimizer.md in Megatron-LM): bf16/fp16 params with fp32 grads are
+  2 + 4 bytes per parameter on every rank plus 12/DP bytes (fp32 main param + Adam m and v) sharded
+  over the data-parallel group; fp32 params are 4 + 4 + 8/DP (the params themselves are the main copy).
+  Without the distributed optimizer the last term is not divided by DP.
+* Activations follow Korthikanti et al., "Reducing Activation Recomputation in Large Transformer
+  Models" (MLSys 2023, arXiv:2205.05198), Sec. 4: per layer and micro-batch,
+  ``sbh(34 + 5as/h)`` bytes for a 16-bit GPT layer (no TP), ``sbh(10 + 24/t + 5as/(ht))`` with TP,
+  ``sbh/t (34 + 5as/h)`` with TP + sequence parallel, ``34 sbh / t`` (SP) or ``sbh(10 + 24/t)`` with
+  selective recompute, and ``2 sbh`` (the layer input) with full recompute. The same per-tensor
+  derivation is redone here for a Qwen3 layer (RMSNorm, GQA, qk-norm, SwiGLU, no dropout) -- see
+  :func:`layer_activation_bytes`; :func:`korthikanti_gpt_layer_bytes` is the paper's formula itself.
+* Pipelining (1F1B): stage i keeps min(PP - i, m) micro-batches of activations alive, so stage 0
+  holds PP of them; the interleaved schedule keeps (1 + (PP-1)/(PP*VPP)) x PP micro-batches' worth of
+  its layers (paper, Sec. 4.2.3). Bubble: (PP-1)/(m*VPP) of the ideal compute time (Narayanan et al.,
+  SC'21), i.e. (PP-1)/(m*VPP + PP-1) of the step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from megatron_spot.models.qwen3.presets import Qwen3Config
+from megatron_spot.profiling.flops import matmul_params_per_token
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8 training keeps bf16 activations between layers
+
+
+@dataclass
+class Layout:
+    """One training layout. micro_batch_size is in *pairs* (2 sequences each), like data.micro_batch_size."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    dp: int = 1
+    micro_batch_size: int = 1
+    num_micro_batches: int = 1
+    seq_length: int = 2048
+    dtype: str = "bf16"  # fp32 | bf16 | fp16
+    fp8: bool = False
+    recompute: Optional[str] = None  # None | selective | full
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True
+    flash_attention: bool = True  # GPU/TE: fused attention, no s x s activations saved
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def rows(self) -> int:  # sequences per micro-batch
+        return 2 * self.micro_batch_size
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.dp * self.num_micro_batches * self.rows * self.seq_length
+
+
+# --------------------------------------------------------------------------------------------------
+# FLOPs
+def attention_flops_per_token(cfg: Qwen3Config, seq_length: int, causal: bool = True) -> float:
+    """Forward QK^T + AV FLOPs of one token (all layers); causal counts half."""
+    full = 4.0 * seq_length * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+    return full / 2 if causal else full
+
+
+def step_flops(cfg: Qwen3Config, layout: Layout, executed: bool = False, vocab: Optional[int] = None) -> float:
+    """Training FLOPs of one optimizer step over all ranks.
+
+    executed=False: model FLOPs (MFU convention: 3x forward, causal attention halved, no recompute).
+    executed=True: what runs -- unfused attention computes the full s x s product, and full recompute
+    adds one more forward.
+    """
+    n = matmul_params_per_token(cfg)
+    if vocab is not None:  # padded vocabulary rows are multiplied too
+        n += cfg.hidden_size * (vocab - cfg.vocab_size)
+    causal = not executed or layout.flash_attention
+    fwd = 2.0 * n + attention_flops_per_token(cfg, layout.seq_length, causal=causal)
+    passes = 3.0 + (1.0 if executed and layout.recompute == "full" else 0.0)
+    if executed and layout.recompute == "selective":  # core attention runs forward twice
+        passes_attn = attention_flops_per_token(cfg, layout.seq_length, causal=causal)
+        return layout.tokens_per_step * (passes * fwd + passes_attn)
+    return layout.tokens_per_step * passes * fwd
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameters and model-state memory
+def layer_parameters(cfg: Qwen3Config, tp: int = 1) -> int:
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    sharded = h * (q + 2 * kv) + q * h + 3 * h * f
+    replicated = 2 * h + 2 * d  # input/pre-MLP RMSNorm, q/k norms
+    return sharded // tp + replicated
+
+
+def stage_parameters(cfg: Qwen3Config, layout: Layout, stage: int) -> int:
+    """Parameters held by a rank of pipeline stage `stage` (all its virtual chunks), padded vocab."""
+    layers = cfg.num_hidden_layers // layout.pp
+    n = layers * layer_parameters(cfg, layout.tp)
+    emb = cfg.padded_vocab_size * cfg.hidden_size // layout.tp
+    first, last = stage == 0, stage == layout.pp - 1
+    if first:
+        n += emb
+    if last:
+        n += cfg.hidden_size  # final norm
+        if not (cfg.tie_word_embeddings and first):  # a tied output layer shares the embedding at PP=1
+            n += emb
+    return n
+
+
+def model_state_bytes(cfg: Qwen3Config, layout: Layout, stage: int = 0) -> dict:
+    n = stage_parameters(cfg, layout, stage)
+    shard = layout.dp if layout.distributed_optimizer else 1
+    if layout.dtype == "fp32":
+        weights, grads, opt = 4 * n, 4 * n, 8 * n / shard
+    else:
+        weights, grads, opt = 2 * n, 4 * n, 12 * n / shard
+    return {"parameters": n, "weights": weights, "grads": grads, "optimizer": int(math.ceil(opt))}
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations
+def korthikanti_gpt_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                                recompute: Optional[str] = None) -> float:
+    """The paper's per-layer activation bytes for a 16-bit GPT layer (4h MLP, MHA, dropout)."""
+    if recompute == "full":
+        return 2.0 * s * b * h / (t if sp else 1)
+    if recompute == "selective":
+        return s * b * h * (34.0 / t if sp else 10.0 + 24.0 / t)
+    if sp:
+        return s * b * h / t * (34.0 + 5.0 * a * s / h)
+    return s * b * h * (10.0 + 24.0 / t + 5.0 * a * s / (h * t))
+
+
+def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, softmax_fp32: bool = True) -> float:
+    """Bytes one Qwen3 layer keeps for backward, per micro-batch, on one rank.
+
+    Redoing the paper's count for Megatron-Core's Qwen3 layer (p = bytes per activation element,
+    s tokens, b sequences, t = TP; "rep" terms are TP-replicated and divided by t under SP):
+      attention: RMSNorm input p*sbh (rep), QKV-linear input p*sbh (rep), q/k before qk-norm
+        p*sb(q+kv)/t, core attention (unfused): q and GQA-expanded k p*2sbq/t, softmax output
+        (fp32 when attention_softmax_in_fp32, plus its p-byte cast) and expanded v p*sbq/t,
+        output-projection input p*sbq/t;  flash attention instead keeps q, k, v and its output
+        (p*sb(2q+2kv)/t) plus an fp32 log-sum-exp per head and row.
+      MLP: RMSNorm input and fc1 input p*sbh each (rep), SwiGLU gate, silu(gate), up p*3sbf/t,
+        fc2 input p*sbf/t.
+    No dropout masks (Qwen3 has no dropout). Selective recompute drops the core-attention terms and
+    keeps its inputs q, k, v; full recompute keeps only the layer input p*sbh (rep).
+    """
+    p = _BYTES[layout.dtype]
+    s, b, t = layout.seq_length, layout.rows, layout.tp
+    h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv, a = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_attention_heads
+    rep = 1.0 / t if layout.sequence_parallel else 1.0
+    if layout.recompute == "full":
+        return p * s * b * h * rep
+    attn_in = p * s * b * (2 * h * rep + (q + kv) / t)
+    if layout.flash_attention:
+        core = p * s * b * (2 * q + 2 * kv) / t + 4.0 * s * b * a / t
+    else:
+        sm = (4.0 + (p if p != 4 else 0)) if softmax_fp32 else float(p)
+        core = p * s * b * 3 * q / t + sm * a * s * s * b / t
+    if layout.recompute == "selective":
+        core = p * s * b * (q + 2 * kv) / t
+    proj_in = p * s * b * q / t
+    mlp = p * s * b * (2 * h * rep + 4 * f / t)
+    return attn_in + core + proj_in + mlp
+
+
+def head_activation_bytes(cfg: Qwen3Config, layout: Layout) -> float:
+    """Last stage extra: final-norm input, output-layer input, and the logits the fused log-prob keeps."""
+    p = _BYTES[layout.dtype]
+    s, b = layout.seq_length, layout.rows
+    return p * s * b * 2 * cfg.hidden_size + p * s * b * cfg.padded_vocab_size / layout.tp
+
+
+def in_flight_micro_batches(layout: Layout, stage: int) -> float:
+    """Micro-batches whose activations a stage holds at its peak under 1F1B (interleaved or not)."""
+    pp, m, vpp = layout.pp, layout.num_micro_batches, layout.vpp or 1
+    if pp == 1:
+        return 1.0
+    if vpp > 1:
+        return min(float(m), pp * (1 + (pp - 1) / (pp * vpp))) * (pp - stage) / pp if stage else \
+            min(float(m), pp * (1 + (pp - 1) / (pp * vpp)))
+    return float(min(pp - stage, m))
+
+
+def activation_bytes(cfg: Qwen3Config, layout: Layout, stage: int = 0) -> float:
+    layers = cfg.num_hidden_layers // layout.pp
+    per_mb = layers * layer_activation_bytes(cfg, layout)
+    if layout.recompute == "full":  # one layer's full activations exist while it is recomputed
+        full = Layout(**{**asdict(layout), "recompute": None})
+        per_mb += layer_activation_bytes(cfg, full)
+    if stage == layout.pp - 1:
+        per_mb += head_activation_bytes(cfg, layout)
+    return in_flight_micro_batches(layout, stage) * per_mb if stage != layout.pp - 1 or layout.pp == 1 else \
+        per_mb
+
+
+def memory_per_rank(cfg: Qwen3Config, layout: Layout) -> dict:
+    """Predicted bytes per rank for every pipeline stage, and the largest (the one that must fit)."""
+    stages = []
+    for stage in range(layout.pp):
+        ms = model_state_bytes(cfg, layout, stage)
+        act = activation_bytes(cfg, layout, stage)
+        total = ms["weights"] + ms["grads"] + ms["optimizer"] + act
+        stages.append({"stage": stage, **ms, "activations": int(act), "total": int(total)})
+    worst = max(stages, key=lambda r: r["total"])
+    return {"stages": stages, "peak": worst}
+
+
+# --------------------------------------------------------------------------------------------------
+def bubble_fraction(pp: int, num_micro_batches: int, vpp: Optional[int] = None) -> float:
+    """Pipeline bubble as a fraction of the ideal (bubble-free) compute time: (PP-1)/(m*VPP)."""
+    return (pp - 1) / (num_micro_batches * (vpp or 1))
+
+
+def bubble_share_of_step(pp: int, num_micro_batches: int, vpp: Optional[int] = None) -> float:
+    """The same bubble as a share of the whole (bubbly) step time."""
+    x = bubble_fraction(pp, num_micro_batches, vpp)
+    return x / (1 + x)
+
+
+@dataclass
+class Prediction:
+    layout: dict
+    flops_per_step: float
+    executed_flops_per_step: float
+    tokens_per_step: int
+    bubble_fraction: float
+    memory: dict
+    peak_tflops: Optional[float] = None
+    assumed_mfu: Optional[float] = None
+    step_time_s: Optional[float] = None
+    tokens_per_s: Optional[float] = None
+    tflops_per_device: Optional[float] = None
+    notes: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def predict(cfg: Qwen3Config, layout: Layout, peak_tflops: Optional[float] = None,
+            assumed_mfu: Optional[float] = None, vocab: Optional[int] = None) -> Prediction:
+    """Analytical step: FLOPs, memory, bubble; with a peak and an assumed *compute* MFU (the fraction
+    of peak the matmuls reach while they run), also step time = compute / (1 - bubble share).
+    Gradient reduce-scatter / param all-gather are assumed overlapped (or small), optimizer time ignored."""
+    flops = step_flops(cfg, layout)
+    executed = step_flops(cfg, layout, executed=True, vocab=vocab)
+    pred = Prediction(layout=asdict(layout), flops_per_step=flops, executed_flops_per_step=executed,
+                      tokens_per_step=layout.tokens_per_step,
+                      bubble_fraction=bubble_fraction(layout.pp, layout.num_micro_batches, layout.vpp),
+                      memory=memory_per_rank(cfg, layout), peak_tflops=peak_tflops, assumed_mfu=assumed_mfu)
+    if peak_tflops and assumed_mfu:
+        compute = executed / layout.world_size / (peak_tflops * 1e12 * assumed_mfu)
+        pred.step_time_s = compute * (1 + pred.bubble_fraction)
+        pred.tokens_per_s = layout.tokens_per_step / pred.step_time_s
+        pred.tflops_per_device = flops / pred.step_time_s / layout.world_size / 1e12
+    return pred

@@ -1,0 +1,72 @@
+"""Peak throughput of known accelerators (for MFU and predictions) and a measured CPU matmul peak."""
+from __future__ import annotations
+
+import difflib
+import time
+from typing import Optional
+
+import torch
+
+from megatron_spot.config.loader import ConfigError
+
+# Dense (no sparsity) BF16 / FP8 peak TFLOP/s and memory (GiB) of known GPUs, from vendor data sheets.
+GPUS = {
+    "H100": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 80},
+    "H800": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 80},
+    "H200": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 141},
+    "A100": {"bf16": 312.0, "fp8": None, "memory_gib": 80},
+    "A800": {"bf16": 312.0, "fp8": None, "memory_gib": 80},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0, "memory_gib": 180},
+    "GB200": {"bf16": 2500.0, "fp8": 5000.0, "memory_gib": 186},
+    "L40S": {"bf16": 362.0, "fp8": 733.0, "memory_gib": 48},
+}
+# The table training/metrics.py has always exported (peak TFLOP/s only).
+GPU_PEAK_TFLOPS = {k: {"bf16": v["bf16"], "fp8": v["fp8"]} for k, v in GPUS.items()}
+
+
+def gpu_spec(name: str) -> dict:
+    """Look a GPU up by name (case-insensitive, 'H100-SXM' style suffixes allowed)."""
+    key = name.upper().replace("NVIDIA", "").strip()
+    for k in sorted(GPUS, key=len, reverse=True):
+        if key == k or key.startswith(k + "-") or key.startswith(k + " "):
+            return dict(GPUS[k], name=k)
+    close = difflib.get_close_matches(key, list(GPUS), n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"unknown GPU '{name}' for MFU.{hint} Known GPUs: {', '.join(GPUS)}")
+
+
+def peak_tflops(gpu: str, fp8: bool = False) -> float:
+    spec = gpu_spec(gpu)
+    if fp8 and spec["fp8"] is None:
+        raise ConfigError(f"{spec['name']} has no FP8 tensor cores; drop --precision fp8 or pick another GPU")
+    return spec["fp8"] if fp8 else spec["bf16"]
+
+
+def current_gpu_name() -> Optional[str]:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for k in sorted(GPUS, key=len, reverse=True):
+        if k in name:
+            return k
+    return None
+
+
+def measure_cpu_matmul_tflops(size: int = 512, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:
+    """Best-of-repeats TFLOP/s of a square matmul with this process's thread count.
+
+    The MFU denominator on CPU: what this process can do on dense matmuls right now (other load on
+    the machine lowers it, so measure in the same run as the training steps).
+    """
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        dt = (time.perf_counter() - t) / 4
+        best = max(best, 2 * size**3 / dt / 1e12)
+    return best
