@@ -22,7 +22,7 @@ EXT_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh)
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade "pip>=24"
+	$(PIP) install -q --upgrade "pip>=24" "setuptools>=70" wheel
 
 $(STAMP): $(VENV)/bin/python requirements.txt setup.py $(EXT_SOURCES)
 	$(PIP) install -q $(TORCH_SPEC)

@@ -41,7 +41,7 @@ def margins(hf_dir: str, dataset, pairs: range) -> list[float]:
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     out = []
     with torch.no_grad():
         for i in pairs:
@@ -66,7 +66,14 @@ def plot(metrics: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, key, title in zip(axes, ["loss", "rewards/accuracy", "rewards/margin"],
                               ["SPoT-BCO loss", "reward accuracy (r+ > r-)", "reward margin r+ - r-"]):
-        ax.plot(steps, [m[key] for m in metrics], marker="o", ms=3)
+        values = [m[key] for m in metrics]
+        ax.plot(steps, values, marker="o", ms=3, alpha=0.35, label="per step (one batch)")
+        smooth, acc = [], None
+        for v in values:  # exponential moving average: each step sees a different batch
+            acc = v if acc is None else 0.8 * acc + 0.2 * v
+            smooth.append(acc)
+        ax.plot(steps, smooth, lw=2, label="moving average")
+        ax.legend(fontsize=8)
         ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
@@ -80,7 +87,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.path.join(ROOT, "demo_out"), help="output folder (replaced)")
     parser.add_argument("--problems", type=int, default=192, help="synthetic problems to rectify")
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=3)
     args = parser.parse_args()
     t0 = time.time()
     out = os.path.abspath(args.out)
