@@ -1,7 +1,8 @@
 """Checkpoints at other layouts, in ONE spawn of 4 gloo ranks (process start-up is the cost):
 load HF-converted checkpoints at TP2PP2 and TP1PP2xVPP2 (x DP2) and compare logits with
 transformers (tied, untied, the real 151,936-token vocabulary at TP2); save at TP2PP2 and check
-that it loads at TP1PP1 bit-exact and exports to the original HF tensors."""
+that it loads at TP1PP1 bit-exact and exports to the original HF tensors, the export done by
+rank 0 of the 4-rank world (which converts in a child process of its own)."""
 from __future__ import annotations
 
 import os
@@ -71,6 +72,13 @@ def _worker(rank, world_size, cases, save_root):
                 results[(layout, name)] = logits[..., :vocab].clone()
             if layout == "tp2pp2" and name in ("untied", "tied"):
                 hc.save_model_checkpoint(chunks, os.path.join(save_root, name), cfg, hf_side_files_from=ckpt)
+    # the end-of-training export: one rank of a multi-rank world converts (in a child process)
+    import torch.distributed as dist
+
+    if rank == 0:
+        results["export"] = hc.convert_mcore_to_hf(os.path.join(save_root, "untied"),
+                                                   os.path.join(save_root, "untied-export"), progress=False)
+    dist.barrier()
     return results
 
 
@@ -84,6 +92,10 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     results = {}
     for r in per_rank:
         results.update(r)
+    export = results.pop("export")
+    assert export["tensors"] == 47 and export["files"] == ["model.safetensors"]
+    src, dst = helpers.read_hf_tensors(ckpts["untied"]["hf"]), helpers.read_hf_tensors(export["out"])
+    assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
     assert set(results) == {("tp2pp2", "untied"), ("tp2pp2", "tied"), ("tp2pp2", "vocab151936"),
                             ("tp1pp2vpp2", "untied"), ("tp1pp2vpp2", "tied")}
     for (layout, name), logits in sorted(results.items()):
@@ -105,7 +117,8 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
         assert set(pa) == set(pb)
         for k in pa:
             assert torch.equal(pa[k], pb[k]), (name, k)
-        out = str(tmp_path / f"{name}-export")
-        hc.convert_mcore_to_hf(saved, out, progress=False)
-        src, dst = helpers.read_hf_tensors(ckpts[name]["hf"]), helpers.read_hf_tensors(out)
-        assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
+        if name == "tied":  # (untied: exported by rank 0 of the 4-rank world above)
+            out = str(tmp_path / f"{name}-export")
+            hc.convert_mcore_to_hf(saved, out, progress=False)
+            src, dst = helpers.read_hf_tensors(ckpts[name]["hf"]), helpers.read_hf_tensors(out)
+            assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
