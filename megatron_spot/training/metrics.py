@@ -14,17 +14,8 @@ from megatron_spot.profiling.flops import train_flops_per_token
 
 log = logging.getLogger("megatron_spot.train")
 
-# Dense BF16 / FP8 peak TFLOP/s of known GPUs (no sparsity), for MFU.
-GPU_PEAK_TFLOPS = {
-    "H100": {"bf16": 989.0, "fp8": 1979.0},
-    "H800": {"bf16": 989.0, "fp8": 1979.0},
-    "H200": {"bf16": 989.0, "fp8": 1979.0},
-    "A100": {"bf16": 312.0, "fp8": None},
-    "A800": {"bf16": 312.0, "fp8": None},
-    "B200": {"bf16": 2250.0, "fp8": 4500.0},
-    "GB200": {"bf16": 2500.0, "fp8": 5000.0},
-    "L40S": {"bf16": 362.0, "fp8": 733.0},
-}
+# Dense BF16 / FP8 peak TFLOP/s of known GPUs, for MFU (the table lives in profiling/hardware.py).
+from megatron_spot.profiling.hardware import GPU_PEAK_TFLOPS  # noqa: E402
 
 
 def gpu_peak_tflops(fp8: bool) -> Optional[float]:

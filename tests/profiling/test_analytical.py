@@ -1,0 +1,131 @@
+"""The analytical model against formulas and known numbers (no processes, fast)."""
+import pytest
+import torch
+
+from megatron_spot.config.loader import ConfigError
+from megatron_spot.models.qwen3 import load_qwen3_config
+from megatron_spot.profiling import (
+    Layout,
+    bubble_fraction,
+    bubble_share_of_step,
+    korthikanti_gpt_layer_bytes,
+    layer_activation_bytes,
+    matmul_params_per_token,
+    memory_per_rank,
+    model_state_bytes,
+    stage_parameters,
+    step_flops,
+)
+from megatron_spot.profiling.hardware import gpu_spec, peak_tflops
+
+
+def test_bubble_fraction_formula():
+    assert bubble_fraction(1, 8) == 0.0
+    assert bubble_fraction(4, 8) == pytest.approx(3 / 8)
+    assert bubble_fraction(4, 8, vpp=2) == pytest.approx(3 / 16)  # interleaving divides it by VPP
+    assert bubble_share_of_step(2, 2) == pytest.approx(0.5 / 1.5)
+
+
+def test_qwen3_8b_flops_per_token_matches_notes():
+    cfg = load_qwen3_config("qwen3-8b")
+    assert matmul_params_per_token(cfg) == pytest.approx(7.568e9, rel=1e-3)
+    lay = Layout(seq_length=2048, micro_batch_size=1, num_micro_batches=1)  # 2 x 2048 tokens
+    per_token = step_flops(cfg, lay) / lay.tokens_per_step
+    # 6N + causal attention 6 * L * (heads*head_dim) * layers / 2 * 2 ... = 45.4 + 0.88e-3 * 2048 GFLOP
+    assert per_token == pytest.approx(6 * 7.568e9 + 0.8847e6 * 2048, rel=2e-3)
+    assert per_token == pytest.approx(47.2e9, rel=5e-3)
+    # executed FLOPs with unfused attention double the attention term; full recompute adds a forward
+    ex = step_flops(cfg, Layout(seq_length=2048, flash_attention=False), executed=True) / lay.tokens_per_step
+    assert ex == pytest.approx(per_token + 0.8847e6 * 2048, rel=2e-3)
+    fr = step_flops(cfg, Layout(seq_length=2048, recompute="full"), executed=True) / lay.tokens_per_step
+    assert fr == pytest.approx(per_token * 4 / 3, rel=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["qwen3-8b", "qwen3-0.6b", "qwen3-tiny"])
+def test_stage_parameters_add_up_to_the_model(preset):
+    cfg = load_qwen3_config(preset)
+    pad = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    assert stage_parameters(cfg, Layout(), 0) == cfg.num_parameters() + pad
+    # PP=2: a tied model keeps a copy of the embedding on the last stage as its output layer
+    two = Layout(pp=2)
+    extra = cfg.padded_vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0
+    assert stage_parameters(cfg, two, 0) + stage_parameters(cfg, two, 1) == cfg.num_parameters() + pad + extra
+
+
+def test_distributed_optimizer_bytes_per_parameter():
+    cfg = load_qwen3_config("qwen3-8b")
+    n = stage_parameters(cfg, Layout(), 0)
+    ms = model_state_bytes(cfg, Layout(dp=8, dtype="bf16"))
+    # Megatron-LM dist optimizer table: bf16 params, fp32 grads -> 6 + 12/d bytes per parameter
+    assert (ms["weights"] + ms["grads"] + ms["optimizer"]) / n == pytest.approx(6 + 12 / 8, rel=1e-6)
+    ms1 = model_state_bytes(cfg, Layout(dp=8, dtype="bf16", distributed_optimizer=False))
+    assert (ms1["weights"] + ms1["grads"] + ms1["optimizer"]) / n == pytest.approx(18, rel=1e-6)
+
+
+def test_activation_model_against_the_paper():
+    # Korthikanti et al. formula for GPT-3 175B-like sizes: 34 sbh + 5 a s^2 b per layer at t=1
+    s, b, h, a = 2048, 1, 12288, 96
+    assert korthikanti_gpt_layer_bytes(s, b, h, a) == s * b * h * 34 + 5 * a * s * s * b
+    assert korthikanti_gpt_layer_bytes(s, b, h, a, t=8, sp=True) == pytest.approx(s * b * h / 8 * (34 + 5 * a * s / h))
+    assert korthikanti_gpt_layer_bytes(s, b, h, a, recompute="full") == 2 * s * b * h
+    cfg = load_qwen3_config("qwen3-8b")
+    lay = dict(seq_length=4096, micro_batch_size=1, dtype="bf16", flash_attention=False)
+    none, sel, full = (layer_activation_bytes(cfg, Layout(**lay, recompute=r)) for r in (None, "selective", "full"))
+    assert full < sel < none
+    tp = layer_activation_bytes(cfg, Layout(**lay, tp=4))
+    sp = layer_activation_bytes(cfg, Layout(**lay, tp=4, sequence_parallel=True))
+    assert sp < tp < none
+    # 1F1B: stage 0 holds PP micro-batches, the last stage one (plus the logits)
+    mem = memory_per_rank(cfg, Layout(pp=4, num_micro_batches=8, seq_length=2048))
+    assert mem["stages"][0]["activations"] > mem["stages"][2]["activations"]
+
+
+def test_gpu_table_and_bad_names():
+    assert peak_tflops("H100") == 989.0 and peak_tflops("h100-sxm", fp8=True) == 1979.0
+    with pytest.raises(ConfigError, match="unknown GPU 'X100'.*Did you mean 'H100'"):
+        gpu_spec("X100")
+    with pytest.raises(ConfigError, match="no FP8"):
+        peak_tflops("A100", fp8=True)
+    from megatron_spot.training.metrics import GPU_PEAK_TFLOPS  # the table training imports
+
+    assert GPU_PEAK_TFLOPS["H100"]["bf16"] == 989.0
+
+
+def test_hf_flop_count_matches_the_model():
+    """torch's FlopCounterMode on a transformers tiny Qwen3 forward+backward vs the analytical count.
+
+    Both count matmul FLOPs only (no norms/softmax), and eager attention multiplies the full s x s
+    matrix, so `executed=True` with unfused attention must agree exactly (tolerance 0.1% for rounding).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tests.tiny import hf_model
+
+    cfg, model = hf_model("qwen3-tiny")
+    model.train()
+    L, rows = 48, 4
+    x = torch.randint(2, cfg.vocab_size, (rows, L))
+    with FlopCounterMode(display=False) as fc:
+        model(x).logits.float().logsumexp(-1).sum().backward()
+    lay = Layout(seq_length=L, micro_batch_size=rows // 2, num_micro_batches=1, dtype="fp32", flash_attention=False)
+    predicted = step_flops(cfg, lay, executed=True)
+    assert fc.get_total_flops() == pytest.approx(predicted, rel=1e-3)
+
+
+def test_cli_predict_only_bad_input(capsys):
+    from tools.profile_throughput import main
+
+    for argv, msg in (
+        (["--preset", "qwen3-8x", "--gpu", "H100", "--predict-only"], "Did you mean 'qwen3-8b'"),
+        (["--preset", "qwen3-8b", "--gpu", "X100", "--predict-only"], "unknown GPU"),
+        (["--preset", "qwen3-8b", "--gpu", "H100", "--tp", "3", "--predict-only"], "not divisible"),
+        (["--preset", "qwen3-32b", "--gpu", "H100", "--tp", "1", "--seq-length", "4096", "--predict-only"],
+         "does not fit"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err
+    assert main(["--preset", "qwen3-8b", "--gpu", "H100", "--tp", "2", "--seq-length", "2048",
+                 "--predict-only", "--recompute", "selective"]) == 0
+    assert "tokens/s" in capsys.readouterr().out
