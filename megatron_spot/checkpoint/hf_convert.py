@@ -427,6 +427,8 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", progress
     unfilled = set(params) - filled
     if unfilled:
         raise CheckpointError(f"internal: Megatron parameters without a HF source: {_list(unfilled)}")
+    if progress:
+        print(f"hf-to-mcore: writing the torch_dist checkpoint ({_fmt_bytes(nbytes)}) ...", flush=True)
     _save_chunks_single(chunks, out_dir, cfg, dtype, side_files_from=hf_dir, overwrite=overwrite,
                         source=os.path.abspath(hf_dir), row_chunks=row_chunks)
     del chunks, params, row_chunks
@@ -693,6 +695,8 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
     tdtype = DTYPES[dtype]
     _ensure_single_process_world()
     chunks = _build_tp1_model(cfg, ckpt_dtype)
+    if progress:
+        print(f"mcore-to-hf: loading {ckpt_dir} ...", flush=True)
     load_model_checkpoint(chunks, ckpt_dir)
     params = _params_by_name(chunks)
     entries = mapping_table(cfg)
