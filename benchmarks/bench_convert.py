@@ -119,7 +119,9 @@ def main() -> None:
         f"Start-up alone (python importing megatron.core, transformers and the converter): {base_wall:.1f} s, "
         f"{base_rss:.2f} GiB RSS. HF -> mcore -> HF round trip bit-exact for every tensor: "
         f"{'yes' if exact else 'NO'}. Peak RSS is the converting process's resident high-water mark "
-        "(os.wait4 ru_maxrss); the requirement is at most the model size + 1 GiB."
+        "(os.wait4 ru_maxrss); the requirement is at most the model size + 1 GiB. "
+        f"Load average when it finished: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the machine is shared; "
+        "times scale with it, memory does not)."
     )
     write_section("convert", "Checkpoint conversion (HF <-> Megatron-Core)",
                   f"python benchmarks/bench_convert.py --preset {args.preset}", body)
