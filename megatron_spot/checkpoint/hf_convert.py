@@ -16,9 +16,13 @@ Every output is built under ``<out>.tmp-*`` and renamed into place when complete
 interrupted conversion never leaves a folder that looks like a checkpoint.
 
 Memory: conversions stream. hf-to-mcore allocates the TP1PP1 model once in the target dtype
-(no random init) and copies safetensors tensors into it one mapping entry at a time (large
-tensors in 64 MiB row blocks); mcore-to-hf loads into a TP1PP1 model and writes each HF tensor
-in row blocks into size-capped safetensors files. Peak ~ model size in its dtype + a few blocks.
+(no random init; untouched pages cost nothing) and fills it one mapping entry at a time from
+plain file reads (large tensors in 64 MiB row blocks). Tensors torch_dist would otherwise clone
+or serialise whole (fc1's gate/up halves, tensors > SAVE_CHUNK_BYTES such as the embedding)
+are filled into memory of their own and stored as separate chunks. mcore-to-hf loads into a
+TP1PP1 model in place (ShardedTensorFactories built ahead, so no per-layer concatenation) and
+writes each HF tensor in row blocks into size-capped safetensors files. Measured peak: model
+size + ~0.5 GiB, Python and Megatron-Core themselves included (BENCHMARKS.md).
 
 Conversions run in a world of one process. Called from a process that is part of a multi-rank
 torch.distributed world (e.g. rank 0 at the end of training), they run in a child process.
