@@ -1,0 +1,96 @@
+"""Quantized export on a tiny transformers Qwen3: FP8 on CPU, loads back, outputs near the original."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from megatron_spot.quantization import QuantizationError, calibration_prompts, load_fp8_reference, quantize_and_export
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt_and_pack(tmp_path_factory):
+    from megatron_spot.data import build_tiny_tokenizer, pack_pairs
+    from tests.tiny import hf_model
+
+    root = tmp_path_factory.mktemp("quant")
+    rng = random.Random(0)
+    words = "solve the equation first we add subtract both sides so x equals answer boxed check step".split()
+    recs = [{"prompt": f"Problem {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 30))) + "?",
+             "chosen": " ".join(rng.choice(words) for _ in range(8)), "rejected": " ".join(rng.choice(words) for _ in range(8))}
+            for i in range(40)]
+    src = root / "pairs.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    tok = build_tiny_tokenizer(str(root / "tok"), [r["prompt"] + " " + r["chosen"] for r in recs], vocab_size=400)
+    pack_pairs([str(src)], tok, str(root / "pack"))
+    _, model = hf_model("qwen3-tiny")
+    model.save_pretrained(str(root / "hf"))
+    return str(root / "hf"), str(root / "pack"), model, root
+
+
+def test_fp8_export_loads_back_and_stays_close(tiny_ckpt_and_pack):
+    """FP8 E4M3 per-tensor weights and activations (3 mantissa bits: ~6% relative step) on a random
+    4-layer model: logits stay within 20% of the largest |logit| (max abs) and cosine >= 0.99 of the
+    unquantized model's on the calibration prompts."""
+    hf, pack, model, root = tiny_ckpt_and_pack
+    prompts = calibration_prompts(pack, 16, max_length=64)
+    assert len(prompts) == 16
+    out = root / "fp8"
+    summary = quantize_and_export(hf, str(out), prompts, fmt="fp8")
+    assert summary["calibration_prompts"] == 16
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["quantization_config"]["quant_method"] == "modelopt"
+    assert cfg["quantization_config"]["quant_algo"] == "FP8"
+    assert json.load(open(out / "hf_quant_config.json"))["quantization"]["quant_algo"] == "FP8"
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() == "F8_E4M3"
+        assert "model.layers.0.self_attn.q_proj.input_scale" in f.keys()
+    assert not [n for n in os.listdir(root) if ".tmp-" in n]  # atomic: no temp folder left behind
+    q = load_fp8_reference(str(out))
+    assert len(q.quantized_modules) == 4 * 7
+    worst_cos, worst_rel = 1.0, 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ref = model(p[None]).logits.float()
+            got = q(p[None]).logits.float()
+            rel = ((got - ref).abs().max() / ref.abs().max()).item()
+            cos = torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item()
+            worst_cos, worst_rel = min(worst_cos, cos), max(worst_rel, rel)
+    print("fp8 worst max-abs rel", worst_rel, "worst cosine", worst_cos)
+    assert worst_rel < 0.20, worst_rel
+    assert worst_cos > 0.99, worst_cos
+
+
+def test_bad_inputs(tiny_ckpt_and_pack, tmp_path):
+    hf, pack, _, root = tiny_ckpt_and_pack
+    prompts = calibration_prompts(pack, 4)
+    with pytest.raises(QuantizationError, match="nvfp4 needs a CUDA GPU"):
+        quantize_and_export(hf, str(tmp_path / "a"), prompts, fmt="nvfp4")
+    with pytest.raises(QuantizationError, match="blocks of 128.*hidden_size=64"):
+        quantize_and_export(hf, str(tmp_path / "b"), prompts, fmt="int4_awq")
+    with pytest.raises(QuantizationError, match="unknown quantization format"):
+        quantize_and_export(hf, str(tmp_path / "c"), prompts, fmt="int3")
+    with pytest.raises(QuantizationError, match="does not exist"):
+        quantize_and_export(str(tmp_path / "nope"), str(tmp_path / "d"), prompts)
+    with pytest.raises(QuantizationError, match="outside the model's vocabulary"):
+        quantize_and_export(hf, str(tmp_path / "e"), [torch.tensor([1, 2, 9999])])
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("keep")
+    with pytest.raises(QuantizationError, match="not empty"):
+        quantize_and_export(hf, str(busy), prompts)
+    assert (busy / "x").read_text() == "keep"
+    from tools.export_quantized import main
+
+    assert main(["--checkpoint", hf, "--pack", str(tmp_path / "nopack"), "--out", str(tmp_path / "f")]) == 2
+
+
+@pytest.mark.gpu
+def test_nvfp4_export_on_gpu(tiny_ckpt_and_pack, tmp_path):
+    hf, pack, _, _ = tiny_ckpt_and_pack
+    s = quantize_and_export(hf, str(tmp_path / "nvfp4"), calibration_prompts(pack, 8), fmt="nvfp4")
+    cfg = json.load(open(os.path.join(s["out"], "config.json")))
+    assert cfg["quantization_config"]["quant_algo"] == "NVFP4"
