@@ -142,6 +142,53 @@ def read_trainer_state(ckpt: str) -> dict:
         return json.load(f)
 
 
+def _materialize_adam_state(optimizer) -> None:
+    """Create AdamW's lazily-initialised state (zeros) so the optimizer's sharded state dict has the
+    tensors that loading fills in. Megatron's own alternative steps the optimizer on zero gradients,
+    which applies weight decay to the (fp32, shared) parameters; this does not touch them."""
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    for inner in inners:
+        torch_opt = getattr(inner, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for group in torch_opt.param_groups:
+            for p in group["params"]:
+                if p.numel() and not torch_opt.state[p]:
+                    torch_opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                          "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _load_optimizer_state(optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, working around Megatron-Core 0.19's torch-AdamW path (no apex/TE):
+    torch AdamW keeps a per-parameter `step` tensor that Megatron restores from the param groups, yet
+    its fully-reshardable loader then asks each parameter's saved tensors for `step` (KeyError). A
+    non-tensor placeholder makes that loop skip it; the param-group value is what gets used."""
+    inners = getattr(optimizer, "chained_optimizers", [optimizer])
+    originals = []
+    for inner in inners:
+        original = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def patched(model_param, tensors, _original=original):
+            return _original(model_param, {"step": None, **tensors})
+
+        inner._set_main_param_and_optimizer_states = patched
+        originals.append(inner)
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for inner in originals:
+            del inner._set_main_param_and_optimizer_states  # back to the class method
+    # ...and it hands every parameter the SAME `step` tensor, which torch AdamW then increments once
+    # per parameter per step (wrong bias correction). Give each parameter its own counter.
+    for inner in inners:
+        torch_opt = getattr(inner, "optimizer", None)
+        for st in (torch_opt.state.values() if torch_opt is not None else ()):
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+
+
 def load_training_state(ckpt: str, engine) -> dict:
     """Collective: restore optimizer, scheduler, loss statistics and (same layout) RNG states.
 
@@ -152,10 +199,11 @@ def load_training_state(ckpt: str, engine) -> dict:
     from megatron.core import parallel_state as ps
 
     state = read_trainer_state(ckpt)
+    _materialize_adam_state(engine.optimizer)
     model_ssd = _model_sharded_state_dict(engine.model)
     optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, is_loading=True, metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load({"optimizer": optim_ssd}, os.path.join(ckpt, "optimizer"))
-    engine.optimizer.load_state_dict(loaded["optimizer"])
+    _load_optimizer_state(engine.optimizer, loaded["optimizer"])
     engine.scheduler.load_state_dict(state["scheduler"])
     if engine.loss_fn is not None and state.get("loss_state") is not None:
         engine.loss_fn.load_state_dict(state["loss_state"])

@@ -230,5 +230,5 @@ def test_errors_before_training_starts(workspace, tmp_path):
     check(["data.tokenizer=" + other_tok], TokenizerMismatchError, "tokenizer")
     # unknown keys are named with the closest valid key, and main() exits 2 with the message
     assert main(["data.micro_batch=2"]) == 2
-    with pytest.raises(ConfigError, match="did you mean 'data.micro_batch_size'"):
+    with pytest.raises(ConfigError, match="(?i)did you mean 'data.micro_batch_size'"):
         load_config(TrainConfig, None, ["data.micro_batch=2"])
