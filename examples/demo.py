@@ -129,7 +129,7 @@ def main() -> int:
 
     prefix = os.path.join(out, "data", "pairs")
     os.makedirs(os.path.dirname(prefix))
-    manifest = pack_pairs([pairs_path], hf_dir, prefix, preset="rectify", apply_chat_template=True,
+    pack_pairs([pairs_path], hf_dir, prefix, preset="rectify", apply_chat_template=True,
                           max_length=1024, max_prompt_length=512, progress=True)
     dataset = PairDataset(prefix)
     print(f"packed {len(dataset)} pairs, longest {int(dataset.lengths().max())} tokens -> {prefix}.bin/.idx")

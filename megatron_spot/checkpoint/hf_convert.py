@@ -52,7 +52,7 @@ from megatron_spot.checkpoint.safetensors_io import (
     row_blocks,
     write_safetensors,
 )
-from megatron_spot.config.loader import ConfigError
+from megatron_spot.config.loader import ConfigError, read_json
 from megatron_spot.models.qwen3.hf_mapping import hf_shapes, mapping_table, to_hf, to_mcore
 from megatron_spot.models.qwen3.presets import Qwen3Config
 
@@ -325,12 +325,7 @@ def read_hf_config(hf_dir: str) -> Qwen3Config:
         raise CheckpointError(f"{hf_dir}: no such folder")
     if not os.path.isfile(path):
         raise CheckpointError(f"{hf_dir}: no config.json (not a Hugging Face checkpoint folder)")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-    return Qwen3Config.from_hf_dict(data, source=path)
+    return Qwen3Config.from_hf_dict(read_json(path, CheckpointError), source=path)
 
 
 def check_hf_tensors(src: SafetensorsCheckpoint, cfg: Qwen3Config) -> list[str]:
@@ -497,11 +492,7 @@ def read_checkpoint_metadata(ckpt_dir: str) -> dict:
             raise CheckpointError(f"{ckpt_dir}: looks like a Hugging Face checkpoint; convert it first with "
                                   "`tools/convert_checkpoint.py hf-to-mcore`")
         raise CheckpointError(f"{ckpt_dir}: not a megatron_spot model checkpoint (no {METADATA_NAME})")
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    meta = read_json(path, CheckpointError)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
     if meta.get("format_version", 0) > FORMAT_VERSION:

@@ -105,6 +105,17 @@ def apply_overrides(cfg: T, overrides: Iterable[str]) -> T:
     return from_dict(type(cfg), data)
 
 
+def read_json(path: str, error: type[Exception] = ConfigError):
+    """json.load with an error that names the file (for config.json, metadata, manifests)."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+
+
 def load_config(cls: type[T], yaml_path: str | None = None, overrides: Iterable[str] = ()) -> T:
     data = {}
     if yaml_path:

@@ -23,7 +23,7 @@ import multiprocessing as mp
 import os
 import time
 import uuid
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 

@@ -192,7 +192,6 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
                 trace_steps: Optional[tuple[int, int]] = None, gpu: Optional[str] = None,
                 count_flops: bool = True, seed: int = 1234, progress: bool = False) -> dict:
     """Initialise the platform, build the Engine, run warmup + `steps` steps; rank-0 gets the report."""
-    from megatron.core import parallel_state as ps
 
     from megatron_spot.platform import initialize
     from megatron_spot.training.engine import Engine

@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 from . import prompts as P
@@ -276,7 +276,7 @@ def elicit(input_path: str, cfg: PipelineConfig) -> dict:
         else:
             transport = None
             if cfg.offline:
-                from .offline import OFFLINE_BASE_URL, OfflineEndpoint, OfflineTransport
+                from .offline import OfflineEndpoint, OfflineTransport
 
                 ep = OfflineEndpoint()
                 for p in problems:

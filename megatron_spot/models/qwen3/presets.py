@@ -6,12 +6,11 @@ config.json and a preset go through the same code.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from megatron_spot.config.loader import ConfigError
+from megatron_spot.config.loader import ConfigError, read_json
 
 # Megatron pads the vocabulary so every TP rank holds an equal shard. A padding that depends on TP
 # would make checkpoints TP-specific, so pad to a fixed multiple that every TP size up to 128
@@ -163,12 +162,7 @@ def load_qwen3_config(preset_or_path: str, hf_config: Optional[str] = None) -> Q
         return Qwen3Config.from_hf_dict(PRESETS[source], source=f"preset {source}")
     path = os.path.join(source, "config.json") if os.path.isdir(source) else source
     if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                data = json.load(f)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        return Qwen3Config.from_hf_dict(data, source=path)
+        return Qwen3Config.from_hf_dict(read_json(path), source=path)
     import difflib
 
     close = difflib.get_close_matches(source, list(PRESETS), n=1)
