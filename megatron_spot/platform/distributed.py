@@ -85,19 +85,21 @@ def validate_parallel_layout(parallel: ParallelConfig, world_size: int) -> None:
 def init_process_group(timeout_minutes: int = 30) -> tuple[int, int, int, str]:
     """Start torch.distributed from torchrun's environment (or as a single process)."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python ...`: a world of one
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         backend = "nccl" if has_cuda() else "gloo"
-        if has_cuda():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(
-            backend=backend,
-            rank=int(os.environ["RANK"]),
-            world_size=int(os.environ["WORLD_SIZE"]),
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # torchrun / SLURM launcher: env:// rendezvous
+            if has_cuda():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]),
+                                    world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)
+        else:
+            # plain `python ...`: a world of one on a private port. Launcher variables are NOT written
+            # to os.environ, so subprocesses (torchrun, converters) do not mistake themselves for rank 0
+            # of this world.
+            if has_cuda():
+                torch.cuda.set_device(0)
+            dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
+                                    rank=0, world_size=1, timeout=timeout)
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     if has_cuda():
         torch.cuda.set_device(local_rank)

@@ -76,6 +76,11 @@ def _train_worker(rank, world_size, ws):
         summary = run(cfg)
         out[objective] = [h["loss"] for h in summary["history"]]
         out[objective + "/rewards"] = [h["rewards/margin"] for h in summary["history"]]
+    # the online reference (a frozen copy of the starting model scoring each step's batches) must
+    # train exactly like the precomputed sidecar
+    cfg = load_config(TrainConfig, None, _overrides(ws, os.path.join(ws["root"], "run_online"), "spot-bco",
+                                                    extra=["loss.online_reference=true"]))
+    out["online"] = [h["loss"] for h in run(cfg)["history"]]
     return out
 
 
@@ -168,6 +173,8 @@ def test_tp2pp2_losses_equal_plain_pytorch_reference(workspace, megatron_losses,
     assert ours[0] == pytest.approx(2 * math.log(2) if objective == "spot-bco" else math.log(2), abs=1e-6)
     assert max(megatron_losses[objective + "/rewards"][1:]) != 0.0  # training moved the policy
     np.testing.assert_allclose(ours, ref, rtol=1e-4)
+    if objective == "spot-bco":
+        np.testing.assert_allclose(megatron_losses["online"], ours, rtol=1e-5)
 
 
 def _torchrun(ws, out, nproc, tp, pp, extra=()):
