@@ -20,10 +20,12 @@ from megatron_spot.models.qwen3 import load_qwen3_config  # noqa: E402
 from megatron_spot.profiling.flops import forward_flops_per_token, train_flops_per_token  # noqa: E402
 
 
-def measured_demo() -> tuple[str, dict]:
-    out = tempfile.mkdtemp(prefix="bench_demo_")
-    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "demo.py"), "--out", out], check=True,
-                   stdout=subprocess.DEVNULL)
+def measured_demo(existing: str | None = None) -> tuple[str, dict]:
+    out = existing
+    if out is None:
+        out = tempfile.mkdtemp(prefix="bench_demo_")
+        subprocess.run([sys.executable, os.path.join(ROOT, "examples", "demo.py"), "--out", out], check=True,
+                       stdout=subprocess.DEVNULL)
     with open(os.path.join(out, "run", "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     with open(os.path.join(out, "report.json")) as f:
@@ -57,7 +59,12 @@ def predicted_rows() -> list[str]:
 
 
 def main() -> None:
-    _, s = measured_demo()
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--from-demo", help="read a finished `make demo` output folder instead of running the demo")
+    args = parser.parse_args()
+    _, s = measured_demo(args.from_demo)
     body = [
         "### Measured: the CPU demo (tiny Qwen3, 213,696 parameters, TP2 x PP2, 4 gloo processes, fp32)",
         "",
@@ -85,7 +92,8 @@ def main() -> None:
         "For comparison the paper reports 28 minutes on 8x H800 with TRL + DeepSpeed ZeRO-2 (a later revision",
         "16 minutes), which implies roughly 14-28% MFU. No GPU run of this backend exists yet.",
     ]
-    write_section("train", "SPoT training throughput", "python benchmarks/bench_train.py", "\n".join(body))
+    command = "python benchmarks/bench_train.py" + (f" --from-demo {args.from_demo}" if args.from_demo else "")
+    write_section("train", "SPoT training throughput", command, "\n".join(body))
     print("\n".join(body))
 
 
