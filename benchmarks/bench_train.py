@@ -85,7 +85,7 @@ def main() -> None:
         "and 1,979 FP8 per H100, and an assumed model FLOPs utilisation (MFU) of 40% in BF16 (published",
         "Megatron runs reach ~47% for 8B dense pretraining) and 30% of the FP8 peak in FP8.",
         "",
-        "| mean sequence length | precision | assumed MFU | total PFLOP (x1000) | predicted minutes |",
+        "| mean sequence length | precision | assumed MFU | total EFLOP (1e18 FLOP) | predicted minutes |",
         "|---|---|---|---|---|",
         *predicted_rows(),
         "",
