@@ -19,6 +19,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML recipe (the same one training uses)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.pack=... ")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute even if a sidecar for this pack and model already exists")
     args = parser.parse_args(argv)
 
     from megatron_spot.config import ConfigError, TrainConfig, load_config
@@ -27,9 +29,9 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
-        path = score_reference(cfg)
-        if path:
-            print(f"reference log-probs written to {path}")
+        path = score_reference(cfg, force=args.force)
+        if path and os.environ.get("RANK", "0") == "0":
+            print(f"reference log-probs: {path}")
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -109,7 +109,21 @@ def score_pairs(engine, dataset, dp_rank: int, dp_size: int, micro_batch_size: i
     return out
 
 
-def score_reference(cfg, progress: bool = True) -> Optional[str]:
+def existing_sidecar(pack_prefix: str, fingerprint: str, model: str, override: Optional[str] = None) -> Optional[str]:
+    """The sidecar's path if it already holds this pack's scores under this model, else None."""
+    npy, meta = sidecar_paths(pack_prefix, override)
+    if not (os.path.exists(npy) and os.path.exists(meta)):
+        return None
+    try:
+        with open(meta) as f:
+            info = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return None
+    same_model = os.path.abspath(str(info.get("model"))) == os.path.abspath(model)
+    return npy if info.get("pack_fingerprint") == fingerprint and same_model else None
+
+
+def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional[str]:
     """Collective entry for tools/score_logprobs.py: score cfg.data.pack with cfg.model.init_checkpoint.
 
     Runs at any TP/PP/DP layout; rank 0 writes the sidecar. Returns its path on rank 0.
@@ -121,7 +135,6 @@ def score_reference(cfg, progress: bool = True) -> Optional[str]:
     from megatron_spot.train import resolve_model
     from megatron_spot.training.engine import Engine
 
-    import os
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     validate_parallel_layout(cfg.parallel, world)
@@ -135,6 +148,11 @@ def score_reference(cfg, progress: bool = True) -> Optional[str]:
     tok_dir = cfg.data.tokenizer or cfg.model.init_checkpoint
     expected = tokenizer_hash(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")) else None
     dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected)
+    done = None if force else existing_sidecar(cfg.data.pack, dataset.fingerprint, weights, cfg.data.ref_logprobs)
+    if done:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"reference log-probs already computed for this pack and model: {done} (--force recomputes)")
+        return done
     info = initialize(cfg.parallel, seed=cfg.run.seed)
     engine = Engine(cfg, qwen3, 1, trainable=False, load_weights=lambda chunks: load_model_checkpoint(chunks, weights))
     values = score_pairs(engine, dataset, info.dp_rank, info.dp, cfg.data.micro_batch_size, info.device,
