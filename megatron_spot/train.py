@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 from typing import Optional
@@ -97,16 +96,6 @@ def preflight(cfg: TrainConfig, world_size: int):
     return qwen3, weights, resume, dataset, ref, tok_dir
 
 
-def _export_hf(model_dir: str, out_dir: str) -> None:
-    """Run the converter in a clean single-process environment (we are inside a torchrun world)."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")}
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "convert_checkpoint.py")
-    cmd = [sys.executable, tool, "mcore-to-hf", "--ckpt", model_dir, "--out", out_dir]
-    subprocess.run(cmd, check=True, env=env)
-
-
 def run(cfg: TrainConfig) -> dict:
     import numpy as np
     import torch
@@ -137,19 +126,15 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.run.train_steps:
         total = min(total, cfg.run.train_steps)
 
-    def load_weights(chunks):
-        if weights:
-            from megatron_spot.checkpoint.hf_convert import load_model_checkpoint
+    from megatron_spot.checkpoint.hf_convert import convert_mcore_to_hf, load_model_checkpoint
 
-            load_model_checkpoint(chunks, weights)
+    def loader(ckpt):
+        return (lambda chunks: load_model_checkpoint(chunks, ckpt)) if ckpt else None
 
-    engine = Engine(cfg, qwen3, total, load_weights=load_weights)
+    engine = Engine(cfg, qwen3, total, load_weights=loader(weights))
     reference = None
-    if cfg.loss.online_reference:
-        start = cfg.model.init_checkpoint
-        reference = Engine(cfg, qwen3, total, trainable=False, load_weights=(
-            (lambda chunks: __import__("megatron_spot.checkpoint.hf_convert", fromlist=["x"]).load_model_checkpoint(chunks, start))
-            if start else None))
+    if cfg.loss.online_reference:  # a frozen copy of the starting model, not of the resumed policy
+        reference = Engine(cfg, qwen3, total, trainable=False, load_weights=loader(cfg.model.init_checkpoint))
     step = 0
     if resume:
         state = load_training_state(resume, engine)
@@ -200,12 +185,13 @@ def run(cfg: TrainConfig) -> dict:
         if info.rank == 0:
             hf_dir = os.path.join(run_dir, "hf")
             log.info("exporting the policy as a Hugging Face checkpoint to %s", hf_dir)
-            _export_hf(os.path.join(last_ckpt, "model"), hf_dir)
+            # inside a multi-rank world the converter runs itself in a fresh one-process child
+            convert_mcore_to_hf(os.path.join(last_ckpt, "model"), hf_dir, progress=False, overwrite=True)
         dist.barrier()
     summary["hf_export"] = hf_dir
     if info.rank == 0:
         with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump({k: v for k, v in summary.items()}, f, indent=2, default=str)
+            json.dump(summary, f, indent=2, default=str)
     torch.distributed.barrier()
     return summary
 

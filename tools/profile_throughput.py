@@ -333,7 +333,7 @@ def main(argv=None) -> int:
             print(markdown_table(rows))
             print(f"wrote {args.out_dir}/table.md, table.csv, plot.png")
             return 1 if any("error" in r for r in rows) else 0
-        import torch
+        from megatron_spot.platform.device import has_cuda
 
         world = int(os.environ.get("WORLD_SIZE", "0"))
         want = args.tp * args.pp * (args.dp or 1)
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
                                               "--micro-batch-size", str(args.micro_batch_size)]
             if args.trace:
                 argv_rest += ["--trace", args.trace, "--trace-steps", args.trace_steps]
-            _layout(args, qwen3, want, on_gpu=torch.cuda.is_available())
+            _layout(args, qwen3, want, on_gpu=has_cuda())
             proc = _torchrun(args, want, argv_rest, jpath)
             sys.stdout.write(proc.stdout)
             if proc.returncode != 0:
@@ -351,7 +351,7 @@ def main(argv=None) -> int:
                 return 1
             return 0
         world = world or 1
-        parallel, precision, recompute, layout = _layout(args, qwen3, world, on_gpu=torch.cuda.is_available())
+        parallel, precision, recompute, layout = _layout(args, qwen3, world, on_gpu=has_cuda())
     except ConfigError as exc:
         fail(str(exc))
     from megatron_spot.config.schema import TrainConfig

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spot.config.loader import ConfigError
+from megatron_spot.platform.device import accelerator_rng_state, set_accelerator_rng_state
 
 
 # Optimizer state stored per parameter in its global (model) shape, so it reshards to any TP/PP/DP.
@@ -42,7 +43,7 @@ def _rng_state() -> dict:
         "python": random.getstate(),
         "numpy": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": accelerator_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
@@ -53,8 +54,7 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    set_accelerator_rng_state(state.get("cuda"))
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 

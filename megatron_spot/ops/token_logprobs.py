@@ -8,6 +8,8 @@ from . import _backend
 from .reference import acc_dtype
 
 _LOGITS_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# targets with this value are not scored (log-prob 0, no gradient); PyTorch cross_entropy's default
+IGNORE_INDEX = -100
 
 
 def _tp_info(tp_group) -> tuple[int, int]:
@@ -91,7 +93,7 @@ def token_logprobs(
     logits: torch.Tensor,
     targets: torch.Tensor,
     tp_group=None,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     valid_vocab_size: int | None = None,
     inplace_backward: bool = False,
     backend: str | None = None,

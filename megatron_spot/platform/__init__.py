@@ -1,7 +1,17 @@
 """Platform start-up (distributed, parallel state, device, seeding) and the CPU compatibility layer."""
+from megatron_spot.platform.device import (
+    accelerator_rng_state,
+    compute_capability,
+    current_device,
+    device_name,
+    has_cuda,
+    move_to_device,
+    peak_memory_bytes,
+    reset_peak_memory,
+    set_accelerator_rng_state,
+)
 from megatron_spot.platform.distributed import (
     RuntimeInfo,
-    has_cuda,
     init_process_group,
     initialize,
     seed_everything,
@@ -9,5 +19,6 @@ from megatron_spot.platform.distributed import (
     validate_parallel_layout,
 )
 
-__all__ = ["RuntimeInfo", "has_cuda", "init_process_group", "initialize", "seed_everything", "shutdown",
+__all__ = ["accelerator_rng_state", "compute_capability", "current_device", "device_name", "move_to_device",
+           "peak_memory_bytes", "reset_peak_memory", "set_accelerator_rng_state", "RuntimeInfo", "has_cuda", "init_process_group", "initialize", "seed_everything", "shutdown",
            "validate_parallel_layout"]

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.config.schema import ParallelConfig
 from megatron_spot.platform import cpu_compat
+from megatron_spot.platform.device import current_device, has_cuda
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ class RuntimeInfo:
     @property
     def is_cuda(self) -> bool:
         return self.device.type == "cuda"
-
-
-def has_cuda() -> bool:
-    return torch.cuda.is_available()
 
 
 def _free_port() -> int:
@@ -142,7 +139,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RuntimeInfo:
         context_parallel_size=parallel.context_parallel,
     )
     seed_everything(seed)
-    device = torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")
+    device = current_device()
     info = RuntimeInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
         tp=parallel.tensor_parallel, pp=parallel.pipeline_parallel, vpp=vpp,

@@ -8,6 +8,7 @@ from typing import Optional
 import torch
 
 from megatron_spot.config.loader import ConfigError
+from megatron_spot.platform.device import device_name
 
 # Dense (no sparsity) BF16 / FP8 peak TFLOP/s and memory (GiB) of known GPUs, from vendor data sheets.
 GPUS = {
@@ -43,9 +44,10 @@ def peak_tflops(gpu: str, fp8: bool = False) -> float:
 
 
 def current_gpu_name() -> Optional[str]:
-    if not torch.cuda.is_available():
+    """This rank's GPU as a key of GPUS (None on CPU or for an unknown GPU)."""
+    name = device_name()
+    if name is None:
         return None
-    name = torch.cuda.get_device_name()
     for k in sorted(GPUS, key=len, reverse=True):
         if k in name:
             return k

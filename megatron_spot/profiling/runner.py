@@ -24,6 +24,8 @@ import torch.distributed as dist
 from megatron_spot.config.schema import TrainConfig
 from megatron_spot.models.qwen3.presets import Qwen3Config
 from megatron_spot.profiling import analytical
+from megatron_spot.ops.token_logprobs import IGNORE_INDEX
+from megatron_spot.platform.device import peak_memory_bytes, reset_peak_memory
 from megatron_spot.profiling.hardware import current_gpu_name, measure_cpu_matmul_tflops, peak_tflops
 
 log = logging.getLogger("megatron_spot.profile")
@@ -46,9 +48,9 @@ def synthetic_micro_batches(num: int, pairs: int, seq_length: int, vocab: int, s
         rows = 2 * pairs
         tokens = torch.randint(2, vocab, (rows, seq_length), generator=g)
         tokens[pairs:, :prompt] = tokens[:pairs, :prompt]
-        labels = torch.full((rows, seq_length), -100, dtype=torch.long)
+        labels = torch.full((rows, seq_length), IGNORE_INDEX, dtype=torch.long)
         labels[:, prompt - 1:-1] = tokens[:, prompt:]
-        loss_mask = (labels != -100).float()
+        loss_mask = (labels != IGNORE_INDEX).float()
         out.append({
             "tokens": tokens.to(device), "labels": labels.to(device), "loss_mask": loss_mask.to(device),
             "position_ids": torch.arange(seq_length).unsqueeze(0).expand(rows, seq_length).contiguous().to(device),
@@ -230,8 +232,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
     for s in range(warmup_steps):
         engine.train_step(batches(s))
     _read_split(timers, tstate, 0.0)
-    if info.is_cuda:
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
 
     prof = None
     if trace_dir:
@@ -279,7 +280,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
     states = model_state_bytes_measured(engine)
     act_peak = tracker.peak
     if info.is_cuda:
-        peak_mem = int(torch.cuda.max_memory_allocated())
+        peak_mem = peak_memory_bytes()
         mem_source = "torch.cuda.max_memory_allocated"
     else:
         peak_mem = states["weights"] + states["grads"] + states["optimizer"] + act_peak

@@ -23,6 +23,8 @@ from typing import Optional
 
 import torch
 
+from megatron_spot.platform.device import has_cuda
+
 log = logging.getLogger("megatron_spot.quantization")
 
 # format -> (modelopt config name, needs CUDA, weight block size or None)
@@ -106,7 +108,7 @@ def quantize_and_export(src: str, out_dir: str, prompts: list[torch.Tensor], fmt
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise QuantizationError(f"output {out_dir} already exists and is not empty (pass --force)")
-    on_gpu = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    on_gpu = has_cuda() if device is None else device.startswith("cuda")
     dev = torch.device(device or ("cuda" if on_gpu else "cpu"))
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)

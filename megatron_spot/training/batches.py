@@ -7,8 +7,7 @@ import numpy as np
 import torch
 
 from megatron_spot.data import PairDataset, collate_pairs
-
-IGNORE_INDEX = -100
+from megatron_spot.ops.token_logprobs import IGNORE_INDEX
 
 
 def _pad_to(batch: dict, length: int, pad_id: int) -> dict:

@@ -17,8 +17,7 @@ import torch.distributed as dist
 
 from megatron_spot.config.schema import TrainConfig
 from megatron_spot.models.qwen3 import Qwen3Config, build_model_chunks, build_transformer_config
-
-IGNORE_INDEX = -100
+from megatron_spot.platform.device import current_device
 
 
 class Engine:
@@ -33,7 +32,7 @@ class Engine:
         chunks = build_model_chunks(qwen3, self.transformer_config, max_sequence_length=cfg.model.max_sequence_length)
         if load_weights is not None:
             load_weights(chunks)  # before the optimizer copies fp32 main params from the model
-        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = current_device()
         self.pp_last = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.pp_first = ps.is_pipeline_first_stage(ignore_virtual=True)
         self.loss_fn = None

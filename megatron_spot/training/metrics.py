@@ -4,34 +4,24 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 from typing import Optional
 
-import torch
-
 from megatron_spot.models.qwen3.presets import Qwen3Config
+from megatron_spot.platform.device import peak_memory_bytes
 from megatron_spot.profiling.flops import train_flops_per_token
+# Dense BF16 / FP8 peak TFLOP/s of known GPUs (the table lives in profiling/hardware.py)
+from megatron_spot.profiling.hardware import GPU_PEAK_TFLOPS, GPUS, current_gpu_name  # noqa: F401 (re-exported)
 
 log = logging.getLogger("megatron_spot.train")
 
-# Dense BF16 / FP8 peak TFLOP/s of known GPUs, for MFU (the table lives in profiling/hardware.py).
-from megatron_spot.profiling.hardware import GPU_PEAK_TFLOPS  # noqa: E402
-
 
 def gpu_peak_tflops(fp8: bool) -> Optional[float]:
-    if not torch.cuda.is_available():
+    """MFU denominator of this rank's GPU; None on CPU or for a GPU not in the table."""
+    name = current_gpu_name()
+    if name is None:
         return None
-    name = torch.cuda.get_device_name()
-    for key in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return GPU_PEAK_TFLOPS[key]["fp8" if fp8 else "bf16"] or GPU_PEAK_TFLOPS[key]["bf16"]
-    return None
-
-
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    spec = GPUS[name]
+    return (spec["fp8"] if fp8 else None) or spec["bf16"]
 
 
 class MetricsLogger:

@@ -75,7 +75,6 @@ def score_pairs(engine, dataset, dp_rank: int, dp_size: int, micro_batch_size: i
     order = np.argsort(dataset.lengths(), kind="stable")
     batches = [order[i:i + micro_batch_size].tolist() for i in range(0, len(order), micro_batch_size)]
     mine = batches[dp_rank::dp_size]
-    # every replica must run the same number of schedule calls only for the final gather, not inside
     results: dict[int, tuple[float, float]] = {}
     calls = [mine[i:i + micro_batches_per_call] for i in range(0, len(mine), micro_batches_per_call)]
     iterator = calls

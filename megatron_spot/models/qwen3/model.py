@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from megatron.core.models.gpt import GPTModel
 
+from megatron_spot.ops.token_logprobs import IGNORE_INDEX
+
 
 class Qwen3GPTModel(GPTModel):
     # unpadded vocabulary; padded rows are excluded from the softmax (set by the provider)
     valid_vocab_size: int | None = None
     # IGNORE targets (label == -100) contribute 0; the forward step builds labels that way
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
 
     def compute_language_model_loss(self, labels, logits):
         """Return per-token NEGATIVE log-probs [b, s] of `labels` (Megatron's loss convention)."""

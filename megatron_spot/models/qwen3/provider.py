@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.config.schema import ParallelConfig, PrecisionConfig, RecomputeConfig
 from megatron_spot.models.qwen3.presets import Qwen3Config
+from megatron_spot.platform.device import compute_capability, has_cuda, move_to_device
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ _FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 def transformer_engine_available() -> bool:
     """TE is usable only with CUDA; its torch binding cannot be built on a CPU box."""
-    if not torch.cuda.is_available():
+    if not has_cuda():
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
@@ -74,7 +75,7 @@ def validate_model_layout(cfg: Qwen3Config, parallel: ParallelConfig, precision:
             )
         if precision.dtype == "fp32":
             raise ConfigError("precision.fp8 trains FP8 GEMMs inside BF16/FP16 training; set precision.dtype=bf16")
-        if precision.fp8_recipe == "mxfp8" and torch.cuda.get_device_capability()[0] < 10:
+        if precision.fp8_recipe == "mxfp8" and compute_capability()[0] < 10:
             raise ConfigError("precision.fp8_recipe=mxfp8 needs a Blackwell GPU (sm_100+); use delayed/tensorwise/blockwise")
         if precision.fp8_bf16_first_layers + precision.fp8_bf16_last_layers > cfg.num_hidden_layers:
             raise ConfigError("precision.fp8_bf16_first_layers + fp8_bf16_last_layers exceed the number of layers")
@@ -97,7 +98,7 @@ def build_transformer_config(cfg: Qwen3Config, parallel: ParallelConfig, precisi
     recompute = recompute or RecomputeConfig()
     validate_model_layout(cfg, parallel, precision, recompute)
     use_te = transformer_engine_available() if use_te is None else use_te
-    on_gpu = torch.cuda.is_available()
+    on_gpu = has_cuda()
     dtype = _DTYPES[precision.dtype]
     vpp = parallel.virtual_pipeline if (parallel.virtual_pipeline or 1) > 1 else None
     batch_p2p = parallel.batch_p2p_comm
@@ -204,9 +205,7 @@ def build_model_chunks(cfg: Qwen3Config, transformer_config, use_te: Optional[bo
             vp_stage=stage,
         )
         model.valid_vocab_size = cfg.vocab_size
-        if torch.cuda.is_available() and next(model.parameters()).device.type != "meta":
-            model.cuda(torch.cuda.current_device())
-        chunks.append(model)
+        chunks.append(move_to_device(model))
     return chunks
 
 
