@@ -380,10 +380,10 @@ def main(argv=None) -> int:
 
 def _write_json(path: str, obj: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    from megatron_spot.utils.atomic import atomic_file
+
+    with atomic_file(path) as f:
         json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -131,9 +131,7 @@ def load_config(cls: type[T], yaml_path: str | None = None, overrides: Iterable[
 
 
 def dump_config(cfg, path: str) -> None:
-    import os
+    from megatron_spot.utils.atomic import atomic_file
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_file(path) as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)

@@ -22,10 +22,11 @@ import json
 import multiprocessing as mp
 import os
 import time
-import uuid
 from typing import Callable, List, Optional, Sequence
 
 import numpy as np
+
+from megatron_spot.utils.atomic import publish_file, remove_stale_temps, temp_path
 
 from .indexed import IndexedWriter
 from .readers import InputError, count_records, detect_format, expand_inputs, iter_chunks
@@ -220,8 +221,10 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
     final = {ext: output_prefix + ext for ext in (".bin", ".idx", ".manifest.json")}
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    tmp_prefix = f"{output_prefix}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = {ext: tmp_prefix + ext for ext in final}
+    # temps named by megatron_spot.utils.atomic, which also removes those of earlier killed runs
+    for path in final.values():
+        remove_stale_temps(path)
+    tmp = {ext: temp_path(path) for ext, path in final.items()}
 
     per_src = [{"path": os.path.abspath(p), "format": f, "records": 0, "kept": 0} for p, f in zip(paths, formats)]
     dropped = collections.Counter({r: 0 for r in REASONS})
@@ -319,7 +322,7 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
         # Commit: drop the old manifest first so a reader never pairs a new .bin with an old manifest.
         _remove([final[".manifest.json"]])
         for ext in (".bin", ".idx", ".manifest.json"):
-            os.replace(tmp[ext], final[ext])
+            publish_file(tmp[ext], final[ext])
         return manifest
     except BaseException:
         if pool is not None:

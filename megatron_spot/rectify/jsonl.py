@@ -1,13 +1,15 @@
 """Small, crash-safe file helpers shared by the rectification stages.
 
-Every stage output is written to ``<name>.tmp`` and renamed into place, so a crash or Ctrl-C never
-leaves a half-written stage file behind: a stage's output either exists completely or not at all.
+Every stage output is published atomically (megatron_spot.utils.atomic: temp sibling, fsync, rename),
+so a crash or Ctrl-C never leaves a half-written stage file behind: it exists completely or not at all.
 """
 from __future__ import annotations
 
 import json
 import os
 from typing import Any, Iterable, Iterator
+
+from megatron_spot.utils.atomic import atomic_file
 
 
 def read_jsonl(path: str) -> Iterator[dict]:
@@ -43,26 +45,18 @@ def read_records(path: str) -> list[dict]:
 
 def write_jsonl_atomic(path: str, records: Iterable[dict]) -> int:
     """Write records as JSON lines via a temp file + rename; returns the number written."""
-    tmp = path + ".tmp"
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             n += 1
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
     return n
 
 
 def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         json.dump(obj, f, indent=2, ensure_ascii=False, sort_keys=False)
         f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_json(path: str, default: Any = None) -> Any:

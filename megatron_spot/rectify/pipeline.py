@@ -27,6 +27,7 @@ from .change_ratio import change_ratio, hf_tokenizer, whitespace_tokens
 from .client import ChatClient, Job, RetryPolicy, api_key_from_env
 from .grading import answers_match, extract_boxed, grade
 from .jsonl import read_json, read_records, write_json_atomic, write_jsonl_atomic
+from megatron_spot.utils.atomic import atomic_file
 
 STAGES = ("elicit", "rectify", "verify", "filter")
 
@@ -578,10 +579,9 @@ def _histogram(cfg: PipelineConfig, ratios: list) -> Optional[str]:
     ax.set_title("Rectified pairs: change ratio")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp)
+    with atomic_file(path, binary=True) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
