@@ -43,6 +43,23 @@ def _validate(logits: torch.Tensor, targets: torch.Tensor) -> None:
         )
 
 
+def combine_vocab_parallel_stats(m_local, s_local, tgt, tp_group, tp_size: int):
+    """Global (max, sum-exp relative to it, target logit) per token from each vocab shard's local ones.
+
+    Two all-reduces for any number of tokens: MAX of the local maxima, then one SUM of the stacked
+    [sum-exp rescaled to the global max; target logit (0 on shards not holding the target)].
+    """
+    if tp_size == 1:
+        return m_local, s_local, tgt
+    m = m_local.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+    empty = torch.isinf(m_local) & (m_local < 0)  # shard with no valid column (or all -inf)
+    scale = torch.exp(torch.where(empty, m, m_local) - m)
+    both = torch.stack([torch.where(empty, torch.zeros_like(s_local), s_local * scale), tgt])
+    dist.all_reduce(both, op=dist.ReduceOp.SUM, group=tp_group)
+    return m, both[0], both[1]
+
+
 class _TokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, targets, impl, tp_group, tp_size, vocab_start, valid_local, valid_vocab, ignore_index,
@@ -51,17 +68,7 @@ class _TokenLogprobs(torch.autograd.Function):
         x = logits.view(-1, V_local)
         t = targets.reshape(-1).to(torch.int64).contiguous()
         stats = impl.token_logprobs_stats(x, t, vocab_start, valid_local, ignore_index)
-        m_local, s_local, tgt = stats[0], stats[1], stats[2]
-        if tp_size > 1:
-            m = m_local.clone()
-            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
-            empty = torch.isinf(m_local) & (m_local < 0)  # shard with no valid column (or all -inf)
-            scale = torch.exp(torch.where(empty, m, m_local) - m)
-            both = torch.stack([torch.where(empty, torch.zeros_like(s_local), s_local * scale), tgt])
-            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=tp_group)
-            s, tgt = both[0], both[1]
-        else:
-            m, s = m_local, s_local
+        m, s, tgt = combine_vocab_parallel_stats(stats[0], stats[1], stats[2], tp_group, tp_size)
         valid = (t != ignore_index) & (t >= 0) & (t < valid_vocab)
         logs = torch.log(s)
         logp = torch.where(valid, (tgt - m) - logs, torch.zeros_like(logs))
