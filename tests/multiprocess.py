@@ -6,7 +6,9 @@ Usage:
 `_worker(rank, world_size, *args)` must be a module-level function (spawn pickles it). It runs
 with torch.distributed already initialised (gloo, MASTER_ADDR/PORT set); it may call
 megatron_spot.platform.initialize(...) itself for Megatron parallel state. Its return value must
-be picklable. An exception on any rank fails the call with that rank's traceback.
+be picklable. An exception on any rank fails the call with that rank's traceback; a run that has not
+finished after `timeout_s` seconds kills every rank and fails. Either way the error shows the tail of
+each rank's output (stdout and stderr of each rank go to a log file, not the terminal).
 
 Process start-up costs seconds on 2 cores: put several checks in one worker rather than spawning
 once per assertion.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import time
 import traceback
 
 import torch
@@ -38,6 +41,10 @@ def _entry(rank, world_size, port, fn, args, result_dir):
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
+    # fd-level redirect so C++/gloo messages land in the log too; the parent shows its tail on failure
+    log = open(os.path.join(result_dir, f"rank{rank}.log"), "w", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
     out = os.path.join(result_dir, f"rank{rank}.pt")
     try:
         import torch.distributed as dist
@@ -59,6 +66,23 @@ def _entry(rank, world_size, port, fn, args, result_dir):
             pass
 
 
+def _kill_all(ctx) -> None:
+    for proc in ctx.processes:
+        if proc.is_alive():
+            proc.kill()
+    for proc in ctx.processes:
+        proc.join(10)
+
+
+def _log_tail(result_dir: str, rank: int, chars: int = 3000) -> str:
+    path = os.path.join(result_dir, f"rank{rank}.log")
+    if not os.path.exists(path):
+        return "(no output)"
+    with open(path, errors="replace") as f:
+        text = f.read()
+    return text[-chars:] if text.strip() else "(no output)"
+
+
 def run_on_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 600.0):
     port = _free_port()
     with tempfile.TemporaryDirectory() as result_dir:
@@ -67,11 +91,16 @@ def run_on_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 600.0
             start_method="spawn",
         )
         errors = []
+        deadline = time.monotonic() + timeout_s
         try:
-            while not ctx.join(timeout=timeout_s):
-                pass
+            while not ctx.join(timeout=max(0.1, min(2.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    errors.append(f"ranks still running after {timeout_s:.0f} s: killed them")
+                    break
         except Exception as exc:  # a rank died; gather what the ranks reported
             errors.append(str(exc))
+        finally:
+            _kill_all(ctx)  # a hung or orphaned rank must never outlive the test
         results = []
         for rank in range(world_size):
             path = os.path.join(result_dir, f"rank{rank}.pt")
@@ -79,10 +108,11 @@ def run_on_ranks(fn, world_size: int, args: tuple = (), timeout_s: float = 600.0
                 errors.append(f"rank {rank} produced no result")
                 results.append(None)
                 continue
-            rec = torch.load(path, weights_only=False)
+            rec = torch.load(path, weights_only=False)  # written by our own _entry above, never user data
             if not rec["ok"]:
                 errors.append(f"rank {rank} failed:\n{rec['error']}")
             results.append(rec.get("result"))
         if errors:
-            raise AssertionError("\n".join(errors))
+            logs = "\n".join(f"--- rank {r} output (tail) ---\n{_log_tail(result_dir, r)}" for r in range(world_size))
+            raise AssertionError("\n".join(errors) + "\n" + logs)
         return results
