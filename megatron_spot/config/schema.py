@@ -18,6 +18,9 @@ class ModelConfig:
     # Empty: random initialisation (only sensible for tests and profiling).
     init_checkpoint: Optional[str] = None
     max_sequence_length: int = 8192
+    # Loss head that never builds the [tokens, V/tp] logits (ops.linear_token_logprobs, chunked
+    # output GEMM); false = Megatron's output layer, then ops.token_logprobs on the full logits.
+    fused_linear_loss: bool = True
 
 
 @dataclass
@@ -69,6 +72,12 @@ class DataConfig:
     pad_to_multiple_of: int = 64
     shuffle: bool = True
     bucket_by_length: bool = True
+    # Pad-free packing: each micro-batch is ONE row of whole sequences (the chosen and rejected of each
+    # pair, pairs never split) up to max_tokens_per_micro_batch tokens, attention kept inside each
+    # sequence (cu_seqlens / THD). micro_batch_size then only sets the group of pairs whose mean reward
+    # is one spot-bco delta update (TRL's rule), so losses do not depend on the token budget.
+    packing: bool = False
+    max_tokens_per_micro_batch: int = 16384
 
 
 @dataclass

@@ -1,4 +1,6 @@
 """Every TP/PP/VPP layout computes what TP1PP1 computes: logits (vs transformers) and training losses.
+The loss head that never builds the logits (model.fused_linear_loss, the default) trains and scores
+exactly like Megatron's output layer + token_logprobs at TP1PP1 and TP2PP2, tied and untied.
 
 One spawn of 4 gloo ranks runs all layouts (process start-up dominates on 2 cores).
 """
@@ -18,6 +20,10 @@ LAYOUTS = [  # (tp, pp, vpp)
     (2, 2, 2),
 ]
 STEPS = 3
+# (preset, tp, pp) trained with both loss heads; untied fused runs are the LAYOUTS runs above
+HEAD_CASES = [("qwen3-tiny", 1, 1), ("qwen3-tiny", 2, 2), ("qwen3-tiny-tied", 1, 1), ("qwen3-tiny-tied", 2, 2)]
+# and in bf16 with full activation recompute (bf16 GEMMs round differently when chunked: loose tolerance)
+BF16_CASE = ("qwen3-tiny-tied", 2, 2)
 
 
 def _logits_through_pipeline(engine, tokens):
@@ -41,13 +47,72 @@ def _logits_through_pipeline(engine, tokens):
     return out[0]["logits"] if ps.is_pipeline_last_stage() else None
 
 
-def _worker(rank, world_size):
+def _set_loss_head(engine, fused: bool) -> None:
+    from megatron_spot.models.qwen3.model import Qwen3GPTModel
+
+    heads = [m for chunk in engine.model for m in chunk.modules() if isinstance(m, Qwen3GPTModel)]
+    assert heads
+    for m in heads:
+        m.fused_linear_loss = fused
+
+
+def _train_layout(cfg, full, global_batch, tp, pp, vpp, fused=True, logits_of=None, bf16_recompute=False):
+    """Scored reference log-probs, STEPS training losses and (optionally) the logit error vs transformers."""
     from megatron.core import parallel_state as ps
 
+    from megatron_spot import ops
     from megatron_spot.config import TrainConfig
-    from megatron_spot.models.qwen3.hf_mapping import hf_to_mcore_state_dict, load_full_state_dict
+    from megatron_spot.models.qwen3.hf_mapping import load_full_state_dict
     from megatron_spot.platform import initialize
     from megatron_spot.training.engine import Engine
+
+    tc = TrainConfig()
+    tc.parallel.tensor_parallel, tc.parallel.pipeline_parallel, tc.parallel.virtual_pipeline = tp, pp, vpp
+    tc.parallel.use_distributed_optimizer = True
+    tc.loss.objective, tc.loss.beta = "spot-bce", 0.5
+    tc.optimizer.lr, tc.optimizer.warmup_fraction = 1e-3, 0.0
+    tc.model.fused_linear_loss = fused
+    if bf16_recompute:
+        tc.precision.dtype = "bf16"
+        tc.recompute.granularity, tc.recompute.method, tc.recompute.num_layers = "full", "uniform", 1
+    info = initialize(tc.parallel, seed=7)
+    ps_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    engine = Engine(tc, cfg, total_steps=STEPS, load_weights=lambda chunks: load_full_state_dict(chunks, full))
+    _set_loss_head(engine, fused)
+    head_calls = {"linear_token_logprobs": 0, "token_logprobs": 0}  # which head really ran
+    originals = {name: getattr(ops, name) for name in head_calls}
+
+    def counting(name):
+        def counted(*a, **kw):
+            head_calls[name] += 1
+            return originals[name](*a, **kw)
+        return counted
+
+    for name in head_calls:  # the model looks the ops up on megatron_spot.ops at call time
+        setattr(ops, name, counting(name))
+    diff = None
+    if logits_of is not None:
+        tokens, hf_logits = logits_of
+        logits = _logits_through_pipeline(engine, tokens)
+        if logits is not None:
+            diff = (logits[..., : cfg.vocab_size] - hf_logits).abs().max().item()
+    # the same global batch of 4 pairs, split over data-parallel ranks in order
+    per_rank = len(global_batch) // info.dp
+    mine = [dict(mb) for mb in global_batch[info.dp_rank * per_rank:(info.dp_rank + 1) * per_rank]]
+    # reference log-probs scored by this layout's forward-only path: step 1 then has zero rewards
+    scored = engine.sequence_logps(mine)
+    for mb, seq in zip(mine, scored):
+        mb["ref_logps"] = seq.float()
+    losses = [engine.train_step(mine)["loss"] for _ in range(STEPS)]
+    for name, fn in originals.items():
+        setattr(ops, name, fn)
+    ps.destroy_model_parallel()
+    return {"logit_diff": diff, "losses": losses, "scored": torch.cat(scored).tolist(), "head_calls": head_calls,
+            "last_stage": ps_last}
+
+
+def _worker(rank, world_size):
+    from megatron_spot.models.qwen3.hf_mapping import hf_to_mcore_state_dict
     from tests.tiny import hf_model, random_pairs_batch
 
     cfg, hf = hf_model("qwen3-tiny", seed=0)
@@ -58,32 +123,30 @@ def _worker(rank, world_size):
     global_batch = [random_pairs_batch(1, 8, 16, cfg.vocab_size, seed=100 + i) for i in range(4)]
     results = {}
     for tp, pp, vpp in LAYOUTS:
-        tc = TrainConfig()
-        tc.parallel.tensor_parallel, tc.parallel.pipeline_parallel, tc.parallel.virtual_pipeline = tp, pp, vpp
-        tc.parallel.use_distributed_optimizer = True
-        tc.loss.objective, tc.loss.beta = "spot-bce", 0.5
-        tc.optimizer.lr, tc.optimizer.warmup_fraction = 1e-3, 0.0
-        info = initialize(tc.parallel, seed=7)
-        engine = Engine(tc, cfg, total_steps=STEPS, load_weights=lambda chunks: load_full_state_dict(chunks, full))
-        logits = _logits_through_pipeline(engine, tokens)
-        diff = None
-        if logits is not None:
-            diff = (logits[..., : cfg.vocab_size] - hf_logits).abs().max().item()
-        # the same global batch of 4 pairs, split over data-parallel ranks in order
-        per_rank = len(global_batch) // info.dp
-        mine = [dict(mb) for mb in global_batch[info.dp_rank * per_rank:(info.dp_rank + 1) * per_rank]]
-        # reference log-probs scored by this layout's forward-only path: step 1 then has zero rewards
-        for mb, seq in zip(mine, engine.sequence_logps(mine)):
-            mb["ref_logps"] = seq.float()
-        losses = [engine.train_step(mine)["loss"] for _ in range(STEPS)]
-        results[(tp, pp, vpp)] = {"logit_diff": diff, "losses": losses}
-        ps.destroy_model_parallel()
-    return results
+        results[(tp, pp, vpp)] = _train_layout(cfg, full, global_batch, tp, pp, vpp, logits_of=(tokens, hf_logits))
+    heads = {}
+    models = {"qwen3-tiny": (cfg, full)}
+    for preset, tp, pp in HEAD_CASES:
+        if preset not in models:
+            c, m = hf_model(preset, seed=0)
+            models[preset] = (c, hf_to_mcore_state_dict(m.state_dict(), c))
+        c, f = models[preset]
+        for fused in (True, False):
+            if preset == "qwen3-tiny" and fused:
+                heads[(preset, tp, pp, fused)] = results[(tp, pp, None)]
+            else:
+                heads[(preset, tp, pp, fused)] = _train_layout(c, f, global_batch, tp, pp, None, fused=fused)
+    c, f = models[BF16_CASE[0]]
+    for fused in (True, False):
+        heads[("bf16",) + BF16_CASE + (fused,)] = _train_layout(c, f, global_batch, *BF16_CASE[1:], None, fused=fused,
+                                                               bf16_recompute=True)
+    return {"layouts": results, "heads": heads}
 
 
 @pytest.mark.slow
 def test_layouts_match_tp1pp1_and_transformers():
-    per_rank = run_on_ranks(_worker, world_size=4)
+    out = run_on_ranks(_worker, world_size=4)
+    per_rank = [r["layouts"] for r in out]
     reference = per_rank[0][(1, 1, None)]["losses"]
     assert reference[0] == pytest.approx(2 * math.log(2), abs=1e-6)  # policy == reference at step 1
     assert abs(reference[-1] - reference[0]) > 1e-4  # training moved the loss
@@ -93,3 +156,20 @@ def test_layouts_match_tp1pp1_and_transformers():
         assert max(diffs) <= 1e-5, (layout, diffs)
         for r in per_rank:
             assert r[layout]["losses"] == pytest.approx(reference, rel=1e-5, abs=1e-6), (layout, r[layout]["losses"])
+    # the loss head without logits trains and scores like Megatron's output layer + token_logprobs
+    for preset, tp, pp in HEAD_CASES:
+        for r in out:
+            fused, unfused = r["heads"][(preset, tp, pp, True)], r["heads"][(preset, tp, pp, False)]
+            assert fused["losses"] == pytest.approx(unfused["losses"], rel=1e-5), (preset, tp, pp, fused, unfused)
+            assert fused["scored"] == pytest.approx(unfused["scored"], rel=1e-6), (preset, tp, pp)
+            assert abs(fused["losses"][-1] - fused["losses"][0]) > 1e-4  # the comparison spans real updates
+            if fused["last_stage"]:  # each head really ran: 1 scoring + STEPS training micro-batch calls
+                assert fused["head_calls"]["token_logprobs"] == 0 and fused["head_calls"]["linear_token_logprobs"] > 0
+                assert unfused["head_calls"]["linear_token_logprobs"] == 0 and unfused["head_calls"]["token_logprobs"] > 0
+    tied = out[0]["heads"][("qwen3-tiny-tied", 1, 1, True)]["losses"]
+    assert tied != pytest.approx(reference, rel=1e-3)  # the tied model is a different model, really trained
+    for r in out:
+        fused, unfused = r["heads"][("bf16",) + BF16_CASE + (True,)], r["heads"][("bf16",) + BF16_CASE + (False,)]
+        assert fused["losses"] == pytest.approx(unfused["losses"], rel=2e-3), (fused["losses"], unfused["losses"])
+        assert fused["scored"] == pytest.approx(unfused["scored"], rel=2e-3)
+        assert abs(fused["losses"][-1] - fused["losses"][0]) > 1e-3

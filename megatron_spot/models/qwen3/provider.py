@@ -172,14 +172,22 @@ def layer_spec(use_te: bool):
 
     if use_te:
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    return get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    from megatron_spot.models.qwen3.packed_attention import PackedDotProductAttention
+
+    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    # packed pairs (THD): the local spec's attention refuses PackedSeqParams; this drop-in honours them
+    spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    return spec
 
 
 def build_model_chunks(cfg: Qwen3Config, transformer_config, use_te: Optional[bool] = None,
-                       max_sequence_length: Optional[int] = None, model_cls=None) -> list:
+                       max_sequence_length: Optional[int] = None, model_cls=None,
+                       fused_linear_loss: bool = True) -> list:
     """Build this rank's GPTModel chunk(s) (one per virtual pipeline stage) on the current device.
 
-    Parallel state must be initialised (megatron_spot.platform.initialize).
+    Parallel state must be initialised (megatron_spot.platform.initialize). `fused_linear_loss`
+    (config `model.fused_linear_loss`) selects the loss head that never builds the logits
+    (see megatron_spot.models.qwen3.model).
     """
     from megatron.core import parallel_state as ps
 
@@ -205,6 +213,7 @@ def build_model_chunks(cfg: Qwen3Config, transformer_config, use_te: Optional[bo
             vp_stage=stage,
         )
         model.valid_vocab_size = cfg.vocab_size
+        model.fused_linear_loss = bool(fused_linear_loss)
         chunks.append(move_to_device(model))
     return chunks
 
