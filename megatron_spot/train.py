@@ -48,30 +48,105 @@ def resolve_model(cfg: TrainConfig, resume_ckpt: Optional[str]):
     return load_qwen3_config(cfg.model.preset, cfg.model.hf_config), None
 
 
+def _tokenizer_hash_of(folder: Optional[str]) -> Optional[str]:
+    """The tokenizer hash of a folder that holds tokenizer files (a HF folder or a model checkpoint)."""
+    from megatron_spot.data import tokenizer_hash
+    from megatron_spot.data.tokenization import HF_TOKENIZER_FILES
+
+    if folder and os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, n)) for n in HF_TOKENIZER_FILES):
+        return tokenizer_hash(folder)
+    if folder and os.path.isfile(folder):  # a sentencepiece .model file
+        return tokenizer_hash(folder)
+    return None
+
+
+def expected_tokenizer_hash(cfg: TrainConfig, model_dir: Optional[str]) -> Optional[str]:
+    """The tokenizer the pack must have been packed with: data.tokenizer, which must then be the
+    tokenizer stored with the model checkpoint (when it stores one), else the checkpoint's own."""
+    given = _tokenizer_hash_of(cfg.data.tokenizer)
+    if cfg.data.tokenizer and given is None:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: no tokenizer files there")
+    stored = _tokenizer_hash_of(model_dir)
+    if given and stored and given != stored:
+        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer stored with the checkpoint "
+                          f"{model_dir} ({given[:12]}… vs {stored[:12]}…); use the checkpoint's tokenizer, or "
+                          "convert the model with the tokenizer you packed with")
+    return given or stored
+
+
+def _check_output_dir(path: str) -> None:
+    """run.output_dir must be a folder we can create and write, checked before any rank starts."""
+    if not path:
+        raise ConfigError("run.output_dir is not set")
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"run.output_dir={path} exists and is not a folder")
+    probe = path
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"run.output_dir={path}: {probe} is not writable")
+
+
+def _check_optimizer(cfg: TrainConfig) -> None:
+    o = cfg.optimizer
+    if o.name != "adam":
+        raise ConfigError(f"optimizer.name={o.name!r}: only 'adam' (AdamW) is supported")
+    if not o.lr > 0:
+        raise ConfigError(f"optimizer.lr={o.lr} must be positive")
+    if not 0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optimizer.min_lr={o.min_lr} must lie in [0, optimizer.lr={o.lr}]")
+    if not 0 <= o.warmup_fraction <= 1:
+        raise ConfigError(f"optimizer.warmup_fraction={o.warmup_fraction} must lie in [0, 1]")
+    if o.lr_schedule not in ("cosine", "linear", "constant"):
+        raise ConfigError(f"optimizer.lr_schedule={o.lr_schedule!r}: choose cosine, linear or constant")
+    for key in ("weight_decay", "clip_grad", "adam_eps"):
+        if getattr(o, key) < 0:
+            raise ConfigError(f"optimizer.{key}={getattr(o, key)} must not be negative")
+    if not (0 <= o.adam_beta1 < 1 and 0 <= o.adam_beta2 < 1):
+        raise ConfigError(f"optimizer.adam_beta1/adam_beta2 must lie in [0, 1), got {o.adam_beta1}, {o.adam_beta2}")
+
+
+def _check_loss(cfg: TrainConfig) -> None:
+    from megatron_spot.losses.objectives import parse_objective
+
+    try:
+        parse_objective(cfg.loss.objective)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"loss.objective: {exc}") from None
+    if not cfg.loss.beta > 0:
+        raise ConfigError(f"loss.beta={cfg.loss.beta} must be positive")
+    if not 0 <= cfg.loss.label_smoothing < 0.5:
+        raise ConfigError(f"loss.label_smoothing={cfg.loss.label_smoothing} must lie in [0, 0.5)")
+
+
 def preflight(cfg: TrainConfig, world_size: int):
     """Every check that needs no process group: fail before any rank allocates anything."""
-    from megatron_spot.checkpoint.training_state import latest_checkpoint
-    from megatron_spot.data import PairDataset, tokenizer_hash
+    from megatron_spot.checkpoint.training_state import latest_checkpoint, verify_training_checkpoint
+    from megatron_spot.data import PairDataset
     from megatron_spot.models.qwen3 import validate_model_layout
     from megatron_spot.platform import validate_parallel_layout
-    from megatron_spot.training.reference import load_ref_logps
+    from megatron_spot.training.reference import load_ref_logps, reference_identity
 
     validate_parallel_layout(cfg.parallel, world_size)
+    _check_optimizer(cfg)
+    _check_loss(cfg)
+    _check_output_dir(cfg.run.output_dir)
     resume = None
     if cfg.run.load:
         resume = latest_checkpoint(cfg.run.load)
         if resume is None:
             raise ConfigError(f"run.load={cfg.run.load}: no complete checkpoint there")
+        verify_training_checkpoint(resume)  # corrupt files: one line naming the file, nothing written
     qwen3, weights = resolve_model(cfg, resume)
     validate_model_layout(qwen3, cfg.parallel, cfg.precision, cfg.recompute, world_size)
     if not cfg.data.pack:
         raise ConfigError("data.pack is not set: pack pairs with tools/pack_pairs.py and pass data.pack=<prefix>")
-    tok_dir = cfg.data.tokenizer or cfg.model.init_checkpoint
-    expected = None
-    if tok_dir and os.path.exists(os.path.join(tok_dir, "tokenizer.json")) or (
-            tok_dir and os.path.exists(os.path.join(tok_dir, "tokenizer_config.json"))):
-        expected = tokenizer_hash(tok_dir)
-    dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected)
+    tok_dir = cfg.data.tokenizer or weights
+    expected = expected_tokenizer_hash(cfg, weights)
+    # verify_data: the .bin's sha256 against the manifest (a flipped byte), then every id < vocab
+    dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected, verify_data=True)
+    dataset.check_token_ids(qwen3.vocab_size)
     longest = int(dataset.lengths().max())
     if longest > cfg.data.seq_length:
         raise ConfigError(f"{cfg.data.pack}: the longest pair has {longest} tokens > data.seq_length="
@@ -85,6 +160,9 @@ def preflight(cfg: TrainConfig, world_size: int):
         raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
                           f"micro_batch_size x data-parallel size = {cfg.data.micro_batch_size} x {dp}")
     num_mb = cfg.data.global_batch_size // per_step
+    if cfg.data.global_batch_size > len(dataset):
+        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is larger than the {len(dataset)} "
+                          f"pairs of {cfg.data.pack}; lower it or pack more pairs")
     vpp = cfg.parallel.virtual_pipeline or 1
     if vpp > 1 and num_mb < cfg.parallel.pipeline_parallel:
         raise ConfigError(f"the interleaved pipeline needs at least pipeline_parallel={cfg.parallel.pipeline_parallel} "
@@ -92,7 +170,9 @@ def preflight(cfg: TrainConfig, world_size: int):
                           "raise data.global_batch_size or lower data.micro_batch_size")
     ref = None
     if not cfg.loss.online_reference:
-        ref = load_ref_logps(cfg.data.pack, dataset.fingerprint, len(dataset), cfg.data.ref_logprobs)
+        # references belong to the starting model (also when resuming), by weights content
+        identity = reference_identity(cfg.model.init_checkpoint, dataset.tokenizer_hash)
+        ref = load_ref_logps(cfg.data.pack, dataset.fingerprint, len(dataset), cfg.data.ref_logprobs, identity=identity)
     return qwen3, weights, resume, dataset, ref, tok_dir
 
 
@@ -141,7 +221,7 @@ def run(cfg: TrainConfig) -> dict:
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
         log.info("resumed from %s at step %d (epoch %d)", resume, step, sampler.epoch)
-    logger = MetricsLogger(run_dir, qwen3, info.world_size, enabled=info.rank == 0,
+    logger = MetricsLogger(run_dir, qwen3, info.world_size, enabled=info.rank == 0, start_step=step,
                            fp8=bool(cfg.precision.fp8), full_recompute=cfg.recompute.granularity == "full",
                            tensorboard=cfg.run.tensorboard)
     if info.rank == 0:
@@ -160,9 +240,10 @@ def run(cfg: TrainConfig) -> dict:
                 mb["ref_logps"] = seq.float()
         metrics = engine.train_step(mbs)
         step += 1
-        if not is_finite(metrics["loss"]):
-            msg = (f"loss is {metrics['loss']} at step {step} (epoch {epoch}); stopping. The last good "
-                   f"checkpoint is {last_ckpt or 'none'}; lower optimizer.lr or check the data.")
+        if metrics.get("nonfinite") or not is_finite(metrics["loss"]):
+            what = f"loss is {metrics['loss']}" if not is_finite(metrics["loss"]) else "the gradients are not finite"
+            msg = (f"{what} at step {step} (epoch {epoch}); stopped before applying the update, nothing was "
+                   f"saved. The last good checkpoint is {last_ckpt or 'none'}; lower optimizer.lr or check the data.")
             log.error(msg)
             raise TrainingDiverged(msg)
         mean_len = float(np.mean([mb["attention_tokens"] / mb["tokens"].shape[0] for mb in mbs]))
@@ -172,6 +253,11 @@ def run(cfg: TrainConfig) -> dict:
         if step % cfg.run.log_interval == 0 or step == total:
             logger.log(step, total, metrics)
         if (cfg.run.save_interval and step % cfg.run.save_interval == 0) or step == total:
+            if not engine.weights_finite():  # never let a poisoned model become "the last good"
+                msg = (f"the weights are not finite after step {step}; not saving. The last good checkpoint "
+                       f"is {last_ckpt or 'none'}; lower optimizer.lr or check the data.")
+                log.error(msg)
+                raise TrainingDiverged(msg)
             last_ckpt = save_training_checkpoint(
                 run_dir, step, engine, {"sampler": sampler.state_dict(), "epoch": sampler.epoch,
                                         "config": cfg.__class__.__name__}, tokenizer_dir=tok_dir)
@@ -216,6 +302,9 @@ def main(argv=None) -> int:
         # raised before training starts, identically on every rank
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:  # every rank stops at the same step (the check is collective)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     # Any other exception propagates: the process exits non-zero and torchrun stops the other ranks
     # (a collective shutdown here would wait forever for ranks blocked in pipeline communication).
     from megatron_spot.platform import shutdown

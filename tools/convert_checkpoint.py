@@ -46,8 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a HF Qwen3 folder into a Megatron-Core dist checkpoint (torch_dist).")
     a.add_argument("--hf", required=True, metavar="DIR", help="HF checkpoint folder (config.json + *.safetensors)")
     a.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder (must not exist unless --force)")
-    a.add_argument("--dtype", default="bf16", choices=["bf16", "fp32", "fp16"],
-                   help="dtype of the stored weights (default: bf16; fp32 for CPU training or exact fp32 round trips)")
+    a.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
+                   help="dtype of the stored weights (default: the source's, so fp32 round-trips bit-exact; "
+                        "a change of precision is reported)")
     b = sub.add_parser("mcore-to-hf", help="Megatron-Core dist checkpoint -> Hugging Face folder",
                        description="Export a Megatron-Core model checkpoint as a HF Qwen3 folder.")
     b.add_argument("--ckpt", required=True, metavar="DIR",

@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message=".*transformers .* is not tested.*")
     from megatron_spot.quantization import QuantizationError, calibration_prompts, quantize_and_export
+    from megatron_spot.quantization.export import checkpoint_tokenizer_hash
 
     if args.num_prompts < 1:
         print("error: --num-prompts must be >= 1", file=sys.stderr)
@@ -47,7 +48,16 @@ def main(argv=None) -> int:
     try:
         if not os.path.exists(args.pack + ".idx") and not os.path.exists(args.pack + ".bin"):
             raise QuantizationError(f"no pack at {args.pack} (expected {args.pack}.bin/.idx from tools/pack_pairs.py)")
-        prompts = calibration_prompts(args.pack, args.num_prompts, args.max_prompt_length)
+        if not os.path.isdir(args.checkpoint):
+            raise QuantizationError(f"checkpoint folder {args.checkpoint} does not exist")
+        # the pack must hold the checkpoint's token ids: its tokenizer is checked against the one
+        # stored with the checkpoint (HF folder or Megatron checkpoint, both carry tokenizer files)
+        expected = checkpoint_tokenizer_hash(args.checkpoint)
+        if expected is None:
+            logging.warning("%s stores no tokenizer files: cannot check that %s was packed with its tokenizer",
+                            args.checkpoint, args.pack)
+        prompts = calibration_prompts(args.pack, args.num_prompts, args.max_prompt_length,
+                                      expected_tokenizer_hash=expected)
         summary = quantize_and_export(args.checkpoint, args.out, prompts, fmt=args.format,
                                       export_dtype=args.export_dtype, overwrite=args.force,
                                       batch_size=args.batch_size, device=args.device)

@@ -29,7 +29,8 @@ a crash or Ctrl-C, rerun the same command: finished requests are never sent agai
 The Oracle's API key is read from the environment only: ORACLE_API_KEY, else OPENAI_API_KEY
 (the elicitation server's, if it needs one: MODEL_API_KEY). Keys are never written anywhere.
 
-Exit codes: 0 ok, 2 bad arguments/input, 3 the endpoint refused (401/403/404), 130 interrupted.
+Exit codes: 0 ok, 1 every request of a stage failed, 2 bad arguments/input, 3 the endpoint refused (401/403/404),
+130 interrupted.
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def _network(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-requests", type=int, default=None,
                    help="request budget per network stage for this invocation (HTTP attempts incl. retries); items left over are "
                         "rejected as budget_exhausted and NOT cached, so a rerun continues them")
+    g.add_argument("--max-answer-bytes", type=int, default=4 * 2**20, metavar="BYTES",
+                   help="largest response accepted (default 4 MiB); larger answers are rejected as "
+                        "answer_too_large, counted as 'capped', and never written or cached")
     g.add_argument("--offline", action="store_true",
                    help="use the built-in offline student/calculator Oracle instead of any server (demos, tests)")
 
@@ -168,7 +172,7 @@ def _config(args):
 
     cfg = PipelineConfig(output_dir=args.output, progress=not args.no_progress, cache_path=args.cache)
     for name in ("oracle_base_url", "oracle_model", "concurrency", "timeout", "max_retries", "retry_base_delay",
-                 "retry_max_delay", "max_requests", "with_ground_truth", "prompt_version", "start_marker",
+                 "retry_max_delay", "max_requests", "max_answer_bytes", "with_ground_truth", "prompt_version", "start_marker",
                  "end_marker", "oracle_temperature", "oracle_max_tokens", "gamma", "tokenizer",
                  "model_base_url", "model_name", "model_api", "local_model", "local_batch_size", "samples",
                  "temperature", "top_p", "max_tokens", "seed", "system_prompt", "thinking", "offline"):
@@ -194,6 +198,9 @@ def _summary(cfg) -> None:
     if u.get("http_requests") or u.get("cache_hits"):
         print(f"  (latest run of each stage) requests sent: {u['http_requests']}  cache hits: {u['cache_hits']}  tokens: "
               f"{u['prompt_tokens']} prompt + {u['completion_tokens']} completion  cost: ${u['cost_usd']:.4f}")
+    capped = (read_json(cfg.path("stats.rectify.json"), {}).get("client") or {}).get("capped")
+    if capped:
+        print(f"  capped: {capped} Oracle answer(s) larger than --max-answer-bytes were rejected")
     acc = rep.get("accounting")
     if acc and not acc["balanced"]:
         print("WARNING: inputs != pairs + rejects", acc, file=sys.stderr)
@@ -255,6 +262,9 @@ def main(argv=None) -> int:
     except FatalRequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except pipeline.AllRequestsFailed as e:  # outputs written (rejects say why), but nothing came back
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

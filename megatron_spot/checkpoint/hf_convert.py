@@ -44,6 +44,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from megatron_spot.checkpoint.errors import CheckpointError
+from megatron_spot.checkpoint.safe_load import load_failure_reason, verify_dist_checkpoint
 from megatron_spot.checkpoint.safetensors_io import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -55,6 +56,7 @@ from megatron_spot.checkpoint.safetensors_io import (
 from megatron_spot.config.loader import ConfigError, read_json
 from megatron_spot.models.qwen3.hf_mapping import hf_shapes, mapping_table, to_hf, to_mcore
 from megatron_spot.models.qwen3.presets import Qwen3Config
+from megatron_spot.utils.atomic import make_temp_dir, publish_dir
 
 log = logging.getLogger(__name__)
 
@@ -190,37 +192,32 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
 
 
-def _prepare_out(out_dir: str, overwrite: bool) -> str:
-    """Check the destination and create a sibling temporary folder `<out>.tmp-*`."""
+def _prepare_out(out_dir: str, overwrite: bool, inputs: Iterable[str] = ()) -> str:
+    """Check the destination and create a sibling temporary folder `<out>.tmp-<pid>-<hex>`."""
     out_dir = os.path.abspath(out_dir)
+    check_output_not_input(out_dir, inputs)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CheckpointError(f"output {out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise CheckpointError(f"output {out_dir} already exists and is not empty (pass --force / overwrite=True)")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    return make_temp_dir(out_dir)
+
+
+def check_output_not_input(out_dir: str, inputs: Iterable[str]) -> None:
+    """Refuse an output that is, contains or lies inside an input: replacing it would delete the input."""
+    out = os.path.realpath(out_dir)
+    for src in inputs:
+        if not src:
+            continue
+        real = os.path.realpath(src)
+        if out == real or real.startswith(out.rstrip(os.sep) + os.sep) or out.startswith(real.rstrip(os.sep) + os.sep):
+            how = "is" if out == real else ("contains" if real.startswith(out + os.sep) else "lies inside")
+            raise CheckpointError(f"output {out_dir} {how} the input {src}; choose an output folder outside it")
 
 
 def _publish(tmp: str, out_dir: str) -> None:
     """Rename the finished temporary folder into place (replacing an older one, if any)."""
-    out_dir = os.path.abspath(out_dir)
-    old = None
-    if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=os.path.dirname(out_dir))
-        os.rmdir(old)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    try:  # make the rename durable
-        fd = os.open(os.path.dirname(out_dir), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+    publish_dir(tmp, out_dir)
 
 
 def _write_json(path: str, obj: Any) -> None:
@@ -290,7 +287,7 @@ def _ensure_single_process_world() -> None:
 def _run_in_child(kind: str, kwargs: dict) -> dict:
     """Run a conversion in a fresh single-process python (used from inside a multi-rank world)."""
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_ENV and not k.startswith("TORCHELASTIC_")}
-    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:
+    with tempfile.NamedTemporaryFile("r", suffix=".json") as result:  # private, removed on exit
         cmd = [sys.executable, "-m", "megatron_spot.checkpoint.hf_convert", kind, json.dumps(kwargs), result.name]
         proc = subprocess.run(cmd, env=env)
         text = open(result.name).read()
@@ -378,19 +375,46 @@ def _fill_from_hf(param: torch.Tensor, entry, src: SafetensorsCheckpoint, cfg: Q
     param.copy_(value)
 
 
-def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", progress: bool = True,
+def source_dtype(src: SafetensorsCheckpoint, hf_config_path: str) -> tuple[str, str]:
+    """(dtype name, where it came from) of a HF checkpoint: the dtype holding most of its weight bytes
+    (what the weights really are), else config.json's torch_dtype / dtype."""
+    by_dtype: dict[torch.dtype, int] = {}
+    for info in src.tensors.values():
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    if by_dtype:
+        top = max(by_dtype, key=by_dtype.get)
+        if top == torch.float64:  # no float64 training; fp32 is the closest lossless-enough choice
+            return "fp32", "the safetensors weights (float64, stored as fp32)"
+        return _dtype_name_of(top), "the safetensors weights"
+    cfg = read_json(hf_config_path, CheckpointError)
+    name = cfg.get("torch_dtype") or cfg.get("dtype")
+    return normalize_dtype(name or "bf16"), ("config.json" if name else "the default")
+
+
+def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, progress: bool = True,
                         overwrite: bool = False) -> dict:
     """Convert a HF Qwen3 checkpoint folder into a Megatron-Core dist checkpoint. Returns a summary.
 
-    Summary: tensors (Megatron tensors written), hf_tensors, bytes, seconds, out, dtype.
+    dtype: bf16 | fp32 | fp16; None (the default) keeps the source's precision, so an fp32
+    checkpoint round-trips bit-exact. A dtype that changes the precision is reported.
+    Summary: tensors (Megatron tensors written), hf_tensors, bytes, seconds, out, dtype, source_dtype.
     """
-    dtype = normalize_dtype(dtype)
+    dtype = normalize_dtype(dtype) if dtype else None
+    check_output_not_input(out_dir, [hf_dir])
     if _in_multi_rank_world():
         return _run_in_child("hf-to-mcore", dict(hf_dir=hf_dir, out_dir=out_dir, dtype=dtype, progress=progress,
                                                  overwrite=overwrite))
     t0 = time.perf_counter()
     cfg = read_hf_config(hf_dir)
     with SafetensorsCheckpoint(hf_dir) as src:
+        src_dtype, where = source_dtype(src, os.path.join(hf_dir, "config.json"))
+        if dtype is None:
+            dtype = src_dtype
+        elif dtype != src_dtype:
+            msg = f"hf-to-mcore: storing the {src_dtype} weights of {hf_dir} as {dtype} (--dtype; source dtype from {where})"
+            log.warning(msg)
+            if progress:
+                print(msg, flush=True)
         ignored = check_hf_tensors(src, cfg)
         if ignored:
             log.info("ignoring %s", _list(ignored))
@@ -433,7 +457,8 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: str = "bf16", progress
     del chunks, params, row_chunks
     gc.collect()
     summary = dict(tensors=len(entries), hf_tensors=sum(len(e.hf) for e in entries), bytes=nbytes,
-                   seconds=round(time.perf_counter() - t0, 3), out=os.path.abspath(out_dir), dtype=dtype)
+                   seconds=round(time.perf_counter() - t0, 3), out=os.path.abspath(out_dir), dtype=dtype,
+                   source_dtype=src_dtype)
     if progress:
         print(summary_line("hf-to-mcore", summary), flush=True)
     return summary
@@ -466,7 +491,7 @@ def _write_side_and_metadata(tmp: str, cfg: Qwen3Config, dtype: str, side_files_
 def _save_chunks_single(chunks, out_dir, cfg, dtype, side_files_from, overwrite, source, row_chunks) -> None:
     from megatron.core import dist_checkpointing
 
-    tmp = _prepare_out(out_dir, overwrite)
+    tmp = _prepare_out(out_dir, overwrite, inputs=[side_files_from, source])
     try:
         dist_checkpointing.save(_substitute_chunks(_sharded_state_dict(chunks), row_chunks), tmp)
         _write_side_and_metadata(tmp, cfg, dtype, side_files_from, source, {"tp": 1, "pp": 1, "vpp": None})
@@ -571,7 +596,7 @@ def save_model_checkpoint(chunks, out_dir: str, qwen3_cfg: Qwen3Config, hf_side_
     err, tmp = None, None
     if rank == 0:
         try:
-            tmp = _prepare_out(out_dir, overwrite)
+            tmp = _prepare_out(out_dir, overwrite, inputs=[hf_side_files_from])
         except Exception as exc:  # every rank must hear about it, not hang in the save
             err = str(exc)
     err, tmp = _broadcast_obj((err, tmp))
@@ -625,11 +650,16 @@ def load_model_checkpoint(chunks, ckpt_dir: str) -> dict:
         _check_model_matches(m, cfg, ckpt_dir)
     # factories built ahead: every ShardedTensor's data is (a view of) a parameter, which torch_dist
     # fills in place; no per-layer concatenation, no second copy of the model
+    verify_dist_checkpoint(ckpt_dir)  # restricted metadata read + data file sizes: a one-line error
     sharded = _built(_sharded_state_dict(models))
     try:
         loaded, missing, unexpected = dist_checkpointing.load(sharded, ckpt_dir, strict=StrictHandling.RETURN_ALL)
     except CheckpointingException as exc:
         raise CheckpointError(f"{ckpt_dir}: {exc}") from None
+    except (CheckpointError, KeyboardInterrupt):
+        raise
+    except Exception as exc:  # damage the size check cannot see (garbage bytes inside a shard)
+        raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint ({load_failure_reason(exc)})") from None
     missing = {k for k in missing if not k.endswith("_extra_state")}
     unexpected = {k for k in unexpected if not k.endswith("_extra_state")}
     if unexpected:
@@ -681,6 +711,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
         return _run_in_child("mcore-to-hf", dict(ckpt_dir=ckpt_dir, out_dir=out_dir, dtype=dtype, progress=progress,
                                                  max_shard_bytes=max_shard_bytes, overwrite=overwrite))
     t0 = time.perf_counter()
+    check_output_not_input(out_dir, [ckpt_dir])
     meta = read_checkpoint_metadata(ckpt_dir)
     cfg = Qwen3Config.from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
     ckpt_dtype = normalize_dtype(meta.get("dtype", "bf16"))
@@ -716,7 +747,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
             raise CheckpointError(f"internal: {name} has shape {list(tensor.shape)}, expected {list(shapes[name])}")
         return row_blocks(tensor, tdtype)
 
-    tmp = _prepare_out(out_dir, overwrite)
+    tmp = _prepare_out(out_dir, overwrite, inputs=[ckpt_dir])
     total = 0
     try:
         with _progress(len(items), "mcore->hf", progress) as bar, torch.no_grad():

@@ -1,29 +1,37 @@
 """Atomic save/load of the whole training state, resumable at the same or another TP/PP layout.
 
 <run>/checkpoints/step_0000010/
-    model/               the policy, in the conversion tool's format (hf_convert.save_model_checkpoint)
-    optimizer/           dist_checkpointing of the optimizer state (resharded on load)
-    rng/rank_00003.pt    each rank's RNG states (restored when the layout is unchanged)
-    trainer_state.json   step, epoch, reader position, loss running statistics, scheduler, config
+    model/                       the policy, in the conversion tool's format (hf_convert.save_model_checkpoint)
+    optimizer/                   dist_checkpointing of the optimizer state (resharded on load)
+    rng/rank_00003.safetensors   each rank's RNG states: generator tensors, with the Python and NumPy
+                                 states as JSON in the header (restored when the layout is unchanged)
+    trainer_state.json           step, epoch, reader position, loss running statistics, scheduler, config
 <run>/checkpoints/latest  the name of the newest complete checkpoint
 
-Everything is written under `step_N.tmp` and renamed by rank 0 after every rank finished, then
-`latest` is updated (write + rename), so a crash mid-save leaves the previous checkpoint as latest.
+Nothing in a checkpoint is a pickle that can run code: RNG and trainer state are safetensors/JSON,
+and torch_dist's own pickles are read through checkpoint.safe_load's allow-lists.
+
+Everything is written under `step_N.tmp-<pid>-<hex>` (megatron_spot.utils.atomic) and renamed by rank
+0 after every rank finished, then `latest` is updated (write + rename), so a crash mid-save leaves
+the previous checkpoint as latest, and the next save removes the dead run's temp.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-import shutil
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_spot.checkpoint.errors import CheckpointError
+from megatron_spot.checkpoint.safe_load import load_failure_reason, verify_dist_checkpoint
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.platform.device import accelerator_rng_state, set_accelerator_rng_state
+from megatron_spot.utils.atomic import (make_temp_dir, publish_dir, write_bytes_atomic, write_json_atomic,
+                                        write_text_atomic)
 
 
 # Optimizer state stored per parameter in its global (model) shape, so it reshards to any TP/PP/DP.
@@ -36,26 +44,51 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(model_chunks)}
 
 
-def _rng_state() -> dict:
+_RNG_FORMAT = "megatron_spot.rng.v1"
+
+
+def _save_rng_state(path: str) -> None:
+    """This rank's RNG states as safetensors: generator byte tensors, Python/NumPy states as JSON."""
     from megatron.core import tensor_parallel
+    from safetensors.torch import save
 
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": accelerator_rng_state(),
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
+    version, mt_state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors = {"torch": torch.get_rng_state()}
+    cuda = accelerator_rng_state()
+    if cuda is not None:
+        tensors["cuda"] = cuda.cpu()
+    for name, st in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        tensors[f"tracker/{name}"] = st.cpu()
+    meta = {"format": _RNG_FORMAT,
+            "python": json.dumps([version, list(mt_state), gauss]),
+            "numpy": json.dumps([kind, keys.tolist(), int(pos), int(has_gauss), float(cached)])}
+    write_bytes_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
-def _set_rng_state(state: dict) -> None:
+def _load_rng_state(path: str) -> None:
     from megatron.core import tensor_parallel
+    from safetensors import safe_open
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    set_accelerator_rng_state(state.get("cuda"))
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != _RNG_FORMAT:
+            raise ValueError(f"format {meta.get('format')!r}, expected {_RNG_FORMAT}")
+        version, mt_state, gauss = json.loads(meta["python"])
+        kind, keys, pos, has_gauss, cached = json.loads(meta["numpy"])
+        python_state = (int(version), tuple(int(x) for x in mt_state), gauss)
+        numpy_state = (str(kind), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss), float(cached))
+    except Exception as exc:  # not safetensors, truncated, or fields missing / of the wrong type
+        raise CheckpointError(f"{path}: unreadable RNG state ({type(exc).__name__}: {exc}); "
+                              "resume from another checkpoint") from None
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(tensors["torch"])
+    set_accelerator_rng_state(tensors.get("cuda"))
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {k[len("tracker/"):]: v for k, v in tensors.items() if k.startswith("tracker/")})
 
 
 def checkpoint_root(run_dir: str) -> str:
@@ -87,17 +120,19 @@ def save_training_checkpoint(run_dir: str, step: int, engine, trainer_state: dic
     rank = dist.get_rank()
     root = checkpoint_root(run_dir)
     final = os.path.join(root, f"step_{step:07d}")
-    tmp = final + ".tmp"
+    box = [None]
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(os.path.join(tmp, "optimizer"))
-        os.makedirs(os.path.join(tmp, "rng"))
-    dist.barrier()
+        box[0] = make_temp_dir(final)  # also removes the temps of earlier killed runs
+        os.mkdir(os.path.join(box[0], "optimizer"))
+        os.mkdir(os.path.join(box[0], "rng"))
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    tmp = box[0]
     save_model_checkpoint(engine.model, os.path.join(tmp, "model"), engine.qwen3, hf_side_files_from=tokenizer_dir)
     model_ssd = _model_sharded_state_dict(engine.model)
     optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, metadata=_OPTIM_METADATA)
     dist_checkpointing.save({"optimizer": optim_ssd}, os.path.join(tmp, "optimizer"))
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    _save_rng_state(os.path.join(tmp, "rng", f"rank_{rank:05d}.safetensors"))
     # the loss's running statistics live on the last pipeline stage: hand them to rank 0
     loss_state = [engine.loss_fn.state_dict() if engine.pp_last else None]
     if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -110,16 +145,11 @@ def save_training_checkpoint(run_dir: str, step: int, engine, trainer_state: dic
             layout={"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
                     "dp": ps.get_data_parallel_world_size(), "world": dist.get_world_size()},
         )
-        with open(os.path.join(tmp, "trainer_state.json"), "w") as f:
-            json.dump(state, f, indent=2)
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), state)
     dist.barrier()
     if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        latest_tmp = os.path.join(root, "latest.tmp")
-        with open(latest_tmp, "w") as f:
-            f.write(os.path.basename(final))
-        os.replace(latest_tmp, os.path.join(root, "latest"))
+        publish_dir(tmp, final)
+        write_text_atomic(os.path.join(root, "latest"), os.path.basename(final))
     dist.barrier()
     return final
 
@@ -138,8 +168,29 @@ def read_trainer_state(ckpt: str) -> dict:
     path = os.path.join(ckpt, "trainer_state.json")
     if not os.path.exists(path):
         raise ConfigError(f"{ckpt} is not a training checkpoint (no trainer_state.json)")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt trainer state (not JSON: {exc})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: corrupt trainer state (a JSON {type(state).__name__}, not an object)")
+    bad = [k for k, t in (("step", int), ("sampler", dict), ("scheduler", dict)) if not isinstance(state.get(k), t)]
+    if bad:
+        raise CheckpointError(f"{path}: corrupt trainer state (missing or wrong type: {', '.join(bad)})")
+    return state
+
+
+def verify_training_checkpoint(ckpt: str) -> dict:
+    """Everything resume reads, checked before any process group starts: trainer_state.json, the
+    model and optimizer torch_dist folders (metadata + data file sizes). Returns the trainer state."""
+    from megatron_spot.checkpoint.hf_convert import read_checkpoint_metadata
+
+    state = read_trainer_state(ckpt)
+    read_checkpoint_metadata(os.path.join(ckpt, "model"))
+    verify_dist_checkpoint(os.path.join(ckpt, "model"))
+    verify_dist_checkpoint(os.path.join(ckpt, "optimizer"))
+    return state
 
 
 def _materialize_adam_state(optimizer) -> None:
@@ -202,7 +253,14 @@ def load_training_state(ckpt: str, engine) -> dict:
     _materialize_adam_state(engine.optimizer)
     model_ssd = _model_sharded_state_dict(engine.model)
     optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, is_loading=True, metadata=_OPTIM_METADATA)
-    loaded = dist_checkpointing.load({"optimizer": optim_ssd}, os.path.join(ckpt, "optimizer"))
+    optim_dir = os.path.join(ckpt, "optimizer")
+    verify_dist_checkpoint(optim_dir)
+    try:
+        loaded = dist_checkpointing.load({"optimizer": optim_ssd}, optim_dir)
+    except (CheckpointError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{optim_dir}: cannot read the optimizer state ({load_failure_reason(exc)})") from None
     _load_optimizer_state(engine.optimizer, loaded["optimizer"])
     engine.scheduler.load_state_dict(state["scheduler"])
     if engine.loss_fn is not None and state.get("loss_state") is not None:
@@ -210,7 +268,7 @@ def load_training_state(ckpt: str, engine) -> dict:
     same_layout = state.get("layout") == {
         "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
         "dp": ps.get_data_parallel_world_size(), "world": dist.get_world_size()}
-    rng_path = os.path.join(ckpt, "rng", f"rank_{dist.get_rank():05d}.pt")
-    if same_layout and os.path.exists(rng_path):
-        _set_rng_state(torch.load(rng_path, weights_only=False))
+    rng_path = os.path.join(ckpt, "rng", f"rank_{dist.get_rank():05d}.safetensors")
+    if same_layout and os.path.exists(rng_path):  # never a pickle: older rng/*.pt files are ignored
+        _load_rng_state(rng_path)
     return state

@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from typing import Optional
 
 import torch
 
 from megatron_spot.platform.device import has_cuda
+from megatron_spot.utils.atomic import make_temp_dir, publish_dir
 
 log = logging.getLogger("megatron_spot.quantization")
 
@@ -60,13 +60,31 @@ def check_format(fmt: str, hf_config: dict, on_gpu: bool) -> None:
                 + ", ".join(f"{k}={v}" for k, v in bad.items()) + f" is not a multiple of {block}")
 
 
-def calibration_prompts(pack_prefix: str, num: int, max_length: int = 512, seed: int = 0) -> list[torch.Tensor]:
-    """Prompt token arrays of `num` pairs from a pack (spread over the pack), each cut to max_length tokens."""
+def checkpoint_tokenizer_hash(src: str) -> Optional[str]:
+    """The tokenizer hash of the files stored with a checkpoint (HF or Megatron), None if it has none."""
+    from megatron_spot.data import tokenizer_hash
+    from megatron_spot.data.tokenization import HF_TOKENIZER_FILES
+
+    folder = _model_folder(src)
+    if os.path.isdir(folder) and any(os.path.isfile(os.path.join(folder, n)) for n in HF_TOKENIZER_FILES):
+        return tokenizer_hash(folder)
+    return None
+
+
+def calibration_prompts(pack_prefix: str, num: int, max_length: int = 512, seed: int = 0,
+                        expected_tokenizer_hash: Optional[str] = None) -> list[torch.Tensor]:
+    """Prompt token arrays of `num` pairs from a pack (spread over the pack), each cut to max_length tokens.
+
+    expected_tokenizer_hash: the checkpoint's tokenizer (checkpoint_tokenizer_hash); a pack packed
+    with another tokenizer is refused (its ids would calibrate on the wrong tokens)."""
     import numpy as np
 
-    from megatron_spot.data import PairDataset
+    from megatron_spot.data import PackFormatError, PairDataset, TokenizerMismatchError
 
-    ds = PairDataset(pack_prefix)
+    try:
+        ds = PairDataset(pack_prefix, expected_tokenizer_hash=expected_tokenizer_hash)
+    except (PackFormatError, TokenizerMismatchError) as exc:
+        raise QuantizationError(str(exc)) from None
     if len(ds) == 0:
         raise QuantizationError(f"pack {pack_prefix} has no pairs to calibrate on")
     n = min(num, len(ds))
@@ -79,8 +97,20 @@ def calibration_prompts(pack_prefix: str, num: int, max_length: int = 512, seed:
     return out
 
 
+def _model_folder(path: str) -> str:
+    """A training checkpoint (step_N/ with model/ and trainer_state.json) -> its model folder."""
+    if os.path.isfile(os.path.join(path, "trainer_state.json")) and os.path.isdir(os.path.join(path, "model")):
+        return os.path.join(path, "model")
+    return path
+
+
 def _is_megatron_checkpoint(path: str) -> bool:
-    return os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
+    """By what Megatron checkpoints have and HF folders do not: our spot_checkpoint.json or torch_dist's
+    .metadata. (Every megatron_spot checkpoint also carries a config.json, for AutoTokenizer.)"""
+    from megatron_spot.checkpoint.hf_convert import METADATA_NAME
+
+    return os.path.isdir(path) and (os.path.isfile(os.path.join(path, METADATA_NAME))
+                                    or os.path.isfile(os.path.join(path, ".metadata")))
 
 
 def _load_hf(src: str, device: torch.device, dtype: torch.dtype):
@@ -105,14 +135,20 @@ def quantize_and_export(src: str, out_dir: str, prompts: list[torch.Tensor], fmt
         raise QuantizationError(f"checkpoint folder {src} does not exist")
     if not prompts:
         raise QuantizationError("no calibration prompts (give a pack with pairs, and --num-prompts >= 1)")
+    from megatron_spot.checkpoint.errors import CheckpointError
+    from megatron_spot.checkpoint.hf_convert import check_output_not_input
+
     out_dir = os.path.abspath(out_dir)
+    try:
+        check_output_not_input(out_dir, [src])
+    except CheckpointError as exc:
+        raise QuantizationError(str(exc)) from None
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise QuantizationError(f"output {out_dir} already exists and is not empty (pass --force)")
     on_gpu = has_cuda() if device is None else device.startswith("cuda")
     dev = torch.device(device or ("cuda" if on_gpu else "cpu"))
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    work = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    src = _model_folder(src)
+    work = make_temp_dir(out_dir)  # scratch + the output's temp; removes temps of killed runs
     try:
         hf_src = src
         if _is_megatron_checkpoint(src):  # a megatron_spot Megatron checkpoint: HF first
@@ -120,6 +156,9 @@ def quantize_and_export(src: str, out_dir: str, prompts: list[torch.Tensor], fmt
 
             hf_src = os.path.join(work, "hf")
             convert_mcore_to_hf(src, hf_src, dtype="fp32" if not on_gpu else "bf16", progress=False)
+        elif not os.path.isfile(os.path.join(src, "config.json")):
+            raise QuantizationError(f"{src}: neither a Hugging Face checkpoint (config.json) nor a megatron_spot "
+                                    "Megatron checkpoint (spot_checkpoint.json)")
         with open(os.path.join(hf_src, "config.json")) as f:
             hf_cfg = json.load(f)
         check_format(fmt, hf_cfg, on_gpu)
@@ -163,11 +202,10 @@ def quantize_and_export(src: str, out_dir: str, prompts: list[torch.Tensor], fmt
             "calibration_s": round(t_cal, 2), "export_dtype": export_dtype, "device": str(dev),
             "files": sorted(os.listdir(tmp_out)),
         }
+        summary["source_format"] = "megatron" if hf_src != src else "hf"
         with open(os.path.join(tmp_out, "megatron_spot_quantization.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp_out, out_dir)
+        publish_dir(tmp_out, out_dir)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         summary["out"] = out_dir
         return summary

@@ -72,8 +72,9 @@ class HttpTransport:
 
     _LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
 
-    def __init__(self):
+    def __init__(self, max_response_bytes: Optional[int] = None):
         self._local = threading.local()
+        self.max_response_bytes = max_response_bytes
 
     def _session(self, loopback: bool):
         name = "loopback" if loopback else "remote"
@@ -93,13 +94,31 @@ class HttpTransport:
         host = urlsplit(url).netloc.rsplit("@", 1)[-1]
         loopback = host.split(":")[0] in self._LOOPBACK or host.startswith("[::1]")
         try:
-            r = self._session(loopback).post(url, data=body, headers=headers, timeout=(min(timeout, 30.0), timeout))
+            r = self._session(loopback).post(url, data=body, headers=headers, timeout=(min(timeout, 30.0), timeout),
+                                             stream=True)
+            try:
+                # read at most one byte past the cap: an oversized answer never sits whole in memory
+                limit = None if self.max_response_bytes is None else self.max_response_bytes + 1
+                chunks, size = [], 0
+                for chunk in r.iter_content(chunk_size=1 << 16):
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    if limit is not None and size >= limit:
+                        break
+                content = b"".join(chunks)
+            finally:
+                r.close()
         except requests.exceptions.Timeout:
             raise TransportTimeout("request timed out") from None
         except requests.exceptions.RequestException as e:
             # the exception type only: messages can echo request details
             raise TransportError(type(e).__name__) from None
-        return TransportResponse(r.status_code, {k.lower(): v for k, v in r.headers.items()}, r.content)
+        return TransportResponse(r.status_code, {k.lower(): v for k, v in r.headers.items()}, content)
+
+
+# Largest HTTP response body accepted (the answer plus its JSON envelope). A 32k-token solution is
+# ~130 KB; 4 MiB leaves room for long reasoning while bounding what a misbehaving server can write.
+DEFAULT_MAX_ANSWER_BYTES = 4 * 2**20
 
 
 class FatalRequestError(RuntimeError):
@@ -146,6 +165,7 @@ class ClientStats:
     succeeded: int = 0              # fresh successes this run
     cache_hits: int = 0
     retries: int = 0
+    capped: int = 0                 # answers refused for exceeding max_answer_bytes (never stored)
     failed: dict = field(default_factory=dict)        # final failure reason -> count
     attempt_errors: dict = field(default_factory=dict)  # every failed attempt's kind -> count
     prompt_tokens: int = 0
@@ -194,6 +214,7 @@ class ChatClient:
         price_completion_per_mtok: float = 0.0,
         sleep: Callable[[float], None] = time.sleep,
         seed: Optional[int] = None,
+        max_answer_bytes: Optional[int] = DEFAULT_MAX_ANSWER_BYTES,
     ):
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
@@ -201,7 +222,10 @@ class ChatClient:
         self.model = model
         self.api = api
         self.url = self.base_url + ("/chat/completions" if api == "chat" else "/completions")
-        self.transport = transport or HttpTransport()
+        if max_answer_bytes is not None and max_answer_bytes < 1:
+            raise ValueError(f"max_answer_bytes must be >= 1 or None, got {max_answer_bytes}")
+        self.max_answer_bytes = max_answer_bytes
+        self.transport = transport or HttpTransport(max_response_bytes=max_answer_bytes)
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.max_requests = max_requests
@@ -272,6 +296,12 @@ class ChatClient:
             except TransportError:
                 last = "connection_error"
             else:
+                if resp.status == 200 and self.max_answer_bytes is not None and len(resp.body) > self.max_answer_bytes:
+                    # a runaway answer (an Oracle can fill a disk): refused, counted, not retried or cached
+                    with self._lock:
+                        self.stats.capped += 1
+                        self._count(self.stats.attempt_errors, "answer_too_large")
+                    return JobResult("", False, error="answer_too_large", attempts=attempt + 1)
                 if resp.status == 200:
                     try:
                         content, finish, usage = self._parse_ok(resp.body)

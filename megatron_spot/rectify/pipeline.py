@@ -24,7 +24,7 @@ from typing import Any, Optional
 from . import prompts as P
 from .cache import RequestCache, request_key
 from .change_ratio import change_ratio, hf_tokenizer, whitespace_tokens
-from .client import ChatClient, Job, RetryPolicy, api_key_from_env
+from .client import DEFAULT_MAX_ANSWER_BYTES, ChatClient, Job, RetryPolicy, api_key_from_env
 from .grading import answers_match, extract_boxed, grade
 from .jsonl import read_json, read_records, write_json_atomic, write_jsonl_atomic
 from megatron_spot.utils.atomic import atomic_file
@@ -45,6 +45,7 @@ class PipelineConfig:
     retry_base_delay: float = 1.0
     retry_max_delay: float = 60.0
     max_requests: Optional[int] = None
+    max_answer_bytes: Optional[int] = DEFAULT_MAX_ANSWER_BYTES  # larger responses: rejected, counted as capped
     with_ground_truth: bool = False
     prompt_version: str = P.DEFAULT_PROMPT_VERSION
     start_marker: str = P.START_MARKER
@@ -156,10 +157,29 @@ def _open_cache(cfg: PipelineConfig) -> RequestCache:
     return RequestCache(cfg.cache_path or cfg.path("cache.sqlite"))
 
 
+class AllRequestsFailed(RuntimeError):
+    """Every request of a network stage failed: the outputs are written (rejects with reasons), but
+    the stage produced nothing and the tool exits non-zero."""
+
+
+def check_not_all_failed(stage: str, results: dict, client_stats) -> None:
+    """Raise AllRequestsFailed when a stage sent requests and not one succeeded (a request budget that
+    ran out, or Ctrl-C, is not a failure: rerunning continues)."""
+    if not results or any(r.ok for r in results.values()):
+        return
+    errors = Counter(r.error or "unknown" for r in results.values())
+    if set(errors) <= {"budget_exhausted", "interrupted"}:
+        return
+    reasons = ", ".join(f"{k}={v}" for k, v in sorted(errors.items()))
+    capped = f"; {client_stats.capped} answer(s) over max_answer_bytes" if client_stats.capped else ""
+    raise AllRequestsFailed(f"{stage}: all {len(results)} requests failed ({reasons}{capped}); check the server, "
+                            f"the model name and --max-answer-bytes, then rerun (see {stage} rejects)")
+
+
 # --- clients ------------------------------------------------------------------------------------------
 def make_oracle_client(cfg: PipelineConfig, transport=None) -> ChatClient:
     retry = RetryPolicy(max_retries=cfg.max_retries, base_delay=cfg.retry_base_delay, max_delay=cfg.retry_max_delay)
-    common = dict(timeout=cfg.timeout, retry=retry, max_requests=cfg.max_requests,
+    common = dict(timeout=cfg.timeout, retry=retry, max_requests=cfg.max_requests, max_answer_bytes=cfg.max_answer_bytes,
                   price_prompt_per_mtok=cfg.price_prompt_per_mtok,
                   price_completion_per_mtok=cfg.price_completion_per_mtok)
     if cfg.offline and transport is None:
@@ -289,7 +309,7 @@ def elicit(input_path: str, cfg: PipelineConfig) -> dict:
             client = ChatClient(
                 cfg.model_base_url or ("offline://student/v1" if cfg.offline else ""), model_label,
                 api_key=api_key_from_env(cfg.model_api_key_env), transport=transport, api=cfg.model_api,
-                timeout=cfg.timeout, max_requests=cfg.max_requests,
+                timeout=cfg.timeout, max_requests=cfg.max_requests, max_answer_bytes=cfg.max_answer_bytes,
                 retry=RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay))
             results = client.run(jobs, cache, kind="elicit", concurrency=cfg.concurrency,
                                  progress=cfg.progress, desc="elicit: sampling")
@@ -452,6 +472,7 @@ def rectify(input_path: str, cfg: PipelineConfig, transport=None) -> dict:
                          prompt_version=version, client=client.stats.as_dict())
     write_json_atomic(cfg.path("stats.rectify.json"), stats)
     finalize(cfg)
+    check_not_all_failed("rectify", results, client.stats)
     return stats
 
 

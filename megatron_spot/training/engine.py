@@ -162,18 +162,47 @@ class Engine:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         reported = self._run_schedule(micro_batches, self._train_loss, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        metrics = self._reduce_metrics(reported)
         lr = self.optimizer.param_groups[0]["lr"]
+        # Megatron's FP32/BF16 optimizers apply an update whatever the gradients hold: check the loss
+        # and the reduced gradients first, so a diverged step never reaches the weights (train.py
+        # then stops before anything is saved).
+        if not is_finite(metrics["loss"]) or not self._grads_finite():
+            metrics.update(grad_norm=float("nan"), lr=lr, update_skipped=1.0, nonfinite=1.0,
+                           step_time_s=time.perf_counter() - start, tokens=0.0)
+            return metrics
+        ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
-        metrics = self._reduce_metrics(reported)
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr,
-                       update_skipped=float(not ok), step_time_s=time.perf_counter() - start)
+                       update_skipped=float(not ok), nonfinite=0.0, step_time_s=time.perf_counter() - start)
         tokens = sum(int(mb["attention_tokens"]) for mb in micro_batches)
         tokens_t = torch.tensor([tokens], dtype=torch.float64, device=self.device)
         dist.all_reduce(tokens_t, group=ps.get_data_parallel_group())
         metrics["tokens"] = float(tokens_t.item())
         return metrics
+
+    def _all_finite(self, tensors) -> bool:
+        """One flag for the whole world: every rank holds a shard (TP/PP/DP) and any may hold the NaN.
+        A sum is one cheap reduction with no full-size temporary; NaN and Inf propagate into it."""
+        total = torch.zeros(1, dtype=torch.float32, device=self.device)
+        for t in tensors:
+            if t.numel():
+                total += t.detach().float().sum()
+        bad = torch.tensor([0.0 if bool(torch.isfinite(total).all()) else 1.0], device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad)
+        return bool(bad.item() == 0)
+
+    @torch.no_grad()
+    def _grads_finite(self) -> bool:
+        buffers = [b for m in self.model for b in (*m.buffers, *m.expert_parallel_buffers)]
+        return self._all_finite(b.grad_data for b in buffers)
+
+    @torch.no_grad()
+    def weights_finite(self) -> bool:
+        """Collective: True when every parameter of every rank is finite (checked before a save)."""
+        return self._all_finite(p for m in self.model for p in m.parameters())
 
     @torch.no_grad()
     def sequence_logps(self, micro_batches: list[dict]) -> list[torch.Tensor]:

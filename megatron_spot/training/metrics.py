@@ -8,6 +8,7 @@ from typing import Optional
 
 from megatron_spot.models.qwen3.presets import Qwen3Config
 from megatron_spot.platform.device import peak_memory_bytes
+from megatron_spot.utils.atomic import write_text_atomic
 from megatron_spot.profiling.flops import train_flops_per_token
 # Dense BF16 / FP8 peak TFLOP/s of known GPUs (the table lives in profiling/hardware.py)
 from megatron_spot.profiling.hardware import GPU_PEAK_TFLOPS, GPUS, current_gpu_name  # noqa: F401 (re-exported)
@@ -24,14 +25,37 @@ def gpu_peak_tflops(fp8: bool) -> Optional[float]:
     return (spec["fp8"] if fp8 else None) or spec["bf16"]
 
 
+def keep_rows_up_to(path: str, step: int) -> None:
+    """Drop metrics.jsonl rows after `step` (the step training resumes from; 0 for a fresh run), so
+    the steps a resumed run repeats, or an earlier run in the same folder, leave one row per step."""
+    if not os.path.exists(path):
+        return
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row_step = int(json.loads(line)["step"])
+            except (ValueError, KeyError, TypeError):  # a torn last line of a killed run
+                dropped += 1
+                continue
+            if row_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += 1
+    if dropped:
+        write_text_atomic(path, "".join(kept))
+
+
 class MetricsLogger:
     def __init__(self, run_dir: str, qwen3: Qwen3Config, world_size: int, enabled: bool,
-                 fp8: bool = False, full_recompute: bool = False, tensorboard: bool = True):
+                 fp8: bool = False, full_recompute: bool = False, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled
         self.qwen3, self.world_size = qwen3, world_size
         self.full_recompute = full_recompute
         self.peak = gpu_peak_tflops(fp8)
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        if enabled:
+            keep_rows_up_to(self.path, start_step)
         self.tb = None
         if enabled and tensorboard:
             try:

@@ -2,8 +2,10 @@
 
 Sidecar files (written atomically by rank 0):
   <pack>.ref_logps.npy   float64 [num_pairs, 2]: sequence log-prob of (chosen, rejected) responses
-  <pack>.ref_logps.json  {"pack_fingerprint", "num_pairs", "model", "created"}
-Training refuses a sidecar whose fingerprint or pair count differs from the pack it trains on.
+  <pack>.ref_logps.json  {"pack_fingerprint", "num_pairs", "model", "model_fingerprint",
+                          "tokenizer_hash", "created"}
+The sidecar belongs to one pack and one model's weights (checkpoint.fingerprint: content, not path)
+and tokenizer: scoring recomputes, and training refuses, a sidecar made for anything else.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spot.config.loader import ConfigError
+from megatron_spot.utils.atomic import atomic_file, write_json_atomic
 
 
 def sidecar_paths(pack_prefix: str, override: Optional[str] = None) -> tuple[str, str]:
@@ -25,38 +28,74 @@ def sidecar_paths(pack_prefix: str, override: Optional[str] = None) -> tuple[str
     return f"{base}.npy", f"{base}.json"
 
 
+def reference_identity(model_dir: Optional[str], tokenizer_hash: str) -> dict:
+    """What a sidecar is keyed by besides the pack: the model's weights fingerprint and tokenizer."""
+    from megatron_spot.checkpoint.fingerprint import weights_fingerprint
+
+    return {"model_fingerprint": weights_fingerprint(model_dir) if model_dir else None,
+            "tokenizer_hash": tokenizer_hash}
+
+
 def save_ref_logps(values: np.ndarray, pack_prefix: str, fingerprint: str, model: str,
-                   override: Optional[str] = None) -> str:
+                   override: Optional[str] = None, identity: Optional[dict] = None) -> str:
     npy, meta = sidecar_paths(pack_prefix, override)
-    tmp_npy, tmp_meta = npy + ".tmp.npy", meta + ".tmp"
-    np.save(tmp_npy, values.astype(np.float64))
-    with open(tmp_meta, "w") as f:
-        json.dump({"pack_fingerprint": fingerprint, "num_pairs": int(values.shape[0]), "model": model,
-                   "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}, f, indent=2)
-    os.replace(tmp_npy, npy)
-    os.replace(tmp_meta, meta)
+    # the .json vouches for the .npy: drop it first, publish it last, so a crash in between leaves
+    # "not found" (rerun) rather than an old description over new values or the reverse
+    if os.path.exists(meta):
+        os.remove(meta)
+    with atomic_file(npy, binary=True) as f:
+        np.save(f, values.astype(np.float64))
+    info = {"pack_fingerprint": fingerprint, "num_pairs": int(values.shape[0]), "model": model,
+            **(identity or {}), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+    write_json_atomic(meta, info)
     return npy
 
 
-def load_ref_logps(pack_prefix: str, fingerprint: str, num_pairs: int, override: Optional[str] = None) -> np.ndarray:
+def _read_sidecar_meta(meta: str) -> dict:
+    try:
+        with open(meta, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{meta}: unreadable reference log-prob metadata ({exc}); rerun tools/score_logprobs.py "
+                          "--force") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{meta}: not a reference log-prob metadata object; rerun tools/score_logprobs.py --force")
+    return info
+
+
+def load_ref_logps(pack_prefix: str, fingerprint: str, num_pairs: int, override: Optional[str] = None,
+                   identity: Optional[dict] = None) -> np.ndarray:
+    """The sidecar's values, after checking it belongs to this pack (and, given `identity`, to this
+    reference model and tokenizer). Every refusal says what to rerun."""
     npy, meta = sidecar_paths(pack_prefix, override)
     if not os.path.exists(npy) or not os.path.exists(meta):
         raise ConfigError(
             f"reference log-probs not found ({npy}); compute them first with "
             f"`torchrun ... tools/score_logprobs.py --config <recipe> ...` or set loss.online_reference=true"
         )
-    with open(meta) as f:
-        info = json.load(f)
+    info = _read_sidecar_meta(meta)
     if info.get("pack_fingerprint") != fingerprint:
         raise ConfigError(
             f"{meta} was computed for another dataset (fingerprint {str(info.get('pack_fingerprint'))[:12]}…, "
             f"pack has {fingerprint[:12]}…); rerun tools/score_logprobs.py on this pack"
         )
-    values = np.load(npy)
+    for key, what in (("model_fingerprint", "reference model (model.init_checkpoint) weights"),
+                      ("tokenizer_hash", "tokenizer")):
+        if identity is not None and info.get(key) != identity.get(key):
+            raise ConfigError(
+                f"{meta} was computed with another {what} ({str(info.get(key))[:12]}…, now "
+                f"{str(identity.get(key))[:12]}…): the checkpoint was replaced or another one is configured; "
+                "rerun tools/score_logprobs.py --force with this model.init_checkpoint")
+    try:
+        values = np.load(npy, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:  # truncated or not a .npy
+        raise ConfigError(f"{npy}: unreadable reference log-probs ({exc}); rerun tools/score_logprobs.py "
+                          "--force") from None
     if values.shape != (num_pairs, 2):
         raise ConfigError(f"{npy} has shape {values.shape}, expected ({num_pairs}, 2); rerun tools/score_logprobs.py")
-    if not np.isfinite(values).all():
-        raise ConfigError(f"{npy} contains NaN/Inf reference log-probs")
+    if not np.issubdtype(values.dtype, np.floating) or not np.isfinite(values).all():
+        raise ConfigError(f"{npy} contains NaN/Inf (or non-float) reference log-probs; rerun tools/score_logprobs.py "
+                          "--force")
     return values
 
 
@@ -108,18 +147,21 @@ def score_pairs(engine, dataset, dp_rank: int, dp_size: int, micro_batch_size: i
     return out
 
 
-def existing_sidecar(pack_prefix: str, fingerprint: str, model: str, override: Optional[str] = None) -> Optional[str]:
-    """The sidecar's path if it already holds this pack's scores under this model, else None."""
+def existing_sidecar(pack_prefix: str, fingerprint: str, model: str, override: Optional[str] = None,
+                     identity: Optional[dict] = None) -> Optional[str]:
+    """The sidecar's path if it already holds this pack's scores under this model's weights and this
+    tokenizer (by content, not by path), else None."""
     npy, meta = sidecar_paths(pack_prefix, override)
     if not (os.path.exists(npy) and os.path.exists(meta)):
         return None
     try:
-        with open(meta) as f:
-            info = json.load(f)
-    except (OSError, json.JSONDecodeError):
+        info = _read_sidecar_meta(meta)
+    except ConfigError:
         return None
-    same_model = os.path.abspath(str(info.get("model"))) == os.path.abspath(model)
-    return npy if info.get("pack_fingerprint") == fingerprint and same_model else None
+    if identity is None:
+        identity = {"model_fingerprint": None}
+    same = all(info.get(k) == v for k, v in identity.items()) and identity.get("model_fingerprint") is not None
+    return npy if info.get("pack_fingerprint") == fingerprint and same else None
 
 
 def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional[str]:
@@ -128,10 +170,10 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
     Runs at any TP/PP/DP layout; rank 0 writes the sidecar. Returns its path on rank 0.
     """
     from megatron_spot.checkpoint.hf_convert import load_model_checkpoint
-    from megatron_spot.data import PairDataset, tokenizer_hash
+    from megatron_spot.data import PairDataset
     from megatron_spot.models.qwen3 import validate_model_layout
     from megatron_spot.platform import initialize, validate_parallel_layout
-    from megatron_spot.train import resolve_model
+    from megatron_spot.train import expected_tokenizer_hash, resolve_model
     from megatron_spot.training.engine import Engine
 
 
@@ -144,10 +186,12 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
         raise ConfigError("data.pack is not set")
     qwen3, weights = resolve_model(cfg, None)
     validate_model_layout(qwen3, cfg.parallel, cfg.precision, cfg.recompute, world)
-    tok_dir = cfg.data.tokenizer or cfg.model.init_checkpoint
-    expected = tokenizer_hash(tok_dir) if os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")) else None
+    expected = expected_tokenizer_hash(cfg, weights)
     dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected)
-    done = None if force else existing_sidecar(cfg.data.pack, dataset.fingerprint, weights, cfg.data.ref_logprobs)
+    dataset.check_token_ids(qwen3.vocab_size)
+    identity = reference_identity(weights, dataset.tokenizer_hash)
+    done = None if force else existing_sidecar(cfg.data.pack, dataset.fingerprint, weights, cfg.data.ref_logprobs,
+                                               identity=identity)
     if done:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"reference log-probs already computed for this pack and model: {done} (--force recomputes)")
@@ -159,6 +203,7 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
                          micro_batches_per_call=max(1, 2 * info.pp), progress=progress and info.rank == 0)
     path = None
     if info.rank == 0:
-        path = save_ref_logps(values, cfg.data.pack, dataset.fingerprint, model=weights, override=cfg.data.ref_logprobs)
+        path = save_ref_logps(values, cfg.data.pack, dataset.fingerprint, model=weights, override=cfg.data.ref_logprobs,
+                              identity=identity)
     dist.barrier()
     return path
