@@ -183,7 +183,7 @@ def run(cfg: TrainConfig) -> dict:
 
     from megatron_spot.checkpoint.training_state import load_training_state, save_training_checkpoint
     from megatron_spot.platform import initialize
-    from megatron_spot.training.batches import make_micro_batches
+    from megatron_spot.training.batches import step_micro_batches
     from megatron_spot.training.engine import Engine, is_finite
     from megatron_spot.training.metrics import MetricsLogger
     from megatron_spot.data import PairBatchSampler
@@ -230,11 +230,11 @@ def run(cfg: TrainConfig) -> dict:
                  steps_per_epoch, cfg.run.epochs, total, num_mb, cfg.data.micro_batch_size, info.world_size,
                  info.tp, info.pp, info.dp)
     last_ckpt, history, t0 = resume, [], time.time()
-    for epoch, _, indices in sampler.iter_epochs(cfg.run.epochs):
+    for epoch, step_in_epoch, indices in sampler.iter_epochs(cfg.run.epochs):
         if step >= total:
             break
-        mbs = make_micro_batches(dataset, indices, info.device, ref_logps=ref,
-                                 pad_to_multiple_of=cfg.data.pad_to_multiple_of, max_length=cfg.data.seq_length)
+        mbs = step_micro_batches(cfg, dataset, sampler, epoch, step_in_epoch, indices, info.device, info.dp_rank,
+                                 ref_logps=ref, pipeline_parallel=info.pp)
         if reference is not None:
             for mb, seq in zip(mbs, reference.sequence_logps(mbs)):
                 mb["ref_logps"] = seq.float()
@@ -246,7 +246,7 @@ def run(cfg: TrainConfig) -> dict:
                    f"saved. The last good checkpoint is {last_ckpt or 'none'}; lower optimizer.lr or check the data.")
             log.error(msg)
             raise TrainingDiverged(msg)
-        mean_len = float(np.mean([mb["attention_tokens"] / mb["tokens"].shape[0] for mb in mbs]))
+        mean_len = float(np.mean([mb["mean_sequence_length"] for mb in mbs]))
         metrics = logger.enrich(metrics, mean_len)
         metrics["epoch"] = epoch
         history.append({"step": step, **metrics})

@@ -67,7 +67,23 @@ class SpotLoss:
             raise TypeError(f"SpotLoss: token_logps must be floating point, got {token_logps.dtype}")
         lp = token_logps if token_logps.dtype in (torch.float32, torch.float64) else token_logps.float()
         mask = loss_mask.to(lp.dtype)
-        ref = ref_logps.detach().to(lp.dtype)
+        return self._loss(lp, mask, ref_logps.detach().to(lp.dtype), mask[: lp.shape[0] // 2].sum(), update_delta)
+
+    def sequence_loss(self, seq_logps, ref_logps, chosen_tokens, *, update_delta=True):
+        """The same loss from per-sequence log-prob sums [2B] (B chosen, then B rejected), as packed
+        micro-batches produce them; `chosen_tokens` (scored chosen tokens) normalises the sft term."""
+        if seq_logps.dim() != 1 or seq_logps.numel() == 0 or seq_logps.numel() % 2:
+            raise ValueError(f"SpotLoss.sequence_loss: seq_logps must be [2B], got {tuple(seq_logps.shape)}")
+        if tuple(ref_logps.shape) != tuple(seq_logps.shape):
+            raise ValueError(f"SpotLoss.sequence_loss: ref_logps {tuple(ref_logps.shape)} != {tuple(seq_logps.shape)}")
+        lp = seq_logps if seq_logps.dtype in (torch.float32, torch.float64) else seq_logps.float()
+        # a sequence sum is a row of one "token": the fused pair op then sees exactly the same sums
+        lp = lp[:, None]
+        mask = torch.ones_like(lp)
+        n_chosen = torch.as_tensor(float(chosen_tokens), dtype=lp.dtype, device=lp.device)
+        return self._loss(lp, mask, ref_logps.detach().to(lp.dtype), n_chosen, update_delta)
+
+    def _loss(self, lp, mask, ref, n_chosen_tokens, update_delta):
         B = lp.shape[0] // 2
 
         if self.uses_delta and update_delta:
@@ -87,8 +103,7 @@ class SpotLoss:
                 metrics[f"loss/{name}"] = out.losses[k].mean()
         w_sft = self.weights.get("sft")
         if w_sft is not None:
-            n_tok = mask[:B].sum()
-            sft = -masked_row_sums(lp[:B], mask[:B]).sum() / n_tok.clamp(min=1.0)
+            sft = -masked_row_sums(lp[:B], mask[:B]).sum() / n_chosen_tokens.clamp(min=1.0)
             loss = loss + w_sft * sft
             metrics["loss/sft"] = sft.detach()
 

@@ -43,3 +43,71 @@ def make_micro_batches(dataset: PairDataset, step_indices: Sequence[Sequence[int
             b["ref_logps"] = torch.from_numpy(np.concatenate([ref_logps[idx, 0], ref_logps[idx, 1]])).float()
         out.append({k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()})
     return out
+
+
+def make_packed_micro_batches(dataset: PairDataset, step_plan, dp_rank: int, device: torch.device,
+                              max_tokens: int, ref_logps: Optional[np.ndarray] = None, pad_to_multiple_of: int = 8,
+                              max_length: Optional[int] = None, count_multiple: int = 1) -> list[dict]:
+    """This rank's packed micro-batches of one step (see megatron_spot.data.packing).
+
+    step_plan: every rank's groups of the step, [num_groups][dp_size][micro_batch_size] pair indices
+    (`PairBatchSampler.plan(epoch)[step]`): the cut into micro-batches is planned from all ranks' token
+    counts, so that the k-th micro-batch holds the same groups on every rank. `count_multiple`: make
+    the number of micro-batches a multiple of it (interleaved pipelines). Each batch also carries
+    `packed_seq_params` for Megatron-Core and `ref_logps` per sequence in row order.
+    """
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_spot.data.packing import (
+        collate_packed,
+        group_token_counts,
+        plan_packed_micro_batches,
+        split_runs_to_multiple,
+    )
+
+    plan = np.asarray(step_plan)
+    num_groups, dp = plan.shape[0], plan.shape[1]
+    counts = np.stack([group_token_counts(dataset, plan[:, r], max_length) for r in range(dp)], axis=1)
+    runs = split_runs_to_multiple(plan_packed_micro_batches(counts, max_tokens), max(1, count_multiple))
+    out = []
+    for run in runs:
+        groups = [plan[g, dp_rank].tolist() for g in run]
+        b = collate_packed(dataset, groups, dataset.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
+                           max_length=max_length)
+        b["labels"] = torch.where(b["loss_mask"] > 0, b["labels"], torch.full_like(b["labels"], IGNORE_INDEX))
+        b["padded_tokens"] = int(b["tokens"].shape[1])
+        if ref_logps is not None:
+            per_seq = []
+            for idx in groups:
+                idx = np.asarray(idx)
+                per_seq.extend([ref_logps[idx, 0], ref_logps[idx, 1]])
+            b["ref_logps"] = torch.from_numpy(np.concatenate(per_seq)).float()
+        b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
+        cu = b["cu_seqlens"]
+        b["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=b["max_seqlen"],
+            max_seqlen_kv=b["max_seqlen"])
+        out.append(b)
+    return out
+
+
+def step_micro_batches(cfg, dataset: PairDataset, sampler, epoch: int, step_in_epoch: int,
+                       indices: Sequence[Sequence[int]], device: torch.device, dp_rank: int,
+                       ref_logps: Optional[np.ndarray] = None, pipeline_parallel: int = 1) -> list[dict]:
+    """The micro-batches of one training step, padded rows or packed rows (`data.packing`).
+    Each batch gets `mean_sequence_length` (non-pad tokens per sequence) for the FLOPs estimate."""
+    d = cfg.data
+    if d.packing:
+        interleaved = (cfg.parallel.virtual_pipeline or 1) > 1
+        mbs = make_packed_micro_batches(dataset, sampler.plan(epoch)[step_in_epoch], dp_rank, device,
+                                        d.max_tokens_per_micro_batch, ref_logps=ref_logps,
+                                        pad_to_multiple_of=d.pad_to_multiple_of, max_length=d.seq_length,
+                                        count_multiple=pipeline_parallel if interleaved else 1)
+        for mb in mbs:
+            mb["mean_sequence_length"] = mb["attention_tokens"] / mb["num_sequences"]
+        return mbs
+    mbs = make_micro_batches(dataset, indices, device, ref_logps=ref_logps, pad_to_multiple_of=d.pad_to_multiple_of,
+                             max_length=d.seq_length)
+    for mb in mbs:
+        mb["mean_sequence_length"] = mb["attention_tokens"] / mb["tokens"].shape[0]
+    return mbs

@@ -29,6 +29,15 @@ class Engine:
         self.qwen3 = qwen3
         self.total_steps = max(1, total_steps)
         self.transformer_config = build_transformer_config(qwen3, cfg.parallel, cfg.precision, cfg.recompute)
+        self.packing = bool(cfg.data.packing)
+        if self.packing:
+            # Packed micro-batches hold different numbers of pairs: the loss function returns each
+            # micro-batch's SUM over pairs and its pair count, and Megatron-Core divides the gradients
+            # by the step's total pair count over all DP ranks (finalize_model_grads) instead of
+            # averaging per micro-batch and per rank. Rows also differ in length from one micro-batch
+            # to the next, so pipeline stages exchange shapes.
+            self.transformer_config.calculate_per_token_loss = True
+            self.transformer_config.variable_seq_lengths = True
         chunks = build_model_chunks(qwen3, self.transformer_config, max_sequence_length=cfg.model.max_sequence_length)
         if load_weights is not None:
             load_weights(chunks)  # before the optimizer copies fp32 main params from the model
@@ -117,8 +126,35 @@ class Engine:
     # ----------------------------------------------------------------------------------------------
     def _forward_step(self, loss_func, data_iterator, model):
         batch = next(data_iterator)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       packed_seq_params=batch.get("packed_seq_params"))
         return output, partial(loss_func, batch)
+
+    def _packed_train_loss(self, batch, output_tensor):
+        """Loss of one packed micro-batch: each group of pairs is one SpotLoss call (one spot-bco delta
+        update), in order; returns (sum over pairs of the loss, pair count, per-group metric sums)."""
+        from megatron_spot.data.packing import segment_sums
+
+        seq = segment_sums(-output_tensor.float(), batch["loss_mask"], batch["segment_ids"], batch["num_sequences"])
+        total, sums, offset = None, {}, 0
+        for B, n_chosen in zip(batch["group_sizes"], batch["chosen_tokens"]):
+            rows = slice(offset, offset + 2 * B)
+            loss, metrics = self.loss_fn.sequence_loss(seq[rows], batch["ref_logps"][rows], n_chosen)
+            total = loss * B if total is None else total + loss * B
+            for k, v in metrics.items():
+                sums[k] = v.double() if k not in sums or k == "delta" else sums[k] + v.double()
+            offset += 2 * B
+        # "loss" and the other metrics are per-group means summed here; _reduce_metrics divides by
+        # the step's group count. delta is a running value: the last group's.
+        sums["_groups"] = torch.tensor(float(len(batch["group_sizes"])), dtype=torch.float64, device=seq.device)
+        pairs = torch.tensor(sum(batch["group_sizes"]), dtype=torch.int, device=seq.device)
+        return total, pairs, sums
+
+    def _packed_score_loss(self, batch, output_tensor):
+        from megatron_spot.data.packing import segment_sums
+
+        seq = segment_sums(-output_tensor.float(), batch["loss_mask"], batch["segment_ids"], batch["num_sequences"])
+        return output_tensor.new_zeros(()), {"seq_logps": seq.detach()}
 
     def _train_loss(self, batch, output_tensor):
         token_logps = -output_tensor.float()  # the model returns per-token negative log-probs
@@ -136,10 +172,10 @@ class Engine:
     def _run_schedule(self, micro_batches: list[dict], loss_func, forward_only: bool):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        seq_length = micro_batches[0]["tokens"].shape[1]
+        seq_length = max(mb["tokens"].shape[1] for mb in micro_batches)
         rows = micro_batches[0]["tokens"].shape[0]
         for mb in micro_batches:
-            if tuple(mb["tokens"].shape) != (rows, seq_length):
+            if not self.packing and tuple(mb["tokens"].shape) != (rows, seq_length):
                 raise ValueError("all micro-batches of a step must share one [rows, seq_length] shape")
         iters = [iter(micro_batches) for _ in self.model]
         return get_forward_backward_func()(
@@ -161,7 +197,8 @@ class Engine:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        reported = self._run_schedule(micro_batches, self._train_loss, forward_only=False)
+        loss_func = self._packed_train_loss if self.packing else self._train_loss
+        reported = self._run_schedule(micro_batches, loss_func, forward_only=False)
         metrics = self._reduce_metrics(reported)
         lr = self.optimizer.param_groups[0]["lr"]
         # Megatron's FP32/BF16 optimizers apply an update whatever the gradients hold: check the loss
@@ -177,9 +214,11 @@ class Engine:
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr,
                        update_skipped=float(not ok), nonfinite=0.0, step_time_s=time.perf_counter() - start)
         tokens = sum(int(mb["attention_tokens"]) for mb in micro_batches)
-        tokens_t = torch.tensor([tokens], dtype=torch.float64, device=self.device)
+        padded = sum(int(mb["tokens"].numel()) for mb in micro_batches)
+        tokens_t = torch.tensor([tokens, padded], dtype=torch.float64, device=self.device)
         dist.all_reduce(tokens_t, group=ps.get_data_parallel_group())
-        metrics["tokens"] = float(tokens_t.item())
+        metrics["tokens"] = float(tokens_t[0].item())  # non-pad tokens of the step, all DP ranks
+        metrics["padding_fraction"] = 1.0 - float(tokens_t[0].item()) / max(float(tokens_t[1].item()), 1.0)
         return metrics
 
     def _all_finite(self, tensors) -> bool:
@@ -211,16 +250,18 @@ class Engine:
 
         for m in self.model:
             m.eval()
-        out = self._run_schedule(micro_batches, self._score_loss, forward_only=True)
-        rows = micro_batches[0]["tokens"].shape[0]
+        packed = "packed_seq_params" in micro_batches[0]
+        out = self._run_schedule(micro_batches, self._packed_score_loss if packed else self._score_loss,
+                                 forward_only=True)
+        sizes = [mb["num_sequences"] if packed else mb["tokens"].shape[0] for mb in micro_batches]
         if self.pp_last:
-            stacked = torch.stack([o["seq_logps"].double() for o in out])
+            stacked = torch.cat([o["seq_logps"].double() for o in out])
         else:
-            stacked = torch.zeros(len(micro_batches), rows, dtype=torch.float64, device=self.device)
+            stacked = torch.zeros(sum(sizes), dtype=torch.float64, device=self.device)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(stacked, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
-        return list(stacked.unbind(0))
+        return list(stacked.split(sizes))
 
     def _reduce_metrics(self, reported: list[dict]) -> dict[str, float]:
         """Average the last stage's per-micro-batch metrics over micro-batches and DP ranks; share with all."""
@@ -234,7 +275,10 @@ class Engine:
             keys = box[0]
         if self.pp_last:
             per_mb = torch.stack([torch.stack([r[k].double() for k in keys]) for r in reported])
-            values = per_mb.mean(0)
+            if "_groups" in keys:  # packed: per-group metric sums; divide by the step's group count
+                values = per_mb.sum(0) / per_mb[:, keys.index("_groups")].sum()
+            else:
+                values = per_mb.mean(0)
             if "delta" in keys:  # a running statistic: report its value after the step, not a mean
                 values[keys.index("delta")] = per_mb[-1, keys.index("delta")]
         else:
@@ -246,7 +290,7 @@ class Engine:
         if dp > 1:
             dist.all_reduce(values, group=ps.get_data_parallel_group())
             values /= dp
-        return {k: float(v) for k, v in zip(keys, values.tolist())}
+        return {k: float(v) for k, v in zip(keys, values.tolist()) if k != "_groups"}
 
 
 def is_finite(value: float) -> bool:

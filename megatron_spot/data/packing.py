@@ -1,0 +1,152 @@
+"""Pad-free packing of preference pairs into token-budget micro-batches.
+
+A step's pairs arrive from `PairBatchSampler` as G logical micro-batches ("groups") of
+`micro_batch_size` pairs per data-parallel rank, exactly as without packing. Packing changes only
+how groups are laid out for the model: consecutive groups are concatenated into one row while the
+row stays within the token budget on every DP rank, so
+
+- the set of pairs, their DP split and the order of groups are those of the unpacked run: a group
+  is still one spot-bco delta update (TRL 0.20's rule: one mean of 2B rewards per micro-batch,
+  averaged over DP ranks), and losses do not depend on the budget;
+- the k-th packed micro-batch holds the same group indices on every DP rank, so the per-group
+  delta all-reduces line up across ranks;
+- the number of pairs per micro-batch varies; the step's loss is still the mean over its pairs
+  (the engine returns per-micro-batch sums and the pair count to Megatron-Core).
+
+Inside a row each group contributes its B chosen sequences then its B rejected sequences, each
+`prompt + response`; positions restart at 0 per sequence and `cu_seqlens` marks the boundaries
+(the padding tail, if any, is one more segment that no loss reads).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .reader import PairDataset, collate_pairs
+
+
+def group_token_counts(dataset: PairDataset, groups: Sequence[Sequence[int]],
+                       max_length: Optional[int] = None) -> np.ndarray:
+    """Tokens each group occupies when packed: sum over its pairs of len(prompt+chosen) + len(prompt+rejected),
+    after the same truncation to `max_length` that collation applies."""
+    seq = dataset.sequence_lengths()
+    out = np.zeros(len(groups), dtype=np.int64)
+    for g, idx in enumerate(groups):
+        rows = seq[np.asarray(idx, dtype=np.int64)]
+        both = np.concatenate([rows[:, 0] + rows[:, 1], rows[:, 0] + rows[:, 2]])
+        if max_length:
+            both = np.minimum(both, max_length)
+        out[g] = int(both.sum())
+    return out
+
+
+def plan_packed_micro_batches(tokens_per_group: np.ndarray, max_tokens: int) -> list[range]:
+    """Cut G groups, in order, into consecutive runs whose token count fits `max_tokens` on every DP rank.
+
+    tokens_per_group: [G] for one rank or [G, dp] for all ranks. A group larger than the budget on
+    its own gets a micro-batch of its own (it cannot be split without splitting a delta update).
+    """
+    t = np.asarray(tokens_per_group, dtype=np.int64)
+    if t.ndim == 1:
+        t = t[:, None]
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens_per_micro_batch must be >= 1, got {max_tokens}")
+    runs, start = [], 0
+    current = np.zeros(t.shape[1], dtype=np.int64)
+    for g in range(t.shape[0]):
+        if g > start and (current + t[g]).max() > max_tokens:
+            runs.append(range(start, g))
+            start, current = g, np.zeros_like(current)
+        current += t[g]
+    if t.shape[0]:
+        runs.append(range(start, t.shape[0]))
+    return runs
+
+
+def split_runs_to_multiple(runs: list[range], multiple: int) -> list[range]:
+    """Split the longest multi-group runs until their number is a multiple of `multiple`
+    (interleaved pipelines need a micro-batch count divisible by the pipeline size)."""
+    runs = list(runs)
+    while len(runs) % multiple:
+        longest = max(range(len(runs)), key=lambda i: len(runs[i]))
+        r = runs[longest]
+        if len(r) < 2:
+            raise ValueError(f"cannot make {len(runs)} packed micro-batches a multiple of {multiple}: "
+                             "every micro-batch holds one group; lower data.micro_batch_size or raise "
+                             "data.global_batch_size")
+        half = r.start + len(r) // 2
+        runs[longest: longest + 1] = [range(r.start, half), range(half, r.stop)]
+    return runs
+
+
+def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_token_id: int,
+                   pad_to_multiple_of: int = 1, max_length: Optional[int] = None) -> dict:
+    """One packed row from whole groups of pairs.
+
+    Returns tensors `tokens`, `labels`, `position_ids` [1, T] (int64), `loss_mask` [1, T] (float32),
+    `segment_ids` [T] (sequence index of each token; the padding tail has index num_sequences),
+    `cu_seqlens` (int32, boundaries incl. the padding tail), `pair_indices` [P] in group order,
+    plus python lists `group_sizes` (pairs per group) and `chosen_tokens` (scored chosen tokens per
+    group), and ints `max_seqlen`, `num_sequences`, `attention_tokens` (non-pad tokens).
+    Sequence k of group g is at rows [offset_g + k] for chosen and [offset_g + B_g + k] for rejected,
+    offset_g = 2 * (pairs before g): the per-group layout of `collate_pairs`.
+    """
+    import torch
+
+    tokens, labels, mask, positions, segment = [], [], [], [], []
+    lengths, group_sizes, chosen_tokens, pairs = [], [], [], []
+    seq_index = 0
+    for idx in groups:
+        # collate_pairs owns truncation and label/mask construction: reuse it, then drop its padding
+        b = collate_pairs(dataset, idx, pad_token_id, pad_to_multiple_of=1, max_length=max_length)
+        B = len(idx)
+        group_sizes.append(B)
+        chosen_tokens.append(int(b["loss_mask"][:B].sum().item()))
+        pairs.extend(int(i) for i in idx)
+        for j in range(2 * B):
+            n = int(b["sequence_lengths"][j])
+            tokens.append(b["tokens"][j, :n])
+            labels.append(b["labels"][j, :n])
+            mask.append(b["loss_mask"][j, :n])
+            positions.append(torch.arange(n, dtype=torch.int64))
+            segment.append(torch.full((n,), seq_index, dtype=torch.int64))
+            lengths.append(n)
+            seq_index += 1
+    used = int(sum(lengths))
+    m = max(int(pad_to_multiple_of), 1)
+    total = -(-used // m) * m
+    pad = total - used
+    if pad:
+        tokens.append(torch.full((pad,), pad_token_id, dtype=torch.int64))
+        labels.append(torch.full((pad,), pad_token_id, dtype=torch.int64))
+        mask.append(torch.zeros(pad, dtype=torch.float32))
+        positions.append(torch.arange(pad, dtype=torch.int64))
+        segment.append(torch.full((pad,), seq_index, dtype=torch.int64))
+    bounds = np.concatenate([[0], np.cumsum(lengths + ([pad] if pad else []))])
+    return {
+        "tokens": torch.cat(tokens)[None],
+        "labels": torch.cat(labels)[None],
+        "loss_mask": torch.cat(mask)[None],
+        "position_ids": torch.cat(positions)[None],
+        "segment_ids": torch.cat(segment),
+        "cu_seqlens": torch.as_tensor(bounds, dtype=torch.int32),
+        "max_seqlen": int(max(lengths + ([pad] if pad else []))),
+        "num_sequences": seq_index,
+        "pair_indices": torch.as_tensor(pairs, dtype=torch.int64),
+        "group_sizes": group_sizes,
+        "chosen_tokens": chosen_tokens,
+        "attention_tokens": used,
+    }
+
+
+def segment_sums(token_values, loss_mask, segment_ids, num_segments: int):
+    """Per-sequence sums of masked per-token values of one packed row: [T] -> [num_segments].
+    Differentiable; masked positions contribute exactly 0 (even if their value is -inf)."""
+    import torch
+
+    values = token_values.reshape(-1)
+    keep = loss_mask.reshape(-1) > 0
+    masked = torch.where(keep, values, torch.zeros_like(values))
+    out = values.new_zeros(num_segments + 1)  # the extra slot collects the padding tail
+    return out.index_add(0, segment_ids.reshape(-1), masked)[:num_segments]
