@@ -49,16 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a Hugging Face tokenizer folder (tokenizer.json + tokenizer_config.json, e.g. a "
                          "model folder) or a sentencepiece .model file; its hash goes into the manifest and "
                          "training refuses a pack made with another tokenizer")
-    tk.add_argument("--apply-chat-template", action="store_true",
+    tk.add_argument("--apply-chat-template", action=argparse.BooleanOptionalAction, default=None,
                     help="render plain-string pairs with the chat template too (prompt as one user turn, "
-                         "response as the assistant turn). Without it plain strings are tokenised as they "
-                         "are, exactly like TRL: prompt ids, then response ids + EOS. Message-list fields "
-                         "always get the chat template")
+                         "response as the assistant turn); on by default for --preset spot, as in the authors' "
+                         "script. Without it plain strings are tokenised as they are, exactly like TRL: prompt "
+                         "ids, then response ids + EOS. Message-list fields always get the chat template")
     tk.add_argument("--system-prompt", metavar="TEXT",
                     help="prepend this system message when the chat template is used")
-    tk.add_argument("--enable-thinking", action="store_true",
-                    help="do not pass enable_thinking=False to the template (by default Qwen3's non-thinking "
-                         "mode is used: the empty <think></think> block ends the prompt and is not scored)")
+    tk.add_argument("--chat-template-mode", choices=["authors", "non-thinking"], default=None,
+                    help="how the chat template renders pairs. authors (the default for --preset spot): exactly "
+                         "TRL 0.20 with the template's defaults, as the SPoT authors trained; for Qwen3 each "
+                         "response starts with the empty '<think>\\n\\n</think>\\n\\n' block, which is "
+                         "scored. non-thinking (the default for the other presets): enable_thinking=False, so "
+                         "that block ends the prompt and is not scored. Recorded in the manifest and fingerprint")
     tk.add_argument("--chat-template", metavar="FILE",
                     help="a Jinja chat template file overriding the tokenizer's (needed for conversational "
                          "data with a sentencepiece model)")
@@ -67,10 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="max tokens of prompt + the longer response (default: 8192; 0 = no limit)")
     lp.add_argument("--max-prompt-length", type=int, default=4096,
                     help="max prompt tokens (default: 4096; 0 = no limit)")
-    lp.add_argument("--truncation", choices=["truncate", "drop"], default="truncate",
-                    help="over-length pairs: 'truncate' keeps the end of the prompt (left truncation) and "
-                         "the start of each response (right truncation), as TRL does; 'drop' skips the pair. "
-                         "Both are counted in the manifest (default: truncate)")
+    lp.add_argument("--truncation", choices=["keep-end", "keep-start", "truncate", "drop"], default=None,
+                    help="over-length pairs. The prompt always keeps its last --max-prompt-length tokens (TRL's "
+                         "tokenize_row). Then, over --max-length: 'keep-end' (TRL 0.20's trainer default; the "
+                         "default with --chat-template-mode authors) drops the start of the prompt, and a pair "
+                         "whose response alone reaches --max-length is skipped; 'keep-start' (alias 'truncate'; "
+                         "the default otherwise) keeps the start of each response; 'drop' skips the pair. All are "
+                         "counted in the manifest")
     rn = ap.add_argument_group("running")
     rn.add_argument("--workers", "-j", type=int, default=1,
                     help="tokeniser worker processes (default: 1, which already uses the Rust tokenizer's "
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
         m = pack_pairs(args.input, args.tokenizer, args.output_prefix, preset=args.preset,
                        prompt_field=args.prompt_field, chosen_field=args.chosen_field,
                        rejected_field=args.rejected_field, apply_chat_template=args.apply_chat_template,
-                       system_prompt=args.system_prompt, enable_thinking=args.enable_thinking,
+                       system_prompt=args.system_prompt, chat_template_mode=args.chat_template_mode,
                        chat_template=chat_template, max_length=args.max_length,
                        max_prompt_length=args.max_prompt_length, truncation=args.truncation,
                        workers=args.workers, strict=args.strict, chunk_size=args.chunk_size, split=args.split,
@@ -133,6 +139,9 @@ def main(argv=None) -> int:
     if skipped:
         print("  skipped by reason: " + ", ".join(f"{k} {v}" for k, v in skipped.items())
               + " (see the manifest's dropped_examples; --strict to fail instead)")
+    print(f"  chat template mode {m['options']['chat_template_mode']}, truncation {m['options']['truncation']}"
+          + (f" ({c['keep_end_shared_cut']} pairs whose shorter row TRL would give more prompt tokens)"
+             if c.get("keep_end_shared_cut") else ""))
     print(f"  tokenizer {m['tokenizer_hash'][:16]}, fingerprint {m['fingerprint'][:16]}")
     return 0
 

@@ -31,12 +31,16 @@ from megatron_spot.utils.atomic import publish_file, remove_stale_temps, temp_pa
 from .indexed import IndexedWriter
 from .readers import InputError, count_records, detect_format, expand_inputs, iter_chunks
 from .schema import REASONS, FieldMapping, PairError, extract_pair, resolve_mapping
-from .tokenization import PairTokenizer, TokenizerError, token_dtype
+from .tokenization import (CHAT_TEMPLATE_MODES, PairTokenizer, TokenizerError, default_chat_template_mode,
+                           token_dtype)
 
 FORMAT_NAME = "megatron_spot.pairs"
 FORMAT_VERSION = 1
 SEQUENCES_PER_PAIR = 3
-TRUNCATION_MODES = ("truncate", "drop")
+# keep-end: TRL 0.20's trainer default (truncation_mode="keep_end"), each row prompt+response keeps its last
+#   max_length tokens; the default with the authors' rendering. keep-start (alias "truncate"): TRL's
+#   "keep_start", each row keeps its first max_length tokens (responses keep their start). drop: skip the pair.
+TRUNCATION_MODES = ("keep-end", "keep-start", "truncate", "drop")
 MAX_EXAMPLES = 20
 
 
@@ -50,17 +54,24 @@ class PackOptions:
     mapping: FieldMapping
     apply_chat_template: bool = False
     system_prompt: Optional[str] = None
-    enable_thinking: bool = False
+    chat_template_mode: str = "non-thinking"
     chat_template: Optional[str] = None
     max_length: int = 8192
     max_prompt_length: int = 4096
-    truncation: str = "truncate"
+    truncation: str = "keep-start"
     token_dtype: str = "int32"
 
 
-def pack_fingerprint(tokenizer_hash: str, bin_sha256: str, idx_sha256: str) -> str:
-    """Stable identity of a pack's content (independent of paths, timestamps and worker count)."""
+def pack_fingerprint(tokenizer_hash: str, bin_sha256: str, idx_sha256: str,
+                     chat_template_mode: Optional[str] = None) -> str:
+    """Stable identity of a pack's content (independent of paths, timestamps and worker count).
+
+    The chat-template mode (manifest options.chat_template_mode) is part of it, so that two renderings
+    are never taken for one another; packs written before the mode existed (None) keep their fingerprint.
+    """
     s = f"{FORMAT_NAME}/{FORMAT_VERSION}\0{tokenizer_hash}\0{bin_sha256}\0{idx_sha256}"
+    if chat_template_mode is not None:
+        s += f"\0chat_template_mode={chat_template_mode}"
     return hashlib.sha256(s.encode()).hexdigest()
 
 
@@ -69,12 +80,14 @@ def pack_fingerprint(tokenizer_hash: str, bin_sha256: str, idx_sha256: str) -> s
 _CTX = None
 
 
-def _init_worker(opts: PackOptions, in_subprocess: bool) -> None:
+def _init_worker(opts: PackOptions, in_subprocess: bool, tok: Optional[PairTokenizer] = None) -> None:
     global _CTX
     if in_subprocess:
         # One process per core already; keep the Rust tokenizer single-threaded inside each worker.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    tok = PairTokenizer(opts.tokenizer, chat_template=opts.chat_template, enable_thinking=opts.enable_thinking)
+    if tok is None:   # in-process packing reuses the caller's tokenizer (loading a 151k vocabulary takes seconds)
+        tok = PairTokenizer(opts.tokenizer, chat_template=opts.chat_template,
+                            chat_template_mode=opts.chat_template_mode)
     _CTX = (opts, tok)
 
 
@@ -121,7 +134,7 @@ def _process_chunk(chunk):
     maxp, maxl = opts.max_prompt_length, opts.max_length
     flat: List[int] = []
     lens: List[int] = []
-    trunc_p = trunc_r = 0
+    trunc_p = trunc_r = shared_cut = 0
     for k, where in enumerate(wheres):
         p, c, r = ids[3 * k], ids[3 * k + 1], ids[3 * k + 2]
         c = c + [eos]
@@ -138,10 +151,26 @@ def _process_chunk(chunk):
                 continue
         else:
             if maxp and lp > maxp:
-                p = p[-maxp:]       # keep the end of the prompt (left truncation), as TRL does
+                p = p[-maxp:]       # keep the end of the prompt (left truncation), as TRL's tokenize_row
                 lp = maxp
                 trunc_p += 1
-            if maxl and lp + max(lc, lr) > maxl:
+            if opts.truncation == "keep-end" and maxl and lp + max(lc, lr) > maxl:
+                # TRL 0.20 concatenated_forward, keep_end: each row prompt+response keeps its last maxl
+                # tokens, i.e. loses its first lp + len(response) - maxl tokens, from the prompt.
+                cut_c, cut_r = max(0, lp + lc - maxl), max(0, lp + lr - maxl)
+                cut = max(cut_c, cut_r)
+                if cut >= lp:
+                    errors.append(("over_length", where,
+                                   f"a response of {max(lc, lr)} tokens (EOS included) alone reaches --max-length "
+                                   f"{maxl}: TRL would keep only its end, with no prompt"))
+                    continue
+                # One prompt serves both rows: the longer row is cut exactly as TRL cuts it; when the
+                # other row needs a smaller cut, TRL would give it more prompt tokens (counted).
+                shared_cut += cut_c != cut_r
+                p = p[cut:]
+                lp -= cut
+                trunc_p += 1
+            elif maxl and lp + max(lc, lr) > maxl:
                 budget = maxl - lp
                 if budget <= 0:
                     errors.append(("over_length", where, f"prompt of {lp} tokens leaves no room under "
@@ -161,7 +190,7 @@ def _process_chunk(chunk):
     errors.sort(key=lambda e: _where_order(e[1], items))
     return {"src": src, "read": len(items), "tokens": np.array(flat, dtype=opts.token_dtype),
             "lengths": np.array(lens, dtype=np.int64), "errors": errors,
-            "truncated_prompt": trunc_p, "truncated_response": trunc_r}
+            "truncated_prompt": trunc_p, "truncated_response": trunc_r, "keep_end_shared_cut": shared_cut}
 
 
 def _where_order(where, items):
@@ -191,19 +220,33 @@ def _remove(paths):
 
 def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, preset: str = "trl",
                prompt_field: Optional[str] = None, chosen_field: Optional[str] = None,
-               rejected_field: Optional[str] = None, apply_chat_template: bool = False,
-               system_prompt: Optional[str] = None, enable_thinking: bool = False,
+               rejected_field: Optional[str] = None, apply_chat_template: Optional[bool] = None,
+               system_prompt: Optional[str] = None, chat_template_mode: Optional[str] = None,
                chat_template: Optional[str] = None, max_length: int = 8192, max_prompt_length: int = 4096,
-               truncation: str = "truncate", workers: int = 1, strict: bool = False, chunk_size: int = 512,
+               truncation: Optional[str] = None, workers: int = 1, strict: bool = False, chunk_size: int = 512,
                split: str = "train", progress: bool = False,
                on_error: Optional[Callable[[str, str, str], None]] = None) -> dict:
     """Pack pairs from `inputs` into `output_prefix`.{bin,idx,manifest.json}; returns the manifest.
 
+    `apply_chat_template` defaults to True for the `spot` preset (the authors' pipeline) and False otherwise.
+    `chat_template_mode` ("authors" | "non-thinking", see tokenization.py) defaults to "authors" for the
+    `spot` preset and "non-thinking" otherwise; `truncation` defaults to "keep-end" (TRL 0.20's trainer)
+    with the authors' rendering and "keep-start" otherwise.
     Invalid records are counted and skipped (their reasons in the manifest's `dropped`), or with
     `strict=True` the first one raises PackError. `chat_template` is template text overriding the
     tokenizer's. Raises PackError / InputError / TokenizerError on failure; nothing is left behind.
     """
     t0 = time.time()
+    if apply_chat_template is None:   # the authors' script always turns their strings into chat messages
+        apply_chat_template = preset == "spot"
+    if chat_template_mode is None:
+        chat_template_mode = default_chat_template_mode(preset)
+    if chat_template_mode not in CHAT_TEMPLATE_MODES:
+        raise ValueError(f"chat_template_mode must be one of {CHAT_TEMPLATE_MODES}, got {chat_template_mode!r}")
+    if truncation is None:
+        truncation = "keep-end" if chat_template_mode == "authors" else "keep-start"
+    if truncation == "truncate":
+        truncation = "keep-start"
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if max_length and max_prompt_length and max_prompt_length >= max_length:
@@ -213,9 +256,9 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
     mapping = resolve_mapping(preset, prompt_field, chosen_field, rejected_field)
     paths = expand_inputs(list(inputs))
     formats = [detect_format(p) for p in paths]
-    tok = PairTokenizer(tokenizer, chat_template=chat_template, enable_thinking=enable_thinking)
+    tok = PairTokenizer(tokenizer, chat_template=chat_template, chat_template_mode=chat_template_mode)
     dtype = np.dtype(token_dtype(tok.vocab_size))
-    opts = PackOptions(tokenizer, mapping, apply_chat_template, system_prompt, enable_thinking, chat_template,
+    opts = PackOptions(tokenizer, mapping, apply_chat_template, system_prompt, chat_template_mode, chat_template,
                        max_length, max_prompt_length, truncation, dtype.name)
 
     final = {ext: output_prefix + ext for ext in (".bin", ".idx", ".manifest.json")}
@@ -229,7 +272,7 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
     per_src = [{"path": os.path.abspath(p), "format": f, "records": 0, "kept": 0} for p, f in zip(paths, formats)]
     dropped = collections.Counter({r: 0 for r in REASONS})
     examples: List[dict] = []
-    trunc_p = trunc_r = 0
+    trunc_p = trunc_r = shared_cut = 0
     read = kept = 0
     bar = None
     if progress:
@@ -245,7 +288,7 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
         writer = IndexedWriter(tmp[".bin"], dtype)
         chunks = iter_chunks(paths, chunk_size=chunk_size, split=split)
         if workers == 1:
-            _init_worker(opts, in_subprocess=False)
+            _init_worker(opts, in_subprocess=False, tok=tok)
             results = map(_process_chunk, chunks)
         else:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
@@ -259,6 +302,7 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
             per_src[res["src"]]["kept"] += n_ok
             trunc_p += res["truncated_prompt"]
             trunc_r += res["truncated_response"]
+            shared_cut += res["keep_end_shared_cut"]
             for reason, where, message in res["errors"]:
                 if strict:
                     raise PackError(f"{where}: {message} [{reason}] (--strict: no output written)")
@@ -283,7 +327,7 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
 
         lengths = np.concatenate(writer._lengths).reshape(-1, SEQUENCES_PER_PAIR).astype(np.int64)
         pair_len = lengths[:, 0] + np.maximum(lengths[:, 1], lengths[:, 2])
-        fingerprint = pack_fingerprint(tok.hash, files["bin_sha256"], files["idx_sha256"])
+        fingerprint = pack_fingerprint(tok.hash, files["bin_sha256"], files["idx_sha256"], chat_template_mode)
         elapsed = time.time() - t0
         manifest = {
             "format": FORMAT_NAME,
@@ -299,12 +343,14 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
             "inputs": per_src,
             "field_mapping": {"preset": preset, **mapping.to_json()},
             "options": {"apply_chat_template": apply_chat_template, "system_prompt": system_prompt,
-                        "enable_thinking": enable_thinking, "max_length": max_length,
+                        "chat_template_mode": chat_template_mode, "max_length": max_length,
                         "max_prompt_length": max_prompt_length, "truncation": truncation, "strict": strict,
                         "split": split},
             "counts": {"read": read, "kept": kept, "dropped": read - kept,
                        "dropped_by_reason": dict(dropped),
-                       "truncated_prompt": trunc_p, "truncated_response": trunc_r},
+                       "truncated_prompt": trunc_p, "truncated_response": trunc_r,
+                       # keep-end pairs whose shorter row TRL would have given more prompt tokens
+                       "keep_end_shared_cut": shared_cut},
             "dropped_examples": examples,
             "length_stats": {"prompt": _length_stats(lengths[:, 0]), "chosen": _length_stats(lengths[:, 1]),
                              "rejected": _length_stats(lengths[:, 2]), "pair": _length_stats(pair_len)},

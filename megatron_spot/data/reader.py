@@ -78,7 +78,8 @@ class PairDataset:
                 f"{man_path} was packed with tokenizer {self.tokenizer_hash[:16]}… "
                 f"({manifest.get('tokenizer', {}).get('path')}) but training uses {expected_tokenizer_hash[:16]}…; "
                 f"re-pack with the model's tokenizer")
-        self.fingerprint: str = pack_fingerprint(self.tokenizer_hash, files.get("bin", {}).get("sha256", ""), idx_sha)
+        self.fingerprint: str = pack_fingerprint(self.tokenizer_hash, files.get("bin", {}).get("sha256", ""), idx_sha,
+                                                 manifest.get("options", {}).get("chat_template_mode"))
         if manifest.get("fingerprint") not in (None, self.fingerprint):
             raise PackFormatError(f"{man_path}: fingerprint does not match the files")
         self.dtype = index.dtype

@@ -43,21 +43,25 @@ class FieldMapping:
 
     Each is a tuple of candidate names; the first present one is used (SPoT's files use `question`,
     some use `prompt`). `metadata`, when set, names an optional dict field that must be a dict if present.
+    `strip_response_prefix`: removed once from the start of string responses that begin with it (the
+    SPoT authors strip a leading "\n\n" from both answers before training).
     """
 
     prompt: Tuple[str, ...] = ("prompt",)
     chosen: Tuple[str, ...] = ("chosen",)
     rejected: Tuple[str, ...] = ("rejected",)
     metadata: Optional[str] = None
+    strip_response_prefix: Optional[str] = None
 
     def to_json(self) -> dict:
         return {"prompt": list(self.prompt), "chosen": list(self.chosen), "rejected": list(self.rejected),
-                "metadata": self.metadata}
+                "metadata": self.metadata, "strip_response_prefix": self.strip_response_prefix}
 
 
 PRESETS = {
-    # The SPoT authors' training files.
-    "spot": FieldMapping(("question", "prompt"), ("gemini_corrected_answer",), ("original_answer",)),
+    # The SPoT authors' training files (their format_data_for_dpo strips one leading "\n\n" per answer).
+    "spot": FieldMapping(("question", "prompt"), ("gemini_corrected_answer",), ("original_answer",),
+                         strip_response_prefix="\n\n"),
     # TRL preference datasets: strings, or conversational message lists (prompt may be implicit).
     "trl": FieldMapping(("prompt",), ("chosen",), ("rejected",)),
     # megatron_spot's rectification tool: pairs.jsonl with prompt/chosen/rejected strings + metadata.
@@ -83,7 +87,7 @@ def resolve_mapping(preset: Optional[str] = "trl", prompt_field: Optional[str] =
         return out
 
     return FieldMapping(names(prompt_field, base.prompt), names(chosen_field, base.chosen),
-                        names(rejected_field, base.rejected), base.metadata)
+                        names(rejected_field, base.rejected), base.metadata, base.strip_response_prefix)
 
 
 def _lookup(record: dict, names: Tuple[str, ...]) -> Any:
@@ -137,6 +141,10 @@ def extract_pair(record: Any, mapping: FieldMapping, where: str = "") -> RawPair
         raise PairError("bad_type", f"field {mapping.metadata!r} must be an object", where)
 
     if isinstance(chosen, str) and isinstance(rejected, str):
+        cut = mapping.strip_response_prefix
+        if cut:
+            chosen = chosen[len(cut):] if chosen.startswith(cut) else chosen
+            rejected = rejected[len(cut):] if rejected.startswith(cut) else rejected
         if prompt is None:
             raise PairError("missing_field", f"missing field {'/'.join(mapping.prompt)!r} (prompt)", where)
         if not isinstance(prompt, str):

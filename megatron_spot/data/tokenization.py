@@ -1,14 +1,20 @@
-"""Tokenisation of pairs, the way TRL's DPOTrainer does it.
+"""Tokenisation of pairs, the way TRL 0.20's DPOTrainer does it.
 
 Plain strings (TRL 0.20 `tokenize_row`): prompt, chosen and rejected are tokenised separately with
 add_special_tokens=False (no BOS); EOS is appended to chosen and rejected, not to the prompt.
 
-Conversational values (TRL `maybe_apply_chat_template`): the chat template renders
-  prompt_text = template(prompt, add_generation_prompt=True)
-  full_text   = template(prompt + response)
-and the response text is full_text after the common prefix; then the texts are tokenised as above.
-For Qwen3 the template is used in non-thinking mode (enable_thinking=False), so the empty think block
-"<think>\\n\\n</think>\\n\\n" is part of the prompt (conditioning, not scored).
+Conversational values get the chat template, in one of two modes (`CHAT_TEMPLATE_MODES`):
+
+- "authors" (the default for `--preset spot`): exactly TRL 0.20's `maybe_apply_chat_template` with the
+  template's defaults, which is how the SPoT authors' script drives it:
+      prompt_text = template(prompt, add_generation_prompt=True)
+      prompt_text = common prefix of prompt_text and template(prompt + chosen);   chosen = the rest
+      prompt_text = common prefix of prompt_text and template(prompt + rejected); rejected = the rest
+  (the prefix is narrowed sequentially, so chosen is cut at the first narrowing, as TRL does).
+  For Qwen3 the prompt ends "<|im_start|>assistant\n" and each response STARTS with the empty think
+  block "<think>\n\n</think>\n\n", which is therefore scored.
+- "non-thinking": the same split, but every rendering passes enable_thinking=False, so the empty think
+  block ends the prompt (conditioning, not scored). A different recipe from the authors'.
 
 `--apply-chat-template` wraps plain strings as one user turn and one assistant turn first.
 """
@@ -24,8 +30,23 @@ HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens
                       "chat_template.jinja", "chat_template.json")
 
 
+CHAT_TEMPLATE_MODES = ("authors", "non-thinking")
+
+
 class TokenizerError(ValueError):
     pass
+
+
+def default_chat_template_mode(preset: Optional[str]) -> str:
+    """The authors' TRL rendering for their own files (`spot`), today's non-thinking one otherwise."""
+    return "authors" if preset == "spot" else "non-thinking"
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n, m = 0, min(len(a), len(b))
+    while n < m and a[n] == b[n]:
+        n += 1
+    return a[:n]
 
 
 def tokenizer_hash(tokenizer_path: str) -> str:
@@ -66,10 +87,12 @@ def _render_jinja(template: str, messages, add_generation_prompt: bool, **kwargs
 class PairTokenizer:
     """A tokenizer for pair packing: an HF tokenizer folder or a sentencepiece `.model` file."""
 
-    def __init__(self, path: str, chat_template: Optional[str] = None, enable_thinking: bool = False,
+    def __init__(self, path: str, chat_template: Optional[str] = None, chat_template_mode: str = "non-thinking",
                  use_piece_cache: bool = True):
+        if chat_template_mode not in CHAT_TEMPLATE_MODES:
+            raise TokenizerError(f"chat template mode must be one of {CHAT_TEMPLATE_MODES}, got {chat_template_mode!r}")
         self.path = path
-        self.enable_thinking = enable_thinking
+        self.chat_template_mode = chat_template_mode
         self.hash = tokenizer_hash(path)
         self._template_override = chat_template
         if os.path.isfile(path):
@@ -141,7 +164,8 @@ class PairTokenizer:
 
     # -- chat template ----------------------------------------------------------------------------
     def _apply(self, messages, add_generation_prompt: bool) -> str:
-        kwargs = {} if self.enable_thinking else {"enable_thinking": False}
+        # authors: the template's defaults, as TRL 0.20 calls it (no enable_thinking argument at all)
+        kwargs = {"enable_thinking": False} if self.chat_template_mode == "non-thinking" else {}
         if self.kind == "hf" and self._template_override is None:
             return self._hf.apply_chat_template(messages, tokenize=False,
                                                 add_generation_prompt=add_generation_prompt, **kwargs)
@@ -158,16 +182,20 @@ class PairTokenizer:
         p = self._apply(list(prompt), add_generation_prompt=True)
         fc = self._apply(list(prompt) + list(chosen), add_generation_prompt=False)
         fr = self._apply(list(prompt) + list(rejected), add_generation_prompt=False)
-        n = 0
-        m = min(len(p), len(fc), len(fr))
-        while n < m and p[n] == fc[n] == fr[n]:
-            n += 1
-        return p[:n], fc[n:], fr[n:]
+        if self.chat_template_mode == "authors":
+            # TRL 0.20 narrows the prompt against chosen first and cuts chosen there, then narrows it again
+            # against rejected; chosen is not re-cut (a no-op for Qwen3, whose prompt is a prefix of both).
+            p = _common_prefix(p, fc)
+            c = fc[len(p):]
+            p = _common_prefix(p, fr)
+            return p, c, fr[len(p):]
+        p = _common_prefix(_common_prefix(p, fc), fr)
+        return p, fc[len(p):], fr[len(p):]
 
     def describe(self) -> dict:
         d = {"path": os.path.abspath(self.path), "kind": self.kind, "hash": self.hash,
              "vocab_size": self.vocab_size, "eos_token_id": self.eos_token_id,
-             "pad_token_id": self.pad_token_id, "enable_thinking": self.enable_thinking,
+             "pad_token_id": self.pad_token_id, "chat_template_mode": self.chat_template_mode,
              "encoder": self.encoder_name}
         if self.chat_template:
             d["chat_template_sha256"] = hashlib.sha256(self.chat_template.encode()).hexdigest()

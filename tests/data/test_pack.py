@@ -119,7 +119,10 @@ def test_presets(tmp_path, hf_tok, pairs, preset, rename):
     if preset == "rectify":
         for i, r in enumerate(recs):
             r["metadata"] = {"index": i, "change_ratio": 0.2}
-    ref = pack_pairs([write_jsonl(tmp_path / "ref.jsonl", pairs)], hf_tok, str(tmp_path / "ref"))
+    # spot defaults to the authors' pipeline: chat messages rendered as TRL 0.20 does, keep-end truncation
+    authors = dict(apply_chat_template=True, chat_template_mode="authors", truncation="keep-end") \
+        if preset == "spot" else {}
+    ref = pack_pairs([write_jsonl(tmp_path / "ref.jsonl", pairs)], hf_tok, str(tmp_path / "ref"), **authors)
     m = pack_pairs([write_jsonl(tmp_path / "in.jsonl", recs)], hf_tok, str(tmp_path / "out"), preset=preset)
     assert m["counts"]["kept"] == len(pairs) and m["fingerprint"] == ref["fingerprint"]
     assert m["field_mapping"]["preset"] == preset
