@@ -1,0 +1,400 @@
+"""Benchmark evaluation the way the SPoT paper reports it, over the elicit machinery.
+
+For every benchmark (a local .jsonl/.json/.parquet file) and every problem, K trials are sampled from
+the model (OpenAI-compatible server, or --local-model with transformers), graded (math-verify on the
+last \\boxed{} answer; multiple choice by its letter), and accuracy is reported per benchmark as the
+mean over trials of the per-trial accuracy, with its spread: the standard deviation over trials
+(population, ddof=0). Requests go through the same client and SQLite cache as rectification
+(`DIR/cache.sqlite`, keyed by model, messages, sampling settings and trial), so an interrupted run
+resumes without resending anything that already came back.
+
+The paper's protocol (`PAPER_PROTOCOL`): thinking disabled, temperature 0.7, top-p 0.8, up to 32,768
+new tokens; 16 trials for AIME24 / AIME25 / AMC23 and 5 for MATH-500 / Minerva / OlympiadBench /
+GPQA-Diamond.
+
+Outputs in the output folder: samples.jsonl (one graded answer per problem and trial), results.json
+(per benchmark: problems, trials, mean, std, per-trial accuracies; the macro average over benchmarks).
+`compare(base, tuned)` gives the before/after table and a bar chart with the spreads as error bars.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import statistics
+from typing import Optional, Sequence
+
+from .cache import request_key
+from .client import ChatClient, Job, RetryPolicy, api_key_from_env
+from .grading import answers_match, extract_boxed
+from .jsonl import read_json, read_records, write_json_atomic, write_jsonl_atomic
+
+# canonical key -> (display name, trials under the paper's protocol, kind)
+BENCHMARKS = {
+    "aime24": ("AIME24", 16, "math"), "aime25": ("AIME25", 16, "math"), "amc23": ("AMC23", 16, "math"),
+    "math500": ("MATH-500", 5, "math"), "minerva": ("Minerva", 5, "math"),
+    "olympiadbench": ("OlympiadBench", 5, "math"), "gpqadiamond": ("GPQA-Diamond", 5, "choice"),
+}
+PAPER_PROTOCOL = {"temperature": 0.7, "top_p": 0.8, "max_tokens": 32768, "thinking": "off",
+                  "trials": {k: v[1] for k, v in BENCHMARKS.items()}}
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+CHOICE_INSTRUCTION = ("Answer the multiple-choice question. Think step by step, then give the letter of the "
+                      "correct option within \\boxed{}, e.g. \\boxed{A}.")
+LETTERS = "ABCDEFGHIJ"
+
+
+class EvalInputError(ValueError):
+    """A benchmark file or option that cannot be used (the message names the file and field)."""
+
+
+def benchmark_key(name: str) -> str:
+    """'MATH-500' -> 'math500', 'GPQA_Diamond' -> 'gpqadiamond', 'gpqa' -> 'gpqadiamond'."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    return "gpqadiamond" if key == "gpqa" else key
+
+
+def display_name(key: str) -> str:
+    return BENCHMARKS[key][0] if key in BENCHMARKS else key
+
+
+@dataclasses.dataclass
+class Problem:
+    id: str
+    prompt: str
+    answer: str
+    kind: str   # "math" or "choice"
+
+
+def _first(rec: dict, names) -> Optional[object]:
+    for n in names:
+        v = rec.get(n)
+        if v is not None and (not isinstance(v, str) or v.strip()):
+            return v
+    return None
+
+
+def _choice_problem(rec: dict, where: str, index: int) -> tuple[str, str]:
+    """(question with lettered options, correct letter) from a multiple-choice record.
+
+    Accepted forms: `choices`/`options` (a list, or a dict letter -> text) with `answer` as a letter, an
+    index or the correct option's text; or GPQA's own columns `Question`, `Correct Answer`,
+    `Incorrect Answer 1..3`, whose options are put in an order fixed by the record's index.
+    """
+    question = _first(rec, ("question", "Question", "problem", "prompt"))
+    if not isinstance(question, str):
+        raise EvalInputError(f"{where}: no question text (question/Question/problem/prompt)")
+    opts = _first(rec, ("choices", "options"))
+    if opts is None and rec.get("Correct Answer") is not None:
+        wrong = [rec.get(f"Incorrect Answer {i}") for i in (1, 2, 3)]
+        if any(w is None for w in wrong):
+            raise EvalInputError(f"{where}: GPQA record needs 'Incorrect Answer 1'..'3'")
+        options = [str(rec["Correct Answer"]).strip()] + [str(w).strip() for w in wrong]
+        order = sorted(range(4), key=lambda k: request_key(i=index, k=k))   # stable, content-independent
+        options = [options[k] for k in order]
+        letter = LETTERS[order.index(0)]
+    else:
+        if isinstance(opts, dict):
+            keys = sorted(opts)
+            options = [str(opts[k]) for k in keys]
+            letters = [str(k).strip().upper() for k in keys]
+        elif isinstance(opts, (list, tuple)) and opts:
+            options = [str(o) for o in opts]
+            letters = list(LETTERS[:len(options)])
+        else:
+            raise EvalInputError(f"{where}: multiple-choice record needs 'choices' (a list or dict) "
+                                 f"or GPQA's 'Correct Answer' columns")
+        ans = _first(rec, ("answer", "correct", "label", "ground_truth"))
+        if isinstance(ans, bool) or ans is None:
+            raise EvalInputError(f"{where}: multiple-choice record has no 'answer'")
+        if isinstance(ans, int) and 0 <= ans < len(options):
+            letter = letters[ans]
+        elif str(ans).strip().upper() in letters:
+            letter = str(ans).strip().upper()
+        elif str(ans).strip() in [o.strip() for o in options]:
+            letter = letters[[o.strip() for o in options].index(str(ans).strip())]
+        else:
+            raise EvalInputError(f"{where}: 'answer' {ans!r} is neither an option letter, index nor option text")
+        if letters != list(LETTERS[:len(options)]):
+            raise EvalInputError(f"{where}: option keys must be A, B, C, ... (got {letters})")
+    text = question.strip() + "\n\n" + "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return text, letter
+
+
+def load_benchmark(path: str, key: str, limit: Optional[int] = None) -> list[Problem]:
+    """Problems of one benchmark file. Math: problem/question/prompt + answer/ground_truth (or the
+    \\boxed{} of `solution`). Multiple choice (GPQA-Diamond, or records with `choices`): see above."""
+    if not os.path.isfile(path):
+        raise EvalInputError(f"benchmark {display_name(key)}: file not found: {path}")
+    try:
+        records = read_records(path)
+    except ValueError as e:
+        raise EvalInputError(f"benchmark {display_name(key)}: {e}") from None
+    if not records:
+        raise EvalInputError(f"{path}: no records")
+    kind_default = BENCHMARKS.get(key, (None, None, "math"))[2]
+    out, seen = [], set()
+    for i, rec in enumerate(records[:limit] if limit else records):
+        where = f"{path}:{i + 1}"
+        if not isinstance(rec, dict):
+            raise EvalInputError(f"{where}: expected an object")
+        pid = str(_first(rec, ("id", "unique_id", "index", "idx", "Record ID")) or i)
+        if pid in seen:
+            pid = f"{pid}@{i}"
+        seen.add(pid)
+        if kind_default == "choice" or rec.get("choices") is not None or rec.get("options") is not None:
+            prompt, answer = _choice_problem(rec, where, i)
+            out.append(Problem(pid, prompt + "\n\n" + CHOICE_INSTRUCTION, answer, "choice"))
+            continue
+        prompt = _first(rec, ("problem", "question", "prompt", "Question"))
+        if not isinstance(prompt, str):
+            raise EvalInputError(f"{where}: no problem text (problem/question/prompt)")
+        answer = _first(rec, ("answer", "ground_truth", "final_answer", "expected_answer"))
+        if answer is None and isinstance(rec.get("solution"), str):
+            answer = extract_boxed(rec["solution"]) or rec["solution"]
+        if isinstance(answer, (list, tuple)) and answer:   # OlympiadBench stores final_answer as a list
+            answer = answer[0]
+        if answer is None:
+            raise EvalInputError(f"{where}: no answer (answer/ground_truth/final_answer, or a \\boxed{{}} solution)")
+        out.append(Problem(pid, prompt.strip() + "\n\n" + MATH_INSTRUCTION, str(answer), "math"))
+    return out
+
+
+_LETTER_RE = re.compile(r"(?:answer|option)\s*(?:is|:)?\s*\(?\**([A-J])\b\)?", re.IGNORECASE)
+
+
+def extract_choice(text: Optional[str], n_options: int = 4) -> Optional[str]:
+    """The chosen letter: the last \\boxed{} when it holds a letter (\\boxed{B}, \\boxed{(B)},
+    \\boxed{\\text{B}}), else the last 'answer is B' / 'Answer: (B)'."""
+    if not text:
+        return None
+    valid = LETTERS[:max(n_options, 1)]
+    boxed = extract_boxed(text)
+    if boxed is not None:
+        m = re.fullmatch(r"\s*(?:\\text\{|\\textbf\{|\\mathrm\{)?\(?\s*([A-Ja-j])\s*\)?\}?\s*(?:[.:].*)?", boxed)
+        if m and m.group(1).upper() in valid:
+            return m.group(1).upper()
+    hits = [h.upper() for h in _LETTER_RE.findall(text) if h.upper() in valid]
+    return hits[-1] if hits else None
+
+
+def grade_answer(problem: Problem, text: Optional[str]) -> tuple[bool, Optional[str]]:
+    if problem.kind == "choice":
+        n = len(re.findall(r"^[A-J]\. ", problem.prompt, flags=re.MULTILINE))
+        letter = extract_choice(text, n)
+        return letter == problem.answer, letter
+    extracted = extract_boxed(text)
+    return (answers_match(extracted, problem.answer) if extracted is not None else False), extracted
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    output_dir: str
+    benchmarks: dict                       # key -> path
+    trials: dict                           # key -> K
+    temperature: float = 0.7
+    top_p: float = 0.8
+    max_tokens: int = 32768
+    thinking: str = "off"                  # off | on | unset (chat_template_kwargs.enable_thinking)
+    seed: Optional[int] = 0                # trial t sends seed + t (vLLM/SGLang honour per-request seeds)
+    system_prompt: Optional[str] = None
+    model_base_url: Optional[str] = None
+    model_name: Optional[str] = None
+    model_api_key_env: tuple = ("MODEL_API_KEY",)
+    local_model: Optional[str] = None
+    local_batch_size: int = 8
+    concurrency: int = 16
+    timeout: float = 1800.0
+    max_retries: int = 6
+    retry_base_delay: float = 1.0
+    retry_max_delay: float = 60.0
+    max_requests: Optional[int] = None
+    limit: Optional[int] = None            # first N problems of each benchmark (smoke tests)
+    progress: bool = True
+
+
+def trials_for(keys: Sequence[str], protocol: str = "paper", trials: Optional[int] = None,
+               overrides: Optional[dict] = None) -> dict:
+    """K per benchmark: --trials for all, else the protocol's table; name=K overrides win."""
+    out = {}
+    for k in keys:
+        if trials is not None:
+            out[k] = trials
+        elif protocol == "paper" and k in PAPER_PROTOCOL["trials"]:
+            out[k] = PAPER_PROTOCOL["trials"][k]
+        else:
+            raise EvalInputError(f"benchmark {k!r} has no trial count in the {protocol!r} protocol; "
+                                 f"pass --trials K or --trials-for {k}=K (known: {', '.join(BENCHMARKS)})")
+    for k, v in (overrides or {}).items():
+        out[benchmark_key(k)] = int(v)
+    if any(v < 1 for v in out.values()):
+        raise EvalInputError(f"trials must be >= 1, got {out}")
+    return out
+
+
+def _body(cfg: EvalConfig, prompt: str, trial: int) -> dict:
+    msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
+        {"role": "user", "content": prompt}]
+    body = {"messages": msgs, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
+    if cfg.seed is not None:
+        body["seed"] = cfg.seed + trial
+    if cfg.thinking in ("on", "off"):
+        body["chat_template_kwargs"] = {"enable_thinking": cfg.thinking == "on"}
+    return body
+
+
+def _generate(cfg: EvalConfig, jobs: list, cache, model_label: str) -> tuple[dict, dict]:
+    if cfg.local_model:
+        from .pipeline import PipelineConfig, _run_local
+
+        pcfg = PipelineConfig(output_dir=cfg.output_dir, local_model=cfg.local_model,
+                              local_batch_size=cfg.local_batch_size, progress=cfg.progress)
+        return _run_local(pcfg, jobs, cache), {}
+    client = ChatClient(cfg.model_base_url, model_label, api_key=api_key_from_env(cfg.model_api_key_env),
+                        timeout=cfg.timeout, max_requests=cfg.max_requests,
+                        retry=RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay))
+    results = client.run(jobs, cache, kind="eval", concurrency=cfg.concurrency, progress=cfg.progress,
+                         desc="evaluate: sampling")
+    return results, client.stats.as_dict()
+
+
+def summarise(per_trial: list[float]) -> dict:
+    mean = statistics.fmean(per_trial)
+    return {"mean": mean, "std": statistics.pstdev(per_trial) if len(per_trial) > 1 else 0.0,
+            "per_trial": per_trial}
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Sample, grade and summarise every benchmark; writes samples.jsonl and results.json."""
+    from .cache import RequestCache
+
+    if cfg.local_model:
+        model_label = "local:" + cfg.local_model
+    elif cfg.model_base_url and cfg.model_name:
+        model_label = cfg.model_name
+    else:
+        raise EvalInputError("evaluate needs --model-base-url and --model-name, or --local-model")
+    if not cfg.benchmarks:
+        raise EvalInputError("no benchmarks given (--benchmark NAME=PATH or --benchmarks-dir DIR)")
+    problems = {k: load_benchmark(p, k, cfg.limit) for k, p in cfg.benchmarks.items()}
+    jobs, slots = [], []
+    for key, probs in problems.items():
+        for pr in probs:
+            for t in range(cfg.trials[key]):
+                body = _body(cfg, pr.prompt, t)
+                jk = request_key(kind="eval", model=model_label, body=body, trial=t)
+                jobs.append(Job(jk, body))
+                slots.append((key, pr, t, jk))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    cache = RequestCache(os.path.join(cfg.output_dir, "cache.sqlite"))
+    try:
+        results, client_stats = _generate(cfg, jobs, cache, model_label)
+    finally:
+        cache.close()
+
+    samples, correct = [], {}
+    failed = 0
+    for key, pr, t, jk in slots:
+        r = results.get(jk)
+        if r is None or not r.ok:
+            failed += 1
+            continue
+        ok, extracted = grade_answer(pr, r.content)
+        correct[(key, pr.id, t)] = ok
+        samples.append({"benchmark": key, "id": pr.id, "trial": t, "correct": ok, "extracted": extracted,
+                        "answer": pr.answer, "finish_reason": r.finish_reason, "response": r.content})
+    benches = {}
+    for key, probs in problems.items():
+        K = cfg.trials[key]
+        per_trial, missing = [], 0
+        for t in range(K):
+            got = [correct[(key, pr.id, t)] for pr in probs if (key, pr.id, t) in correct]
+            missing += len(probs) - len(got)
+            per_trial.append(sum(got) / len(probs))   # a failed request counts as wrong, and is reported
+        benches[key] = {"name": display_name(key), "file": os.path.abspath(cfg.benchmarks[key]),
+                        "problems": len(probs), "trials": K, "failed_requests": missing,
+                        **summarise(per_trial)}
+    means = [b["mean"] for b in benches.values()]
+    doc = {"model": model_label,
+           "sampling": {"temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens,
+                        "thinking": cfg.thinking, "seed": cfg.seed, "system_prompt": cfg.system_prompt},
+           "spread": "std over trials of the per-trial accuracy (ddof=0)",
+           "benchmarks": benches, "average": statistics.fmean(means), "failed_requests": failed,
+           "client": client_stats}
+    write_jsonl_atomic(os.path.join(cfg.output_dir, "samples.jsonl"), samples)
+    write_json_atomic(os.path.join(cfg.output_dir, "results.json"), doc)
+    return doc
+
+
+# --- before / after ---------------------------------------------------------------------------------
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def format_results(doc: dict) -> str:
+    lines = [f"{doc['model']}  (accuracy %, mean +- std over trials)",
+             f"{'benchmark':<15} {'problems':>8} {'trials':>6} {'accuracy':>14}"]
+    for b in doc["benchmarks"].values():
+        lines.append(f"{b['name']:<15} {b['problems']:>8} {b['trials']:>6} "
+                     f"{_pct(b['mean']):>7} +- {_pct(b['std']):<5}")
+    lines.append(f"{'average':<15} {'':>8} {'':>6} {_pct(doc['average']):>7}")
+    return "\n".join(lines)
+
+
+def compare(base: dict, tuned: dict, plot_path: Optional[str] = None) -> str:
+    """The before/after table (benchmarks of both files, in the base's order) and an optional bar chart."""
+    keys = [k for k in base["benchmarks"] if k in tuned["benchmarks"]]
+    if not keys:
+        raise EvalInputError("the two results files have no benchmark in common")
+    head = f"{'benchmark':<15} {'base':>14} {'tuned':>14} {'delta':>7}"
+    lines = [f"base:  {base['model']}", f"tuned: {tuned['model']}", "accuracy %, mean +- std over trials", head]
+    for k in keys:
+        b, t = base["benchmarks"][k], tuned["benchmarks"][k]
+        lines.append(f"{b['name']:<15} {_pct(b['mean']):>7} +- {_pct(b['std']):<4} {_pct(t['mean']):>7} +- "
+                     f"{_pct(t['std']):<4} {100 * (t['mean'] - b['mean']):>+7.1f}")
+    ab = statistics.fmean(base["benchmarks"][k]["mean"] for k in keys)
+    at = statistics.fmean(tuned["benchmarks"][k]["mean"] for k in keys)
+    lines.append(f"{'average':<15} {_pct(ab):>7}{'':7} {_pct(at):>7}{'':7} {100 * (at - ab):>+7.1f}")
+    if plot_path:
+        _bar_chart(base, tuned, keys, plot_path)
+        lines.append(f"bar chart: {plot_path}")
+    return "\n".join(lines)
+
+
+def _bar_chart(base: dict, tuned: dict, keys: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from megatron_spot.utils.atomic import publish_file, temp_path
+
+    x = range(len(keys))
+    w = 0.38
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(keys) + 2), 3.8))
+    for off, doc, label in ((-w / 2, base, "base"), (w / 2, tuned, "tuned")):
+        means = [100 * doc["benchmarks"][k]["mean"] for k in keys]
+        stds = [100 * doc["benchmarks"][k]["std"] for k in keys]
+        ax.bar([i + off for i in x], means, w, yerr=stds, capsize=3, label=f"{label}: {doc['model']}"[:60])
+    ax.set_xticks(list(x))
+    ax.set_xticklabels([base["benchmarks"][k]["name"] for k in keys], rotation=20, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("before / after (mean, error bar = std over trials)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = temp_path(path)
+    fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    publish_file(tmp, path)
+
+
+def load_results(path: str) -> dict:
+    doc = read_json(path)
+    if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), dict):
+        raise EvalInputError(f"{path}: not a results.json written by tools/evaluate.py")
+    return doc
+
+
+__all__ = ["BENCHMARKS", "PAPER_PROTOCOL", "EvalConfig", "EvalInputError", "Problem", "benchmark_key",
+           "compare", "evaluate", "extract_choice", "format_results", "grade_answer", "load_benchmark",
+           "load_results", "summarise", "trials_for"]
