@@ -44,7 +44,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from megatron_spot.checkpoint.errors import CheckpointError
-from megatron_spot.checkpoint.safe_load import load_failure_reason, verify_dist_checkpoint
+from megatron_spot.checkpoint.safe_load import is_load_failure, load_failure_reason, verify_dist_checkpoint
 from megatron_spot.checkpoint.safetensors_io import (
     INDEX_NAME,
     SINGLE_NAME,
@@ -656,9 +656,9 @@ def load_model_checkpoint(chunks, ckpt_dir: str) -> dict:
         loaded, missing, unexpected = dist_checkpointing.load(sharded, ckpt_dir, strict=StrictHandling.RETURN_ALL)
     except CheckpointingException as exc:
         raise CheckpointError(f"{ckpt_dir}: {exc}") from None
-    except (CheckpointError, KeyboardInterrupt):
-        raise
-    except Exception as exc:  # damage the size check cannot see (garbage bytes inside a shard)
+    except BaseException as exc:  # torch's CheckpointException derives from BaseException
+        if not is_load_failure(exc):
+            raise  # damage the size check cannot see (garbage bytes inside a shard)
         raise CheckpointError(f"{ckpt_dir}: cannot read the checkpoint ({load_failure_reason(exc)})") from None
     missing = {k for k in missing if not k.endswith("_extra_state")}
     unexpected = {k for k in unexpected if not k.endswith("_extra_state")}

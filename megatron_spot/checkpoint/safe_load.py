@@ -8,7 +8,7 @@ machinery (so a planted file could run any code on load):
   megatron_spot path that opens a checkpoint (mcore-to-hf, resume, scoring, export) goes through
   them. :func:`install` points that module's ``pickle`` at a restricted unpickler that resolves only
   the checkpoint-metadata classes (torch.distributed.checkpoint metadata/planner dataclasses and
-  enums, torch.Size, torch dtypes, the layout decoder, OrderedDict).
+  enums, torch.Size, torch dtypes, the layout decoder, OrderedDict, pathlib paths).
 - non-tensor items (ShardedObjects such as optimizer param groups) in ``*.distcp``: read by
   ``DefaultLoadPlanner.load_bytes`` with ``torch.load(weights_only=False)``. :func:`install` makes
   that ``weights_only=True`` (tensors, containers and plain values only).
@@ -36,6 +36,8 @@ _ALLOWED_GLOBALS = {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch.serialization", "_get_layout"),  # decodes a layout name ("torch.strided") to torch.layout
     ("collections", "OrderedDict"),
+    # StorageMeta.checkpoint_id when torch's own dcp.save wrote the folder: a path value, inert
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
 }
 
 
@@ -161,3 +163,12 @@ def load_failure_reason(exc: BaseException) -> str:
         exc = nxt
     text = " ".join(str(exc).split()) or type(exc).__name__
     return f"{type(exc).__name__}: {text[:300]}"
+
+
+def is_load_failure(exc: BaseException) -> bool:
+    """A failed read worth one CheckpointError line (not Ctrl-C, exit, or our own error)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, (CheckpointError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+        return False
+    return isinstance(exc, (Exception, CheckpointException))

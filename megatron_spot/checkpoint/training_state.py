@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spot.checkpoint.errors import CheckpointError
-from megatron_spot.checkpoint.safe_load import load_failure_reason, verify_dist_checkpoint
+from megatron_spot.checkpoint.safe_load import is_load_failure, load_failure_reason, verify_dist_checkpoint
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.platform.device import accelerator_rng_state, set_accelerator_rng_state
 from megatron_spot.utils.atomic import (make_temp_dir, publish_dir, write_bytes_atomic, write_json_atomic,
@@ -257,9 +257,9 @@ def load_training_state(ckpt: str, engine) -> dict:
     verify_dist_checkpoint(optim_dir)
     try:
         loaded = dist_checkpointing.load({"optimizer": optim_ssd}, optim_dir)
-    except (CheckpointError, KeyboardInterrupt):
-        raise
-    except Exception as exc:
+    except BaseException as exc:  # torch's CheckpointException derives from BaseException
+        if not is_load_failure(exc):
+            raise
         raise CheckpointError(f"{optim_dir}: cannot read the optimizer state ({load_failure_reason(exc)})") from None
     _load_optimizer_state(engine.optimizer, loaded["optimizer"])
     engine.scheduler.load_state_dict(state["scheduler"])
