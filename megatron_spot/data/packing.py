@@ -81,7 +81,7 @@ def split_runs_to_multiple(runs: list[range], multiple: int) -> list[range]:
 
 
 def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_token_id: int,
-                   pad_to_multiple_of: int = 1, max_length: Optional[int] = None) -> dict:
+                   pad_to_multiple_of: int = 1, max_length: Optional[int] = None, sequence_multiple: int = 1) -> dict:
     """One packed row from whole groups of pairs.
 
     Returns tensors `tokens`, `labels`, `position_ids` [1, T] (int64), `loss_mask` [1, T] (float32),
@@ -89,13 +89,17 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
     `cu_seqlens` (int32, boundaries incl. the padding tail), `pair_indices` [P] in group order,
     plus python lists `group_sizes` (pairs per group) and `chosen_tokens` (scored chosen tokens per
     group), and ints `max_seqlen`, `num_sequences`, `attention_tokens` (non-pad tokens).
+    `sequence_multiple` > 1 pads every sequence to a multiple of it (context parallel splits each
+    sequence into 2 x CP equal chunks); `cu_seqlens` then holds the padded boundaries and
+    `cu_seqlens_unpadded` the real ones.
     Sequence k of group g is at rows [offset_g + k] for chosen and [offset_g + B_g + k] for rejected,
     offset_g = 2 * (pairs before g): the per-group layout of `collate_pairs`.
     """
     import torch
 
     tokens, labels, mask, positions, segment = [], [], [], [], []
-    lengths, group_sizes, chosen_tokens, pairs = [], [], [], []
+    lengths, real_lengths, group_sizes, chosen_tokens, pairs = [], [], [], [], []
+    q = max(int(sequence_multiple), 1)
     seq_index = 0
     for idx in groups:
         # collate_pairs owns truncation and label/mask construction: reuse it, then drop its padding
@@ -106,12 +110,16 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
         pairs.extend(int(i) for i in idx)
         for j in range(2 * B):
             n = int(b["sequence_lengths"][j])
-            tokens.append(b["tokens"][j, :n])
-            labels.append(b["labels"][j, :n])
-            mask.append(b["loss_mask"][j, :n])
-            positions.append(torch.arange(n, dtype=torch.int64))
-            segment.append(torch.full((n,), seq_index, dtype=torch.int64))
-            lengths.append(n)
+            width = -(-n // q) * q
+            row_t, row_l, row_m = b["tokens"][j], b["labels"][j], b["loss_mask"][j]
+            extra = width - n
+            tokens.append(torch.cat([row_t[:n], torch.full((extra,), pad_token_id, dtype=torch.int64)]))
+            labels.append(torch.cat([row_l[:n], torch.full((extra,), pad_token_id, dtype=torch.int64)]))
+            mask.append(torch.cat([row_m[:n], torch.zeros(extra, dtype=torch.float32)]))
+            positions.append(torch.arange(width, dtype=torch.int64))
+            segment.append(torch.full((width,), seq_index, dtype=torch.int64))
+            lengths.append(width)
+            real_lengths.append(n)
             seq_index += 1
     used = int(sum(lengths))
     m = max(int(pad_to_multiple_of), 1)
@@ -124,6 +132,7 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
         positions.append(torch.arange(pad, dtype=torch.int64))
         segment.append(torch.full((pad,), seq_index, dtype=torch.int64))
     bounds = np.concatenate([[0], np.cumsum(lengths + ([pad] if pad else []))])
+    real_bounds = np.concatenate([[0], np.cumsum(real_lengths + ([pad] if pad else []))])
     return {
         "tokens": torch.cat(tokens)[None],
         "labels": torch.cat(labels)[None],
@@ -131,12 +140,13 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
         "position_ids": torch.cat(positions)[None],
         "segment_ids": torch.cat(segment),
         "cu_seqlens": torch.as_tensor(bounds, dtype=torch.int32),
+        "cu_seqlens_unpadded": torch.as_tensor(real_bounds, dtype=torch.int32),
         "max_seqlen": int(max(lengths + ([pad] if pad else []))),
         "num_sequences": seq_index,
         "pair_indices": torch.as_tensor(pairs, dtype=torch.int64),
         "group_sizes": group_sizes,
         "chosen_tokens": chosen_tokens,
-        "attention_tokens": used,
+        "attention_tokens": int(sum(real_lengths)),
     }
 
 
@@ -150,3 +160,25 @@ def segment_sums(token_values, loss_mask, segment_ids, num_segments: int):
     masked = torch.where(keep, values, torch.zeros_like(values))
     out = values.new_zeros(num_segments + 1)  # the extra slot collects the padding tail
     return out.index_add(0, segment_ids.reshape(-1), masked)[:num_segments]
+
+
+def context_parallel_indices(cu_seqlens, cp_size: int, cp_rank: int):
+    """Token indices of a packed row that context-parallel rank `cp_rank` holds.
+
+    Each sequence (lengths divisible by 2 x cp_size) is cut into 2 x cp_size equal chunks and rank r
+    keeps chunks r and 2 x cp_size - 1 - r, so every rank gets the same share of causal-attention work:
+    the load-balanced THD layout of Transformer Engine's context parallelism
+    (`thd_get_partitioned_indices`), written out here so the CPU can check it.
+    """
+    import torch
+
+    bounds = [int(x) for x in cu_seqlens.tolist()]
+    parts = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        n = end - start
+        if n % (2 * cp_size):
+            raise ValueError(f"sequence of {n} tokens is not divisible by 2 x context_parallel = {2 * cp_size}")
+        c = n // (2 * cp_size)
+        for k in (cp_rank, 2 * cp_size - 1 - cp_rank):
+            parts.append(torch.arange(start + k * c, start + (k + 1) * c, dtype=torch.int64))
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)

@@ -47,19 +47,23 @@ def make_micro_batches(dataset: PairDataset, step_indices: Sequence[Sequence[int
 
 def make_packed_micro_batches(dataset: PairDataset, step_plan, dp_rank: int, device: torch.device,
                               max_tokens: int, ref_logps: Optional[np.ndarray] = None, pad_to_multiple_of: int = 8,
-                              max_length: Optional[int] = None, count_multiple: int = 1) -> list[dict]:
+                              max_length: Optional[int] = None, count_multiple: int = 1, cp_size: int = 1,
+                              cp_rank: int = 0) -> list[dict]:
     """This rank's packed micro-batches of one step (see megatron_spot.data.packing).
 
     step_plan: every rank's groups of the step, [num_groups][dp_size][micro_batch_size] pair indices
     (`PairBatchSampler.plan(epoch)[step]`): the cut into micro-batches is planned from all ranks' token
     counts, so that the k-th micro-batch holds the same groups on every rank. `count_multiple`: make
     the number of micro-batches a multiple of it (interleaved pipelines). Each batch also carries
-    `packed_seq_params` for Megatron-Core and `ref_logps` per sequence in row order.
+    `packed_seq_params` for Megatron-Core and `ref_logps` per sequence in row order. With context
+    parallelism (`cp_size` > 1) every sequence is padded to a multiple of 2 x cp_size and this rank
+    keeps its load-balanced share of each sequence's tokens (`context_parallel_indices`).
     """
     from megatron.core.packed_seq_params import PackedSeqParams
 
     from megatron_spot.data.packing import (
         collate_packed,
+        context_parallel_indices,
         group_token_counts,
         plan_packed_micro_batches,
         split_runs_to_multiple,
@@ -73,9 +77,13 @@ def make_packed_micro_batches(dataset: PairDataset, step_plan, dp_rank: int, dev
     for run in runs:
         groups = [plan[g, dp_rank].tolist() for g in run]
         b = collate_packed(dataset, groups, dataset.pad_token_id, pad_to_multiple_of=pad_to_multiple_of,
-                           max_length=max_length)
+                           max_length=max_length, sequence_multiple=2 * cp_size if cp_size > 1 else 1)
         b["labels"] = torch.where(b["loss_mask"] > 0, b["labels"], torch.full_like(b["labels"], IGNORE_INDEX))
-        b["padded_tokens"] = int(b["tokens"].shape[1])
+        if cp_size > 1:
+            keep = context_parallel_indices(b["cu_seqlens"], cp_size, cp_rank)
+            for key in ("tokens", "labels", "loss_mask", "position_ids"):
+                b[key] = b[key][:, keep]
+            b["segment_ids"] = b["segment_ids"][keep]
         if ref_logps is not None:
             per_seq = []
             for idx in groups:
@@ -83,10 +91,10 @@ def make_packed_micro_batches(dataset: PairDataset, step_plan, dp_rank: int, dev
                 per_seq.extend([ref_logps[idx, 0], ref_logps[idx, 1]])
             b["ref_logps"] = torch.from_numpy(np.concatenate(per_seq)).float()
         b = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in b.items()}
-        cu = b["cu_seqlens"]
+        cu, cu_real = b["cu_seqlens"], b["cu_seqlens_unpadded"]
         b["packed_seq_params"] = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=b["max_seqlen"],
-            max_seqlen_kv=b["max_seqlen"])
+            qkv_format="thd", cu_seqlens_q=cu_real, cu_seqlens_kv=cu_real, cu_seqlens_q_padded=cu,
+            cu_seqlens_kv_padded=cu, max_seqlen_q=b["max_seqlen"], max_seqlen_kv=b["max_seqlen"])
         out.append(b)
     return out
 
@@ -99,10 +107,14 @@ def step_micro_batches(cfg, dataset: PairDataset, sampler, epoch: int, step_in_e
     d = cfg.data
     if d.packing:
         interleaved = (cfg.parallel.virtual_pipeline or 1) > 1
+        from megatron.core import parallel_state as ps
+
+        cp = ps.get_context_parallel_world_size()
         mbs = make_packed_micro_batches(dataset, sampler.plan(epoch)[step_in_epoch], dp_rank, device,
                                         d.max_tokens_per_micro_batch, ref_logps=ref_logps,
                                         pad_to_multiple_of=d.pad_to_multiple_of, max_length=d.seq_length,
-                                        count_multiple=pipeline_parallel if interleaved else 1)
+                                        count_multiple=pipeline_parallel if interleaved else 1,
+                                        cp_size=cp, cp_rank=ps.get_context_parallel_rank() if cp > 1 else 0)
         for mb in mbs:
             mb["mean_sequence_length"] = mb["attention_tokens"] / mb["num_sequences"]
         return mbs

@@ -133,9 +133,7 @@ class Engine:
     def _packed_train_loss(self, batch, output_tensor):
         """Loss of one packed micro-batch: each group of pairs is one SpotLoss call (one spot-bco delta
         update), in order; returns (sum over pairs of the loss, pair count, per-group metric sums)."""
-        from megatron_spot.data.packing import segment_sums
-
-        seq = segment_sums(-output_tensor.float(), batch["loss_mask"], batch["segment_ids"], batch["num_sequences"])
+        seq = self._packed_sequence_logps(batch, output_tensor)
         total, sums, offset = None, {}, 0
         for B, n_chosen in zip(batch["group_sizes"], batch["chosen_tokens"]):
             rows = slice(offset, offset + 2 * B)
@@ -147,14 +145,29 @@ class Engine:
         # "loss" and the other metrics are per-group means summed here; _reduce_metrics divides by
         # the step's group count. delta is a running value: the last group's.
         sums["_groups"] = torch.tensor(float(len(batch["group_sizes"])), dtype=torch.float64, device=seq.device)
-        pairs = torch.tensor(sum(batch["group_sizes"]), dtype=torch.int, device=seq.device)
-        return total, pairs, sums
+        # Megatron-Core sums this count over the DP x CP group: context-parallel ranks of one replica
+        # share the pairs, so only CP rank 0 counts them
+        from megatron.core import parallel_state as ps
+
+        counted = sum(batch["group_sizes"]) if ps.get_context_parallel_rank() == 0 else 0
+        return total, torch.tensor(counted, dtype=torch.int, device=seq.device), sums
 
     def _packed_score_loss(self, batch, output_tensor):
+        seq = self._packed_sequence_logps(batch, output_tensor)
+        return output_tensor.new_zeros(()), {"seq_logps": seq.detach()}
+
+    @staticmethod
+    def _packed_sequence_logps(batch, output_tensor):
+        """Per-sequence log-prob sums of a packed row; with context parallel, this rank's partial sums
+        are added over the CP group (backward: each rank keeps the gradient of its own tokens)."""
+        from megatron.core import parallel_state as ps
+
         from megatron_spot.data.packing import segment_sums
 
         seq = segment_sums(-output_tensor.float(), batch["loss_mask"], batch["segment_ids"], batch["num_sequences"])
-        return output_tensor.new_zeros(()), {"seq_logps": seq.detach()}
+        if ps.get_context_parallel_world_size() > 1:
+            seq = _SumOverGroup.apply(seq, ps.get_context_parallel_group())
+        return seq
 
     def _train_loss(self, batch, output_tensor):
         token_logps = -output_tensor.float()  # the model returns per-token negative log-probs
@@ -291,6 +304,21 @@ class Engine:
             dist.all_reduce(values, group=ps.get_data_parallel_group())
             values /= dp
         return {k: float(v) for k, v in zip(keys, values.tolist()) if k != "_groups"}
+
+
+class _SumOverGroup(torch.autograd.Function):
+    """All-reduce (sum) of partial per-sequence sums in forward; identity in backward, since every rank
+    computes the same loss from the summed values and its gradient flows to its own tokens only."""
+
+    @staticmethod
+    def forward(ctx, partial_sums, group):
+        total = partial_sums.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def is_finite(value: float) -> bool:

@@ -148,3 +148,53 @@ def test_packed_resume_mid_epoch_is_exact(packing_results):
     resumed = {h["step"]: h["loss"] for h in runs["resumed"]}
     assert sorted(resumed) == list(range(2, STEPS + 1))
     assert [resumed[s] for s in sorted(resumed)] == [full[s] for s in sorted(resumed)]
+
+
+def test_context_parallel_layout_and_packing_checks(workspace):
+    from megatron_spot.config import ConfigError, TrainConfig, load_config
+    from megatron_spot.data import PairDataset
+    from megatron_spot.data.packing import collate_packed, context_parallel_indices
+    from megatron_spot.train import validate_packing
+
+    ds = PairDataset(workspace["pack"])
+    row = collate_packed(ds, [[0, 1], [2]], ds.pad_token_id, pad_to_multiple_of=8, sequence_multiple=4)
+    padded, real = row["cu_seqlens"].tolist(), row["cu_seqlens_unpadded"].tolist()
+    assert all((b - a) % 4 == 0 for a, b in zip(padded[:-1], padded[1:]))
+    for k in range(6):  # per-sequence padding is masked; the real tokens are where cu_seqlens_unpadded says
+        n = real[k + 1] - real[k]
+        assert padded[k + 1] - padded[k] - n < 4
+        assert row["loss_mask"][0, padded[k] + n - 1: padded[k + 1]].sum() == 0
+    # CP=2: each sequence in 4 chunks, rank 0 keeps chunks 0 and 3, rank 1 chunks 1 and 2; together all tokens once
+    cu = torch.tensor([0, 8, 16], dtype=torch.int32)
+    assert context_parallel_indices(cu, 2, 0).tolist() == [0, 1, 6, 7, 8, 9, 14, 15]
+    assert context_parallel_indices(cu, 2, 1).tolist() == [2, 3, 4, 5, 10, 11, 12, 13]
+    both = torch.cat([context_parallel_indices(row["cu_seqlens"], 2, r) for r in range(2)])
+    assert sorted(both.tolist()) == list(range(row["tokens"].shape[1]))
+    with pytest.raises(ValueError, match="not divisible by 2 x context_parallel"):
+        context_parallel_indices(torch.tensor([0, 6], dtype=torch.int32), 2, 0)
+
+    def check(overrides, match, te=True):
+        cfg = load_config(TrainConfig, None, _overrides(workspace, "unused") + overrides)
+        with pytest.raises(ConfigError, match=match):
+            validate_packing(cfg, ds, te_available=te)
+
+    check(["parallel.context_parallel=2"], "set data.packing=true")
+    check(["parallel.context_parallel=2", "data.packing=true"], "Transformer Engine", te=False)
+    check(["parallel.context_parallel=4", "data.packing=true", "data.pad_to_multiple_of=4"], "multiple of")
+    check(["data.packing=true", "data.max_tokens_per_micro_batch=10"], r"raise it to at least \d+")
+    validate_packing(load_config(TrainConfig, None, _overrides(workspace, "u") + ["data.packing=true"]), ds, False)
+
+
+@pytest.mark.gpu
+def test_context_parallel_indices_equal_transformer_engine():
+    """Our THD context-parallel split is the one Transformer Engine's attention expects."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU with Transformer Engine")
+    tex = pytest.importorskip("transformer_engine_torch")
+    from megatron_spot.data.packing import context_parallel_indices
+
+    cu = torch.tensor([0, 16, 48, 56, 96], dtype=torch.int32, device="cuda")
+    for cp in (2, 4):
+        for rank in range(cp):
+            theirs = tex.thd_get_partitioned_indices(cu, int(cu[-1]), cp, rank).long().cpu().tolist()
+            assert context_parallel_indices(cu.cpu(), cp, rank).tolist() == theirs, (cp, rank)
