@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 STAMP := $(VENV)/.installed
 EXT_SOURCES := $(wildcard csrc/*.h csrc/*.cpp csrc/*.cu csrc/*.cuh)
 
-.PHONY: install test demo bench clean-venv
+.PHONY: install test demo bench clean-venv gpu-wheels gpu-check
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -44,3 +44,21 @@ bench: install
 
 clean-venv:
 	rm -rf $(VENV)
+
+# GPU acceptance (README "Checking a GPU machine"). gpu-wheels runs here, with the registry;
+# gpu-check runs on the GPU machine with its own python (no venv, no network); DRY_RUN=1 runs the
+# same script on this CPU machine at tiny sizes. Results go to OUT (default gpu_results/, or $$OUT).
+GPU_WHEELS ?= .gpu-wheels
+GPU_PYTHON ?= python3
+OUT ?= gpu_results
+
+gpu-wheels: $(VENV)/bin/python
+	$(PY) tools/gpu_check.py --download-wheels $(GPU_WHEELS)
+
+ifeq ($(DRY_RUN),1)
+gpu-check: install
+	$(PY) tools/gpu_check.py --dry-run --out $(OUT)
+else
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py --out $(OUT) --wheels $(GPU_WHEELS)
+endif

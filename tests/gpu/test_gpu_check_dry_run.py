@@ -1,0 +1,120 @@
+"""`make gpu-check DRY_RUN=1` inside `make test`: the GPU acceptance kit runs end to end on this CPU
+machine at tiny sizes (so it cannot rot before a GPU comes), and one failing step does not stop the
+others. Not gpu-marked: this is the CPU half. The dry run's children see only the packages the GPU
+machine has (tools/gpu_check.py build_machine_site), so a new import the wheels do not carry fails here.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TOOL = os.path.join(ROOT, "tools", "gpu_check.py")
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import gpu_check  # noqa: E402
+
+sys.path.pop(0)
+
+
+def _run(out, *extra, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", gpu_check.INJECT_ENV)}
+    proc = subprocess.run([sys.executable, TOOL, "--dry-run", "--out", str(out), *extra], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+    with open(os.path.join(out, "gpu_results.json")) as f:
+        return proc, json.load(f)
+
+
+@pytest.fixture(scope="module")
+def dry(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu_check_dry")
+    return out, *_run(out)
+
+
+def test_dry_run_is_green_and_writes_results(dry):
+    out, proc, res = dry
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = {s["name"]: s for s in res["steps"]}
+    assert list(steps) == list(gpu_check.STEP_NAMES)
+    assert res["dry_run"] is True and res["ok"] is True
+    assert steps["build"]["status"] == "skipped" and "dry run" in steps["build"]["reason"]
+    assert all(steps[n]["status"] == "ok" for n in ("wheels", "pytest", "bench-ops", "profile")), steps
+    assert res["wall_s"] < res["budget_s"]
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# GPU check: PASSED (DRY RUN") and summary in proc.stdout
+    for name in gpu_check.STEP_NAMES:
+        assert f"| {name} |" in summary
+
+
+def test_dry_run_installs_a_wheel_privately(dry):
+    _, _, res = dry
+    wheels = {s["name"]: s for s in res["steps"]}["wheels"]["result"]["wheels"]
+    assert wheels == [{"dist": "gpu-check-probe", "action": "installed gpu_check_probe-1.0-py3-none-any.whl"}]
+    import importlib.util
+
+    assert importlib.util.find_spec("gpu_check_probe") is None  # it went to the private folder, now removed
+
+
+def test_dry_run_collects_the_gpu_tests(dry):
+    _, _, res = dry
+    r = {s["name"]: s for s in res["steps"]}["pytest"]["result"]
+    assert "tests/gpu" in r["files"] and any(f.startswith("tests/models") for f in r["files"])
+    names = {t["name"].split("::")[-1].split("[")[0] for t in r["tests"]}
+    # the kernel, training, checkpoint and NCCL checks are all collected (and skip without CUDA)
+    for expected in ("test_token_logprobs_cuda_matches_fp64_torch", "test_pair_loss_cuda_matches_formulas",
+                     "test_fused_linear_head_cuda_matches_fp64_torch", "test_gpu_fp32_local_spec_training_equals_cpu",
+                     "test_checkpoint_saved_on_cuda_resumes_exactly", "test_one_rank_nccl_startup_and_vocab_parallel_op"):
+        assert expected in names, sorted(names)
+    assert r["counts"]["skipped"] == len(r["tests"]) and r["counts"]["failed"] == 0
+    assert not any("test_gpu_check_dry_run" in t["name"] for t in r["tests"])  # no recursion
+
+
+def test_dry_run_benchmark_agrees_with_fp64_and_profile_reports(dry):
+    _, _, res = dry
+    steps = {s["name"]: s for s in res["steps"]}
+    cases = steps["bench-ops"]["result"]["cases"]
+    assert {(c["impl"], c["dtype"], c["tokens"]) for c in cases} == {
+        (i, d, t) for i in ("fused", "naive", "megatron") for d in ("float32", "bfloat16")
+        for t in gpu_check.BENCH_DRY["tokens"]}
+    for c in cases:
+        assert "error" not in c, c
+        assert c["time_s"] > 0 and c["bytes_moved"] > 0
+        assert c["max_abs_diff"] <= 1e-4, c  # every implementation against the fp64 log_softmax
+    fused = {(c["dtype"], c["tokens"]): c for c in cases if c["impl"] == "fused"}
+    assert all(c["backend"] == "cpu" for c in fused.values())
+    prof = steps["profile"]["result"]
+    assert prof["preset"] == "qwen3-tiny"
+    rep = prof["report"]
+    assert rep["tokens_per_s"] > 0 and rep["peak_memory_bytes"]["predicted"] > 0
+    assert math.isfinite(rep["flops_per_step"]["measured"]) and rep["flops_per_step"]["predicted"] > 0
+
+
+def test_one_failing_step_does_not_stop_the_others(tmp_path):
+    proc, res = _run(tmp_path, "--only", "wheels,bench-ops,profile", "--inject-failure", "wheels")
+    assert proc.returncode == 1
+    steps = {s["name"]: s for s in res["steps"]}
+    assert steps["wheels"]["status"] == "failed" and "injected failure" in steps["wheels"]["error"]
+    assert steps["bench-ops"]["status"] == "ok" and steps["profile"]["status"] == "ok"
+    assert res["ok"] is False
+    assert (tmp_path / "summary.md").read_text().startswith("# GPU check: FAILED")
+
+
+def test_a_hanging_step_is_killed_and_a_step_that_would_not_fit_is_skipped(tmp_path):
+    # wheels hangs (as a deadlocked collective would) and gets its 5 s minimum; nothing is left for profile
+    proc, res = _run(tmp_path, "--only", "wheels,profile", "--budget-s", "6", "--inject-failure", "wheels:hang")
+    steps = {s["name"]: s for s in res["steps"]}
+    assert steps["wheels"]["status"] == "timeout" and 5 <= steps["wheels"]["seconds"] < 30, steps["wheels"]
+    assert steps["profile"]["status"] == "skipped" and "would not fit" in steps["profile"]["reason"]
+    assert proc.returncode == 1
+
+
+def test_the_wheel_list_fits_the_budget_and_names_pinned_versions():
+    assert {d for d, _, _ in gpu_check.WHEELS} >= {"megatron-core", "psutil"}
+    assert all(v.count(".") >= 1 for _, v, _ in gpu_check.WHEELS)
+    folder = os.path.join(ROOT, ".gpu-wheels")
+    files = gpu_check._wheel_files(folder)
+    if not files:
+        pytest.skip("no .gpu-wheels/ here (run `make gpu-wheels`)")
+    assert sum(os.path.getsize(p) for p in files.values()) <= gpu_check.WHEELS_BUDGET_BYTES
