@@ -44,6 +44,9 @@ class Layout:
     pp: int = 1
     vpp: Optional[int] = None
     dp: int = 1
+    # context parallel: each sequence is split over cp ranks (activations per rank / cp; the
+    # distributed optimizer shards over DP x CP, as Megatron-Core's data-parallel-with-CP group does)
+    cp: int = 1
     micro_batch_size: int = 1
     num_micro_batches: int = 1
     seq_length: int = 2048
@@ -56,7 +59,7 @@ class Layout:
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
     @property
     def rows(self) -> int:  # sequences per micro-batch
@@ -121,7 +124,7 @@ def stage_parameters(cfg: Qwen3Config, layout: Layout, stage: int) -> int:
 
 def model_state_bytes(cfg: Qwen3Config, layout: Layout, stage: int = 0) -> dict:
     n = stage_parameters(cfg, layout, stage)
-    shard = layout.dp if layout.distributed_optimizer else 1
+    shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
     if layout.dtype == "fp32":
         weights, grads, opt = 4 * n, 4 * n, 8 * n / shard
     else:
@@ -159,7 +162,7 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, softmax_fp32: bool 
     keeps its inputs q, k, v; full recompute keeps only the layer input p*sbh (rep).
     """
     p = _BYTES[layout.dtype]
-    s, b, t = layout.seq_length, layout.rows, layout.tp
+    s, b, t = -(-layout.seq_length // layout.cp), layout.rows, layout.tp  # this rank's tokens of each sequence
     h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv, a = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_attention_heads
     rep = 1.0 / t if layout.sequence_parallel else 1.0
@@ -181,7 +184,7 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, softmax_fp32: bool 
 def head_activation_bytes(cfg: Qwen3Config, layout: Layout) -> float:
     """Last stage extra: final-norm input, output-layer input, and the logits the fused log-prob keeps."""
     p = _BYTES[layout.dtype]
-    s, b = layout.seq_length, layout.rows
+    s, b = -(-layout.seq_length // layout.cp), layout.rows
     return p * s * b * 2 * cfg.hidden_size + p * s * b * cfg.padded_vocab_size / layout.tp
 
 

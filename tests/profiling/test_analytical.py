@@ -129,3 +129,17 @@ def test_cli_predict_only_bad_input(capsys):
     assert main(["--preset", "qwen3-8b", "--gpu", "H100", "--tp", "2", "--seq-length", "2048",
                  "--predict-only", "--recompute", "selective"]) == 0
     assert "tokens/s" in capsys.readouterr().out
+
+
+def test_context_parallel_splits_activations_and_shards_optimizer():
+    """CP: a rank holds 1/cp of each sequence's activations, and the distributed optimizer shards over
+    DP x CP (Megatron-Core's data-parallel-with-context-parallel group); FLOPs per step are unchanged."""
+    from megatron_spot.profiling.analytical import activation_bytes
+
+    cfg = load_qwen3_config("qwen3-8b")
+    base = dict(tp=2, dp=1, micro_batch_size=1, dtype="bf16", sequence_parallel=True)
+    cp4 = Layout(**base, cp=4, seq_length=32768)
+    assert cp4.world_size == 8
+    assert activation_bytes(cfg, cp4) == activation_bytes(cfg, Layout(**base, seq_length=8192))
+    assert model_state_bytes(cfg, cp4)["optimizer"] == model_state_bytes(cfg, Layout(**{**base, "dp": 4}))["optimizer"]
+    assert step_flops(cfg, cp4) == step_flops(cfg, Layout(**base, seq_length=32768))
