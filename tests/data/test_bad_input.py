@@ -174,3 +174,22 @@ def test_tokenizer_mismatch_is_refused(pack, hf_tok, sp_model):
     PairDataset(pack, expected_tokenizer_hash=tokenizer_hash(hf_tok))
     with pytest.raises(TokenizerMismatchError, match="re-pack"):
         PairDataset(pack, expected_tokenizer_hash=tokenizer_hash(sp_model))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_naming_the_pair(pack, hf_tok):
+    """Training checks every id against the model's vocabulary at load (vectorised, in blocks)."""
+    import transformers
+
+    vocab = len(transformers.AutoTokenizer.from_pretrained(hf_tok))
+    ds = PairDataset(pack)
+    ds.check_token_ids(vocab)
+    largest = [max(int(s.max()) for s in ds.pair(i)) for i in range(len(ds))]
+    top = max(largest)
+    with pytest.raises(PackFormatError, match=rf"pack\.bin: token id {top} .*\(pair {largest.index(top)}\)"):
+        ds.check_token_ids(top)  # a model whose vocabulary stops just below the largest id
+    # a flipped byte inside pair 7's rejected response (sizes still agree with the index)
+    start = int(ds._starts[7, 2]) * ds.dtype.itemsize
+    _patch(pack + ".bin", start + ds.dtype.itemsize, b"\xff" * ds.dtype.itemsize)
+    damaged = PairDataset(pack)
+    with pytest.raises(PackFormatError, match=r"\(pair 7\) is outside the model's vocabulary"):
+        damaged.check_token_ids(vocab, block_tokens=5)  # several blocks: the position maps back exactly
