@@ -19,7 +19,7 @@ import gpu_check  # noqa: E402
 sys.path.pop(0)
 
 
-def _run(out, *extra, timeout=240):
+def _run(out, *extra, timeout=480):
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", gpu_check.INJECT_ENV)}
     proc = subprocess.run([sys.executable, TOOL, "--dry-run", "--out", str(out), *extra], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -92,11 +92,11 @@ def test_dry_run_benchmark_agrees_with_fp64_and_profile_reports(dry):
 
 
 def test_one_failing_step_does_not_stop_the_others(tmp_path):
-    proc, res = _run(tmp_path, "--only", "wheels,bench-ops,profile", "--inject-failure", "wheels")
+    proc, res = _run(tmp_path, "--only", "wheels,bench-ops", "--inject-failure", "wheels")
     assert proc.returncode == 1
     steps = {s["name"]: s for s in res["steps"]}
     assert steps["wheels"]["status"] == "failed" and "injected failure" in steps["wheels"]["error"]
-    assert steps["bench-ops"]["status"] == "ok" and steps["profile"]["status"] == "ok"
+    assert steps["bench-ops"]["status"] == "ok" and len(steps["bench-ops"]["result"]["cases"]) == 12
     assert res["ok"] is False
     assert (tmp_path / "summary.md").read_text().startswith("# GPU check: FAILED")
 
