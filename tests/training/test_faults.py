@@ -1,0 +1,269 @@
+"""Training under faults, in worlds of one process (no fault here needs more ranks): divergence never
+poisons a checkpoint, resume refuses damaged or planted checkpoints with one line naming the file,
+references belong to one model, bad settings fail in the preflight, metrics keep one row per step.
+
+Each `python -m megatron_spot.train` run costs ~15-30 s here, so a few runs serve many checks.
+"""
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+class _MakeDir:
+    """Unpickling this calls os.mkdir(marker): what a planted checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _env():
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return env
+
+
+def _overrides(ws, out, *extra):
+    return [f"data.pack={ws['pack']}", f"model.init_checkpoint={ws['mcore']}", f"data.tokenizer={ws['hf']}",
+            f"run.output_dir={out}", "data.micro_batch_size=2", "data.global_batch_size=8", "data.seq_length=128",
+            "data.pad_to_multiple_of=8", "loss.beta=0.5", "optimizer.lr=2e-3", "optimizer.warmup_fraction=0",
+            "run.epochs=1", "run.export_hf=false", "run.tensorboard=false", "precision.dtype=fp32", *extra]
+
+
+def _train(ws, out, *extra, timeout=420):
+    return subprocess.run([sys.executable, "-m", "megatron_spot.train", *_overrides(ws, out, *extra)],
+                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=timeout)
+
+
+def _cfg(ws, out, *extra):
+    from megatron_spot.config import TrainConfig, load_config
+
+    return load_config(TrainConfig, None, _overrides(ws, out, *extra))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Tiny HF Qwen3 + tokenizer, 32 packed pairs, its Megatron checkpoint, a second model (other
+    weights, same architecture and tokenizer) and the first model's reference log-probs."""
+    import transformers
+
+    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
+    from megatron_spot.data import build_tiny_tokenizer, pack_pairs
+    from megatron_spot.data.tokenization import HF_TOKENIZER_FILES
+    from megatron_spot.models.qwen3 import load_qwen3_config
+
+    root = tmp_path_factory.mktemp("faults")
+    rng = np.random.default_rng(0)
+    words = "the a one two three plus minus equals total so answer is step then we add take".split()
+    pairs = [{"prompt": f"Problem {i}: " + " ".join(rng.choice(words, 6)),
+              "chosen": " ".join(rng.choice(words, 6)) + f" answer {i}",
+              "rejected": " ".join(rng.choice(words, 6)) + f" answer {i + 1}"} for i in range(32)]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    ws = {"root": str(root), "hf": str(root / "hf"), "pack": str(root / "pack" / "pairs"),
+          "mcore": str(root / "mcore"), "mcore_other": str(root / "mcore_other")}
+    build_tiny_tokenizer(ws["hf"], [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs],
+                         vocab_size=512)
+    tok = transformers.AutoTokenizer.from_pretrained(ws["hf"])
+    cfg = load_qwen3_config("qwen3-tiny").to_hf_dict()
+    cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32")
+    for seed, hf, mc in ((0, ws["hf"], ws["mcore"]), (1, str(root / "hf_other"), ws["mcore_other"])):
+        torch.manual_seed(seed)
+        transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(hf)
+        if hf != ws["hf"]:
+            for name in HF_TOKENIZER_FILES:  # the same tokenizer
+                if os.path.exists(os.path.join(ws["hf"], name)):
+                    shutil.copy(os.path.join(ws["hf"], name), hf)
+        convert_hf_to_mcore(hf, mc, progress=False)
+    os.makedirs(os.path.dirname(ws["pack"]))
+    pack_pairs([str(root / "pairs.jsonl")], ws["hf"], ws["pack"], preset="trl")
+    _write_reference_sidecar(ws)
+    return ws
+
+
+def _write_reference_sidecar(ws):
+    """The sidecar tools/score_logprobs.py would write for ws['mcore'], with the sequence log-probs
+    computed by transformers (sum over response tokens, EOS included); saves a process start."""
+    import transformers
+
+    from megatron_spot.data import PairDataset
+    from megatron_spot.training.reference import reference_identity, save_ref_logps
+
+    ds = PairDataset(ws["pack"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(ws["hf"], dtype=torch.float32).eval()
+    values = np.zeros((len(ds), 2))
+    with torch.no_grad():
+        for i in range(len(ds)):
+            prompt, *responses = ds.pair(i)
+            for k, resp in enumerate(responses):
+                ids = torch.as_tensor(np.concatenate([prompt, resp]).astype(np.int64))[None]
+                logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+                targets = ids[0, 1:]
+                values[i, k] = logps[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum().item()
+    save_ref_logps(values, ws["pack"], ds.fingerprint, model=ws["mcore"],
+                   identity=reference_identity(ws["mcore"], ds.tokenizer_hash))
+
+
+def _read_model_finite(ckpt_model_dir, out_dir):
+    """Export the checkpoint's model with mcore-to-hf and report whether every weight is finite."""
+    from safetensors.torch import load_file
+
+    from megatron_spot.checkpoint.hf_convert import convert_mcore_to_hf
+
+    convert_mcore_to_hf(ckpt_model_dir, out_dir, progress=False)
+    tensors = load_file(os.path.join(out_dir, "model.safetensors"))
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values()), len(tensors)
+
+
+def test_divergence_stops_before_the_update_and_last_good_is_finite(ws, tmp_path):
+    out = str(tmp_path / "run")
+    proc = _train(ws, out, "optimizer.lr=1e6", "optimizer.clip_grad=0", "run.epochs=4", "run.save_interval=1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "stopped before applying the update" in last, proc.stderr[-3000:]
+    root = os.path.join(out, "checkpoints")
+    latest = open(os.path.join(root, "latest")).read().strip()
+    diverged_step = int(last.split(" at step ")[1].split()[0])
+    assert diverged_step >= 2 and latest == f"step_{diverged_step - 1:07d}", (last, latest)
+    assert os.path.join(root, latest) in last  # the message names the last good checkpoint
+    assert sorted(n for n in os.listdir(root) if n.startswith("step_")) == \
+        [f"step_{s:07d}" for s in range(1, diverged_step)]  # nothing saved at or after the bad step
+    finite, n = _read_model_finite(os.path.join(root, latest, "model"), str(tmp_path / "hf"))
+    assert finite and n > 10
+    steps = [json.loads(line)["step"] for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert steps == list(range(1, diverged_step))
+
+
+@pytest.fixture(scope="module")
+def trained(ws, tmp_path_factory):
+    """Three steps with a checkpoint each; then a resume from step 2 to step 4 in the same folder,
+    resuming over a planted pickle where an older version kept RNG states."""
+    out = str(tmp_path_factory.mktemp("resume") / "run")
+    proc = _train(ws, out, "run.train_steps=3", "run.save_interval=1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step2 = os.path.join(out, "checkpoints", "step_0000002")
+    marker = os.path.join(os.path.dirname(out), "PWNED")
+    torch.save(_MakeDir(marker), os.path.join(step2, "rng", "rank_00000.pt"))
+    resumed = _train(ws, out, "run.train_steps=4", "run.save_interval=1", f"run.load={step2}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"out": out, "marker": marker, "ckpt": os.path.join(out, "checkpoints", "step_0000003")}
+
+
+def test_resume_keeps_one_metrics_row_per_step_and_stores_no_pickles(trained):
+    rows = [json.loads(line) for line in open(os.path.join(trained["out"], "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert not os.path.exists(trained["marker"])  # the planted rng/*.pt was never unpickled
+    ckpt = os.path.join(trained["out"], "checkpoints", "step_0000004")
+    assert os.listdir(os.path.join(ckpt, "rng")) == ["rank_00000.safetensors"]
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(ckpt, "rng", "rank_00000.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["python"])[0] == 3 and "torch" in f.keys()
+    assert not [n for n in os.listdir(os.path.join(trained["out"], "checkpoints")) if ".tmp" in n]
+
+
+def _damaged(trained, tmp_path, name, damage):
+    ckpt = shutil.copytree(trained["ckpt"], str(tmp_path / name))
+    return ckpt, damage(ckpt)
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return path
+
+
+def _first_distcp(folder):
+    return os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith(".distcp"))[0])
+
+
+def _plant(path, marker):
+    with open(path, "wb") as f:
+        pickle.dump(_MakeDir(marker), f)
+    return path
+
+
+def test_damaged_or_planted_checkpoints_are_refused_before_anything_starts(ws, trained, tmp_path, capsys):
+    from megatron_spot.config import ConfigError
+    from megatron_spot.train import main, preflight
+
+    marker = str(tmp_path / "PWNED")
+    cases = {
+        "model_shard": lambda c: _truncate(_first_distcp(os.path.join(c, "model"))),
+        "optimizer_shard": lambda c: _truncate(_first_distcp(os.path.join(c, "optimizer"))),
+        "metadata": lambda c: _truncate(os.path.join(c, "model", ".metadata")),
+        "trainer_state": lambda c: open(os.path.join(c, "trainer_state.json"), "w").write("{garbage") and
+        os.path.join(c, "trainer_state.json"),
+        "planted_optimizer_metadata": lambda c: _plant(os.path.join(c, "optimizer", ".metadata"), marker),
+    }
+    for name, damage in cases.items():
+        ckpt, bad_file = _damaged(trained, tmp_path, name, damage)
+        with pytest.raises(ConfigError) as exc:
+            preflight(_cfg(ws, str(tmp_path / "never"), f"run.load={ckpt}"), 1)
+        assert bad_file in str(exc.value), (name, str(exc.value))
+    assert not os.path.exists(marker)
+    # the command line: one line, exit status 2 (bad input), no run folder written
+    out = tmp_path / "never"
+    assert main(_overrides(ws, str(out), f"run.load={tmp_path / 'model_shard'}")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "truncated" in err[0], err
+    assert not out.exists()
+
+
+def test_references_belong_to_one_model_and_tokenizer(ws, tmp_path):
+    from megatron_spot.config import ConfigError
+    from megatron_spot.data import PairDataset
+    from megatron_spot.train import preflight
+    from megatron_spot.training.reference import existing_sidecar, reference_identity
+
+    preflight(_cfg(ws, str(tmp_path / "ok")), 1)  # the model the sidecar was scored with
+    # another checkpoint (or the same path after replacing it): refused, naming what to rerun
+    with pytest.raises(ConfigError, match="another reference model.*rerun tools/score_logprobs.py"):
+        preflight(_cfg(ws, str(tmp_path / "x"), f"model.init_checkpoint={ws['mcore_other']}"), 1)
+    ds = PairDataset(ws["pack"])
+    moved = shutil.copytree(ws["mcore"], str(tmp_path / "moved"))  # same weights at another path: still valid
+    assert existing_sidecar(ws["pack"], ds.fingerprint, moved, identity=reference_identity(moved, ds.tokenizer_hash))
+    assert existing_sidecar(ws["pack"], ds.fingerprint, ws["mcore"],
+                            identity=reference_identity(ws["mcore_other"], ds.tokenizer_hash)) is None
+    # a truncated sidecar .npy is a preflight error, not a crash in the first step
+    npy = str(tmp_path / "ref.npy")
+    shutil.copy(ws["pack"] + ".ref_logps.npy", npy)
+    shutil.copy(ws["pack"] + ".ref_logps.json", str(tmp_path / "ref.json"))
+    _truncate(npy)
+    with pytest.raises(ConfigError, match="ref.npy: unreadable reference log-probs"):
+        preflight(_cfg(ws, str(tmp_path / "x"), f"data.ref_logprobs={npy}"), 1)
+
+
+def test_bad_settings_fail_in_the_preflight_with_one_line(ws, tmp_path):
+    from megatron_spot.config import ConfigError
+    from megatron_spot.train import preflight
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    other_tok = str(tmp_path / "other_tok")
+    from megatron_spot.data import build_tiny_tokenizer
+
+    build_tiny_tokenizer(other_tok, ["completely different words for another vocabulary"], vocab_size=300)
+    cases = {
+        "loss.objective=spot-bcoo": "loss.objective: unknown objective 'spot-bcoo'",
+        "optimizer.lr=-1e-5": "optimizer.lr=-1e-05 must be positive",
+        "data.global_batch_size=64": "data.global_batch_size=64 is larger than the 32 pairs",
+        f"run.output_dir={a_file}/run": "is not writable",
+        f"data.tokenizer={other_tok}": "is not the tokenizer stored with the checkpoint",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ConfigError) as exc:
+            preflight(_cfg(ws, str(tmp_path / "out"), override), 1)
+        assert message in str(exc.value) and "\n" not in str(exc.value), (override, str(exc.value))
+    assert not (tmp_path / "out").exists()
