@@ -219,6 +219,9 @@ def _tail(path: str, lines: int = 15) -> str:
 def orchestrate(args) -> int:
     out_dir = os.path.abspath(args.out)
     os.makedirs(os.path.join(out_dir, "logs"), exist_ok=True)
+    for stale in ("machine.json",):  # a previous run's machine must not be reported as this one's
+        if os.path.exists(os.path.join(out_dir, "logs", stale)):
+            os.remove(os.path.join(out_dir, "logs", stale))
     selected = STEP_NAMES if not args.only else tuple(args.only.split(","))
     unknown = [s for s in selected if s not in STEP_NAMES]
     if unknown:
@@ -271,8 +274,10 @@ def orchestrate(args) -> int:
                 rec = run_child(step.name, {**base, "limit_s": limit}, env, limit, out_dir)
             rec["what"] = step.what
             report["steps"].append(rec)
-            if step.name == "wheels" and rec.get("result", {}).get("machine"):
-                report["machine"].update(rec["result"]["machine"])
+            machine_json = os.path.join(out_dir, "logs", "machine.json")
+            if step.name == "wheels" and os.path.exists(machine_json):
+                with open(machine_json) as f:
+                    report["machine"].update(json.load(f))
             print(f"   {rec['status']} in {rec['seconds']:.1f} s" + (f": {_first_line(rec)}" if _first_line(rec)
                                                                      else ""), flush=True)
     finally:
@@ -483,6 +488,9 @@ def child_wheels(p: dict) -> dict:
     import importlib
     import importlib.metadata as md
 
+    machine = _machine_info()
+    with open(os.path.join(p["out"], "logs", "machine.json"), "w") as f:  # kept even if an install fails
+        json.dump(machine, f)
     if p["probe"]:
         wanted = [("gpu-check-probe", "1.0", "gpu_check_probe")]
         files = {"gpu-check-probe": os.path.join(p["wheels"], "gpu_check_probe-1.0-py3-none-any.whl")}
@@ -510,7 +518,7 @@ def child_wheels(p: dict) -> dict:
     importlib.invalidate_caches()
     for dist, _, module in wanted:
         importlib.import_module(module)  # raises with the module's own error if a wheel is broken
-    return {"wheels": actions, "site": p["site"], "machine": _machine_info()}
+    return {"wheels": actions, "site": p["site"], "machine": machine}
 
 
 def _machine_info() -> dict:
@@ -667,7 +675,7 @@ def child_bench_ops(p: dict) -> dict:
     dst.copy_(buf)
     best = min(timed(lambda: dst.copy_(buf))[0] for _ in range(3))
     bandwidth = 2 * buf.numel() * 4 / best
-    del buf, dst
+    buf = dst = None  # free both before the logits are allocated
 
     impls = {
         "naive": lambda x, t: torch.log_softmax(x.float(), dim=-1).gather(-1, t[..., None]).squeeze(-1),
@@ -727,7 +735,7 @@ def child_bench_ops(p: dict) -> dict:
                         torch.cuda.empty_cache()
                 cases.append(rec)
                 print(json.dumps(rec), flush=True)
-            del logits, exact
+            logits = exact = None  # free this shape's buffers before the next, larger one
     res = {"device": f"{dev} ({torch.cuda.get_device_name() if cuda else platform.processor() or 'CPU'})",
            "timer": "CUDA events" if cuda else "perf_counter", "reps": cfg["reps"],
            "memory_source": "torch.cuda.max_memory_allocated" if cuda else "n/a on CPU",

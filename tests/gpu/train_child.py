@@ -61,6 +61,9 @@ def train(root: str, out: str, spec: str, extra: list) -> None:
     from megatron_spot.platform.device import has_cuda
     from megatron_spot.train import run
 
+    import torch
+
+    torch.set_float32_matmul_precision("highest")  # fp32 GEMMs, not TF32: the CPU comparison assumes fp32
     if spec == "te" and not transformer_engine_available():
         raise SystemExit("train_child: spec 'te' requested but Transformer Engine is not importable")
     overrides = [f"data.pack={root}/pack/pairs", f"model.init_checkpoint={root}/mcore", f"data.tokenizer={root}/hf",
