@@ -103,8 +103,10 @@ def latest_checkpoint(path: str) -> Optional[str]:
     latest = os.path.join(root, "latest")
     if not os.path.exists(latest):
         return None
-    with open(latest) as f:
+    with open(latest, encoding="utf-8", errors="replace") as f:
         name = f.read().strip()
+    if not name or os.sep in name or name.startswith("."):  # garbage: never a path outside the folder
+        raise CheckpointError(f"{latest}: corrupt (names {name[:40]!r}, not a step_N folder)")
     ckpt = os.path.join(root, name)
     return ckpt if os.path.exists(os.path.join(ckpt, "trainer_state.json")) else None
 
