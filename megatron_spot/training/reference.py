@@ -101,16 +101,20 @@ def load_ref_logps(pack_prefix: str, fingerprint: str, num_pairs: int, override:
 
 def score_pairs(engine, dataset, dp_rank: int, dp_size: int, micro_batch_size: int, device: torch.device,
                 pad_to_multiple_of: int = 64, max_length: Optional[int] = None, micro_batches_per_call: int = 4,
-                progress: bool = False) -> np.ndarray:
+                progress: bool = False, max_tokens_per_micro_batch: Optional[int] = None) -> np.ndarray:
     """Sequence log-probs of every pair's chosen and rejected response under `engine`'s model.
 
     Each data-parallel replica scores a disjoint share (length-sorted, so padding stays small);
-    the shares are gathered to every rank. Returns float64 [len(dataset), 2].
+    the shares are gathered to every rank. Returns float64 [len(dataset), 2]. With
+    `max_tokens_per_micro_batch` (data.packing) each call's groups are packed into rows of at most that
+    many tokens instead of padded rows (same values; see megatron_spot.data.packing).
     """
     from megatron.core import parallel_state as ps
 
-    from megatron_spot.training.batches import make_micro_batches
+    from megatron_spot.training.batches import make_micro_batches, make_packed_micro_batches
 
+    par = engine.cfg.parallel
+    packed_count_multiple = par.pipeline_parallel if (par.virtual_pipeline or 1) > 1 else 1
     order = np.argsort(dataset.lengths(), kind="stable")
     batches = [order[i:i + micro_batch_size].tolist() for i in range(0, len(order), micro_batch_size)]
     mine = batches[dp_rank::dp_size]
@@ -126,13 +130,20 @@ def score_pairs(engine, dataset, dp_rank: int, dp_size: int, micro_batch_size: i
         full = [b if len(b) == micro_batch_size else b + [b[-1]] * (micro_batch_size - len(b)) for b in call]
         # interleaved pipelines need a fixed number (>= PP) of micro-batches per call: repeat the last
         full += [full[-1]] * (micro_batches_per_call - len(full))
-        mbs = make_micro_batches(dataset, full, device, pad_to_multiple_of=pad_to_multiple_of, max_length=max_length)
-        seq = engine.sequence_logps(mbs)
-        for idx, s in zip(call, seq):
-            s = s.cpu().numpy()
-            b = len(full[0])
+        if max_tokens_per_micro_batch:
+            # this replica's groups alone: scoring has no collective across DP ranks to line up
+            mbs = make_packed_micro_batches(dataset, np.asarray(full)[:, None, :], 0, device,
+                                            max_tokens_per_micro_batch, pad_to_multiple_of=pad_to_multiple_of,
+                                            max_length=max_length, count_multiple=packed_count_multiple)
+        else:
+            mbs = make_micro_batches(dataset, full, device, pad_to_multiple_of=pad_to_multiple_of,
+                                     max_length=max_length)
+        # both layouts give each group's B chosen then B rejected sequences, groups in call order
+        flat = torch.cat(engine.sequence_logps(mbs)).cpu().numpy()
+        b = len(full[0])
+        for g, idx in enumerate(call):
             for k, pair in enumerate(idx):
-                results[int(pair)] = (float(s[k]), float(s[b + k]))
+                results[int(pair)] = (float(flat[2 * b * g + k]), float(flat[2 * b * g + b + k]))
     gathered = [None] * dp_size
     if dp_size > 1:
         dist.all_gather_object(gathered, results, group=ps.get_data_parallel_group())
@@ -200,7 +211,8 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
     engine = Engine(cfg, qwen3, 1, trainable=False, load_weights=lambda chunks: load_model_checkpoint(chunks, weights))
     values = score_pairs(engine, dataset, info.dp_rank, info.dp, cfg.data.micro_batch_size, info.device,
                          pad_to_multiple_of=cfg.data.pad_to_multiple_of, max_length=cfg.data.seq_length,
-                         micro_batches_per_call=max(1, 2 * info.pp), progress=progress and info.rank == 0)
+                         micro_batches_per_call=max(1, 2 * info.pp), progress=progress and info.rank == 0,
+                         max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch if cfg.data.packing else None)
     path = None
     if info.rank == 0:
         path = save_ref_logps(values, cfg.data.pack, dataset.fingerprint, model=weights, override=cfg.data.ref_logprobs,

@@ -67,8 +67,12 @@ def _packing_worker(rank, world_size, ws):
     def cfg(out, objective="spot-bco", tp=2, pp=2, extra=()):
         return load_config(TrainConfig, None, _overrides(ws, os.path.join(ws["root"], out), objective, tp, pp, extra))
 
-    score_reference(cfg("pack_score"), progress=False)
-    result = {"logps": _sequence_logps_packed_vs_padded(cfg("pack_logps", extra=["data.packing=true"]))}
+    padded_sidecar = score_reference(cfg("pack_score"), progress=False)
+    packed_sidecar = os.path.join(ws["root"], "packed_scoring.npy")
+    score_reference(cfg("pack_score_packed", extra=["data.packing=true", "data.max_tokens_per_micro_batch=300",
+                                                    f"data.ref_logprobs={packed_sidecar}"]), progress=False)
+    result = {"logps": _sequence_logps_packed_vs_padded(cfg("pack_logps", extra=["data.packing=true"])),
+              "sidecars": (np.load(padded_sidecar), np.load(packed_sidecar)) if rank == 0 else None}
     losses = {}
     for objective in ("spot-bco", "dpo"):
         for tp, pp, mbs in ((2, 2, 2), (1, 1, 1)):
@@ -123,6 +127,13 @@ def test_packed_sequence_logps_equal_padded_rows(packing_results):
     assert r["num_packed"] < r["num_padded"]  # several groups really share a row
     assert len(r["packed"]) == len(r["padded"]) == 24
     np.testing.assert_allclose(r["packed"], r["padded"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_packed_scoring_writes_the_same_sidecar(packing_results):
+    padded, packed = packing_results["sidecars"]
+    assert padded.shape == packed.shape == (32, 2)
+    np.testing.assert_allclose(packed, padded, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -198,3 +209,29 @@ def test_context_parallel_indices_equal_transformer_engine():
         for rank in range(cp):
             theirs = tex.thd_get_partitioned_indices(cu, int(cu[-1]), cp, rank).long().cpu().tolist()
             assert context_parallel_indices(cu.cpu(), cp, rank).tolist() == theirs, (cp, rank)
+
+
+def _gpu_packing_worker(rank, world_size, ws, dtype):
+    from megatron_spot.config import TrainConfig, load_config
+    from megatron_spot.train import run
+    from megatron_spot.training.reference import score_reference
+
+    def cfg(out, extra=()):
+        return load_config(TrainConfig, None, _overrides(ws, os.path.join(ws["root"], out), tp=1, pp=1,
+                                                         extra=[f"precision.dtype={dtype}", *extra]))
+
+    score_reference(cfg(f"gpu_score_{dtype}"), progress=False)
+    padded = run(cfg(f"gpu_padded_{dtype}"))["history"]
+    packed = run(cfg(f"gpu_packed_{dtype}", ["data.packing=true", "data.max_tokens_per_micro_batch=200"]))["history"]
+    return [h["loss"] for h in padded], [h["loss"] for h in packed]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_training_on_gpu_equals_padded(workspace, dtype):
+    """One GPU: packed rows through Megatron-Core's THD path (Transformer Engine attention when it
+    imports, the packed local attention otherwise) train like padded rows."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    padded, packed = run_on_ranks(_gpu_packing_worker, world_size=1, args=(workspace, dtype))[0]
+    np.testing.assert_allclose(packed, padded, rtol=1e-4 if dtype == "fp32" else 2e-2)
