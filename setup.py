@@ -10,7 +10,7 @@ from setuptools import find_packages, setup
 
 
 def _extension_build():
-    """Return (ext_modules, cmdclass) for csrc/; owned by csrc/build.py."""
+    """Return (ext_modules, cmdclass) for csrc/; the build logic lives in csrc/build_ext_config.py."""
     import os
     import sys
 

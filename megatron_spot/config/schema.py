@@ -115,7 +115,6 @@ class RunConfig:
     load: Optional[str] = None  # resume from this run folder / checkpoint
     export_hf: bool = True  # export the final policy as a Hugging Face checkpoint
     tensorboard: bool = True
-    ckpt_format: str = "torch_dist"
 
 
 @dataclass
