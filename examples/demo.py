@@ -9,7 +9,10 @@
   5. score     reference log-probs with the frozen model (torchrun, TP2 x PP2, 4 CPU processes)
   6. train     SPoT-BCO at TP2 x PP2 on 4 processes, checkpoints, metrics.jsonl, HF export
   7. check     reload the export with transformers: the chosen-minus-rejected log-prob margin grew
-Writes <out>/report.json and <out>/report.png (loss, reward accuracy and margin per step).
+  8. evaluate  the paper's sampling (temperature 0.7, top-p 0.8, thinking off) on held-out synthetic problems,
+               base vs trained (few problems, 2 trials, short answers: a smoke run of tools/evaluate.py)
+Writes <out>/report.json and <out>/report.png (loss, reward accuracy and margin per step), and
+<out>/eval/compare.png (accuracy before/after, std over trials as error bars).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 
 def stage(n: int, text: str) -> None:
-    print(f"\n=== [{n}/7] {text}", flush=True)
+    print(f"\n=== [{n}/8] {text}", flush=True)
 
 
 def torchrun(nproc: int, args: list[str]) -> None:
@@ -88,6 +91,9 @@ def main() -> int:
     parser.add_argument("--out", default=os.path.join(ROOT, "demo_out"), help="output folder (replaced)")
     parser.add_argument("--problems", type=int, default=192, help="synthetic problems to rectify")
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--eval-problems", type=int, default=6, help="held-out problems for stage 8")
+    parser.add_argument("--eval-trials", type=int, default=2, help="trials per problem in stage 8")
+    parser.add_argument("--eval-max-tokens", type=int, default=24, help="max new tokens in stage 8")
     args = parser.parse_args()
     t0 = time.time()
     out = os.path.abspath(args.out)
@@ -168,15 +174,32 @@ def main() -> int:
         "margin_grew": mean_after > mean_before,
         "hf_export": os.path.join(run_dir, "hf"),
     }
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump(report, f, indent=2, default=str)
     plot(metrics, os.path.join(out, "report.png"))
     print(f"\nmean log-prob margin (chosen - rejected) over {len(before)} pairs: "
           f"{mean_before:+.3f} before -> {mean_after:+.3f} after training")
     print(f"loss {metrics[0]['loss']:.4f} -> {metrics[-1]['loss']:.4f}; reward accuracy "
           f"{metrics[0]['rewards/accuracy']:.2f} -> {metrics[-1]['rewards/accuracy']:.2f}")
-    print(f"report: {os.path.join(out, 'report.json')}  plot: {os.path.join(out, 'report.png')}  "
-          f"({report['seconds']:.0f} s)")
+
+    stage(8, "evaluate base and trained models with the paper's sampling (tools/evaluate.py, smoke size)")
+    from megatron_spot.rectify import evaluate as E
+    from megatron_spot.rectify.offline import write_problems_jsonl
+
+    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
+    bench = write_problems_jsonl(os.path.join(out, "eval", "arith_heldout.jsonl"), args.eval_problems, seed=1)
+    docs = []
+    for label, model in (("base", hf_dir), ("spot", os.path.join(run_dir, "hf"))):
+        cfg = E.EvalConfig(output_dir=os.path.join(out, "eval", label), benchmarks={"arith": bench},
+                           trials={"arith": args.eval_trials}, max_tokens=args.eval_max_tokens, local_model=model,
+                           local_batch_size=args.eval_problems * args.eval_trials, progress=False)
+        docs.append(E.evaluate(cfg))
+    table = E.compare(docs[0], docs[1], os.path.join(out, "eval", "compare.png"))
+    print(table)
+    report["evaluation"] = {"table": table.splitlines(), "base": docs[0]["benchmarks"], "spot": docs[1]["benchmarks"]}
+    report["seconds"] = round(time.time() - t0, 1)
+    with open(os.path.join(out, "report.json"), "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    print(f"report: {os.path.join(out, 'report.json')}  plots: {os.path.join(out, 'report.png')}, "
+          f"{os.path.join(out, 'eval', 'compare.png')}  ({report['seconds']:.0f} s)")
     if not report["margin_grew"]:
         print("error: the margin did not grow", file=sys.stderr)
         return 1

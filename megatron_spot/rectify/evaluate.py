@@ -137,7 +137,8 @@ def load_benchmark(path: str, key: str, limit: Optional[int] = None) -> list[Pro
         where = f"{path}:{i + 1}"
         if not isinstance(rec, dict):
             raise EvalInputError(f"{where}: expected an object")
-        pid = str(_first(rec, ("id", "unique_id", "index", "idx", "Record ID")) or i)
+        given = _first(rec, ("id", "unique_id", "index", "idx", "Record ID"))
+        pid = str(i) if given is None else str(given)
         if pid in seen:
             pid = f"{pid}@{i}"
         seen.add(pid)
@@ -371,10 +372,14 @@ def _bar_chart(base: dict, tuned: dict, keys: list, path: str) -> None:
     x = range(len(keys))
     w = 0.38
     fig, ax = plt.subplots(figsize=(max(5.0, 1.3 * len(keys) + 2), 3.8))
+    top = 0.0
     for off, doc, label in ((-w / 2, base, "base"), (w / 2, tuned, "tuned")):
         means = [100 * doc["benchmarks"][k]["mean"] for k in keys]
         stds = [100 * doc["benchmarks"][k]["std"] for k in keys]
-        ax.bar([i + off for i in x], means, w, yerr=stds, capsize=3, label=f"{label}: {doc['model']}"[:60])
+        bars = ax.bar([i + off for i in x], means, w, yerr=stds, capsize=3, label=f"{label}: {doc['model']}"[:60])
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], fontsize=7, padding=2)
+        top = max([top] + [m + s for m, s in zip(means, stds)])
+    ax.set_ylim(0, min(100.0, max(10.0, 1.25 * top)))
     ax.set_xticks(list(x))
     ax.set_xticklabels([base["benchmarks"][k]["name"] for k in keys], rotation=20, ha="right")
     ax.set_ylabel("accuracy (%)")
