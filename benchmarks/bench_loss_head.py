@@ -112,8 +112,9 @@ def _peak_allocated(prof) -> int:
     return max(totals, default=0)
 
 
-def run_case(impl: str, dtype_name: str, tokens: int, hidden: int, vocab: int, reps: int, timed: bool) -> dict:
-    """Child process: time forward+backward (if `timed`) and measure its peak memory once."""
+def run_case(impl: str, dtype_name: str, tokens: int, hidden: int, vocab: int, reps: int, timed: bool,
+             measure_memory: bool = True) -> dict:
+    """Child process: time forward+backward (if `timed`) and measure its peak memory once (if asked)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -121,9 +122,9 @@ def run_case(impl: str, dtype_name: str, tokens: int, hidden: int, vocab: int, r
     torch.manual_seed(0)
     fn, backend = _head(impl)
     # warm-up on a small problem (kernels, allocator pools, Megatron's layer construction)
-    hw = torch.randn(64, 1, hidden).to(dtype).requires_grad_(True)
+    hw = torch.randn(8, 1, hidden).to(dtype).requires_grad_(True)
     ww = (torch.randn(vocab, hidden) * 0.05).to(dtype).requires_grad_(True)
-    torch.autograd.grad(fn(hw, ww, torch.randint(0, vocab, (64, 1))), (hw, ww), torch.ones(64, 1))
+    torch.autograd.grad(fn(hw, ww, torch.randint(0, vocab, (8, 1))), (hw, ww), torch.ones(8, 1))
     del hw, ww
     h = torch.randn(tokens, 1, hidden).to(dtype).requires_grad_(True)
     w = (torch.randn(vocab, hidden) * (2.0 / hidden**0.5)).to(dtype).requires_grad_(True)  # logits ~ N(0, 4)
@@ -136,23 +137,26 @@ def run_case(impl: str, dtype_name: str, tokens: int, hidden: int, vocab: int, r
         times.append(time.perf_counter() - t0)
         del gh, gw
     grads_bytes = (h.numel() + w.numel()) * h.element_size()
+    result = {"impl": impl, "dtype": dtype_name, "tokens": tokens, "hidden": hidden, "vocab": vocab,
+              "backend": backend, "threads": torch.get_num_threads(), "times": times}
+    if not measure_memory:
+        return result
     _reset_peak_rss()
     rss0 = _rss_bytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         gh, gw = torch.autograd.grad(fn(h, w, t), (h, w), go)
     rss_peak = _peak_rss_bytes() - rss0
     peak = _peak_allocated(prof)
-    return {
-        "impl": impl, "dtype": dtype_name, "tokens": tokens, "hidden": hidden, "vocab": vocab, "backend": backend,
-        "threads": torch.get_num_threads(), "times": times, "peak_alloc_bytes": peak,
-        "extra_bytes": max(0, peak - grads_bytes), "rss_extra_bytes": max(0, rss_peak - grads_bytes),
-        "grads_bytes": grads_bytes, "logits_bytes": tokens * vocab * h.element_size(),
-    }
+    result.update(peak_alloc_bytes=peak, extra_bytes=max(0, peak - grads_bytes),
+                  rss_extra_bytes=max(0, rss_peak - grads_bytes), grads_bytes=grads_bytes,
+                  logits_bytes=tokens * vocab * h.element_size())
+    return result
 
 
-def spawn(impl, dtype_name, tokens, hidden, vocab, reps, timed) -> dict:
+def spawn(impl, dtype_name, tokens, hidden, vocab, reps, timed, measure_memory=True) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, dtype_name, "--tokens", str(tokens),
            "--hidden", str(hidden), "--vocab", str(vocab), "--reps", str(reps)] + ([] if timed else ["--mem-only"])
+    cmd += [] if measure_memory else ["--no-mem"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     for line in proc.stdout.splitlines()[::-1]:
         if line.startswith("RESULT "):
@@ -207,6 +211,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "DTYPE"))
     ap.add_argument("--mem-only", action="store_true")
+    ap.add_argument("--no-mem", action="store_true")
+    # torch's bf16 GEMMs on CPUs without bf16 instructions (AVX2) run at 0.1-2.7 GFLOP/s: bf16 is timed
+    # on fewer tokens there (every head does the same GEMMs, so the ratios still compare the heads)
+    ap.add_argument("--bf16-tokens", type=int, default=None)
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--mem-tokens", type=int, default=16384)
     ap.add_argument("--hidden", type=int, default=512)
@@ -218,7 +226,7 @@ def main() -> None:
     if args.child:
         sys.path.insert(0, ROOT)
         res = run_case(args.child[0], args.child[1], args.tokens, args.hidden, args.vocab, args.reps,
-                       timed=not args.mem_only)
+                       timed=not args.mem_only, measure_memory=not args.no_mem)
         print("RESULT " + json.dumps(res), flush=True)
         return
 
@@ -227,10 +235,16 @@ def main() -> None:
 
     load_before = _load()
     started = time.perf_counter()
+    import torch
+
+    bf16_native = torch.cuda.is_available() or "avx512_bf16" in open("/proc/cpuinfo").read()
+    bf16_tokens = args.bf16_tokens or (args.tokens if bf16_native else 32)
     timed = {}
     for dtype_name in ("float32", "bfloat16"):
         for impl in IMPLS:
-            r = spawn(impl, dtype_name, args.tokens, args.hidden, args.vocab, args.reps, True)
+            bf16 = dtype_name == "bfloat16"
+            r = spawn(impl, dtype_name, bf16_tokens if bf16 else args.tokens, args.hidden, args.vocab,
+                      1 if bf16 else args.reps, True, measure_memory=not bf16)
             timed[(impl, dtype_name)] = r
             print(json.dumps(r)[:400], flush=True)
     mem = {}
@@ -245,19 +259,21 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
 
     T, Tm, H, V = args.tokens, args.mem_tokens, args.hidden, args.vocab
-    rows = ["| head | dtype | backend | fwd+bwd time (s) | vs (b) | extra memory at T=%d (GiB) |" % T,
-            "|---|---|---|---|---|---|"]
+    rows = ["| head | dtype | T | backend | fwd+bwd time (s) | vs (b) | extra memory (GiB) |",
+            "|---|---|---|---|---|---|---|"]
     for dtype_name in ("float32", "bfloat16"):
         base = timed[("today", dtype_name)]
         for impl in IMPLS:
             r = timed[(impl, dtype_name)]
             if "error" in r:
-                rows.append(f"| {LABEL[impl]} | {dtype_name} | - | failed: {r['error'].splitlines()[-1][:120]} | | |")
+                rows.append(f"| {LABEL[impl]} | {dtype_name} | {r['tokens']} | - | failed: "
+                            f"{r['error'].splitlines()[-1][:120]} | | |")
                 continue
             best = min(r["times"])
             rel = f"{best / min(base['times']):.2f}x" if "times" in base else "-"
-            rows.append(f"| {LABEL[impl]} | {dtype_name} | {r['backend']} | {best:.2f} | {rel} | "
-                        f"{r['extra_bytes'] / GIB:.3f} |")
+            extra = f"{r['extra_bytes'] / GIB:.3f}" if "extra_bytes" in r else "not measured"
+            rows.append(f"| {LABEL[impl]} | {dtype_name} | {r['tokens']} | {r['backend']} | {best:.2f} | {rel} | "
+                        f"{extra} |")
     logits_gib = Tm * V * 4 / GIB
     mrows = [f"| head | extra memory, profiler (GiB) | % of the fp32 logits ({logits_gib:.2f} GiB) | "
              "RSS high-water cross-check (GiB) |", "|---|---|---|---|"]
@@ -298,7 +314,12 @@ def main() -> None:
         "in fp32. Memory is torch's profiler allocation counter (see the script's docstring); "
         "'extra' = peak beyond the inputs and their gradients.",
         "",
-        f"**Time and memory at T={T}:**", "", *rows, "",
+        f"**Time (best of {args.reps} fp32, 1 bf16) and memory:**"
+        + ("" if bf16_native else f" bf16 runs at T={bf16_tokens}: this CPU has no bf16 instructions and "
+           "torch's bf16 GEMMs run at 0.1-2.7 GFLOP/s on it (fp32: ~25-50; `[T, V] @ [V, H]` is the 0.1 one), so "
+           "T=4096 would take hours for every head; all three do the same bf16 GEMMs, so the ratios still "
+           "compare the heads."),
+        "", *rows, "",
         f"**Memory at T={Tm}, fp32:**", "", *mrows, "",
         f"**Largest T whose head fits in {args.budget_gib:.0f} GiB (fp32)**, computed (not run) from the measured "
         f"extra memory at T={T} and T={Tm} (a line through both) plus inputs and gradients "

@@ -212,7 +212,6 @@ def test_tp2_equals_tp1():
     for rank, report in enumerate(reports):
         for r in report:
             bf16 = "bfloat16" in r["case"][1]
-            sp = r["case"][3]
             # forward: MAX + SUM for all tokens (5 chunks); backward: one all-reduce of grad_hidden
             # (under sequence parallel gloo's stand-in for reduce-scatter is that same one all-reduce)
             assert r["n_fwd"] == 2 and r["n_bwd"] == 1, (rank, r)
