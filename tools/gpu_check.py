@@ -5,6 +5,7 @@ tests, benchmark the fused ops and profile the largest Qwen3 that fits, on one N
   python tools/gpu_check.py --out gpu_results            # on the GPU machine (`make gpu-check`)
   python tools/gpu_check.py --dry-run --out /tmp/dry      # on a CPU machine, tiny sizes (`make gpu-check DRY_RUN=1`)
   python tools/gpu_check.py --download-wheels .gpu-wheels # with a package registry (`make gpu-wheels`)
+  python tools/gpu_check.py --to-benchmarks gpu_results/gpu_results.json   # GPU results -> BENCHMARKS.md
 
 Steps (each a child process of this script with its own time limit, so a crash, hang or failure of
 one is recorded and the next still runs): wheels, build, pytest, bench-ops, profile. Results:
@@ -67,7 +68,7 @@ class Step:
 
 
 STEPS = (
-    Step("wheels", 60, 5, "install the carried wheels into a private folder (never the machine's torch)"),
+    Step("wheels", 120, 5, "install the carried wheels into a private folder (never the machine's torch)"),
     Step("build", 200, 30, "build megatron_spot._C with CUDA (MEGATRON_SPOT_EXT=cuda, sm_90)"),
     Step("pytest", 180, 30, "pytest -m gpu: tests/gpu/ and every gpu-marked test elsewhere"),
     Step("bench-ops", 90, 15, "fused log-prob op vs naive and Megatron-Core on the GPU"),
@@ -235,7 +236,7 @@ def orchestrate(args) -> int:
         make_probe_wheel(wheels_dir)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([ROOT, site] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    env["PATH"] = os.path.join(site, "bin") + os.pathsep + env.get("PATH", "")
+    env["PATH"] = os.path.join(site, "bin") + os.pathsep + env.get("PATH", "")  # the ninja binary
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     machine_site = None
     if args.dry_run:
@@ -422,6 +423,31 @@ def _profile_section(r: dict) -> list[str]:
     return out
 
 
+def write_benchmarks_section(results_json: str, path: str = os.path.join(ROOT, "BENCHMARKS.md")) -> int:
+    """Put a GPU run's summary into BENCHMARKS.md as its `gpu` section (replaced on each write), with
+    the GPU machine's own description: run here after the results folder came back."""
+    with open(results_json) as f:
+        report = json.load(f)
+    if report.get("dry_run"):
+        print(f"error: {results_json} is a dry run on a CPU; BENCHMARKS.md takes GPU runs only", file=sys.stderr)
+        return 2
+    m = report["machine"]
+    body = render_summary(report).split("\n", 1)[1].strip()  # without the summary's own title
+    text = (f"<!-- bench:gpu -->\n## GPU acceptance run (tools/gpu_check.py): "
+            f"{'passed' if report['ok'] else 'FAILED steps listed below'}\n\n"
+            f"Command: `make gpu-check` ({report['command']})  \nMachine: {m.get('gpu_name', '?')}, "
+            f"{m.get('cpus')} CPU cores, torch {m.get('torch', '?')}, Python {m.get('python')}  \n"
+            f"Run: {report['started']}\n\n{body}\n<!-- /bench:gpu -->\n")
+    old = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    pattern = re.compile(r"<!-- bench:gpu -->.*?<!-- /bench:gpu -->\n", re.S)
+    new = pattern.sub(lambda _m: text, old) if pattern.search(old) else old.rstrip() + "\n\n" + text
+    with open(path + ".tmp", "w") as f:
+        f.write(new)
+    os.replace(path + ".tmp", path)
+    print(f"wrote the gpu section of {path}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # children: one function per step, run in `--child STEP`
 # ---------------------------------------------------------------------------------------------
@@ -459,7 +485,8 @@ def build_machine_site(dest: str) -> list[str]:
     instead of on the rare GPU machine."""
     import importlib.metadata as md
 
-    allowed = _requirement_closure(GPU_MACHINE_PACKAGES + tuple(d for d, _, _ in WHEELS))
+    # pip too: Python images ship it (without it the wheels step extracts the wheels itself)
+    allowed = _requirement_closure(GPU_MACHINE_PACKAGES + tuple(d for d, _, _ in WHEELS)) | {"pip"}
     os.makedirs(dest, exist_ok=True)
     linked = []
     for dist in md.distributions():
@@ -510,15 +537,47 @@ def child_wheels(p: dict) -> dict:
                                "run `make gpu-wheels` on a machine with the registry first")
         to_install.append((dist, version, module))
         actions.append({"dist": dist, "action": f"installed {os.path.basename(files[dist])}"})
-    if to_install:
+    import importlib.util
+
+    has_pip = importlib.util.find_spec("pip") is not None
+    if to_install and has_pip and not os.environ.get("GPU_CHECK_NO_PIP"):
         cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", p["wheels"], "--target",
                p["site"], "--no-deps", "--no-compile", "-q", *[f"{d}=={v}" for d, v, _ in to_install]]
         print("+ " + " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
+    elif to_install:  # no pip on the machine: a wheel is a zip laid out for site-packages
+        for dist, _, _ in to_install:
+            print(f"no pip: extracting {os.path.basename(files[dist])}", flush=True)
+            extract_wheel(files[dist], p["site"])
     importlib.invalidate_caches()
     for dist, _, module in wanted:
         importlib.import_module(module)  # raises with the module's own error if a wheel is broken
     return {"wheels": actions, "site": p["site"], "machine": machine}
+
+
+def extract_wheel(wheel: str, target: str) -> None:
+    """Install a wheel without pip: its files into `target`, `*.data/{purelib,platlib}` merged in,
+    `*.data/scripts` into target/bin (executable), as pip --target does for the pinned wheels (ninja
+    ships its binary as such a script; none of them needs a generated console-script wrapper)."""
+    with zipfile.ZipFile(wheel) as z:
+        for info in z.infolist():
+            parts = info.filename.split("/")
+            if parts[0].endswith(".data") and len(parts) > 2:
+                kind, rest = parts[1], parts[2:]
+                dest = os.path.join(target, "bin", *rest) if kind == "scripts" else os.path.join(target, *rest)
+            else:
+                dest = os.path.join(target, *parts)
+            if info.is_dir():
+                os.makedirs(dest, exist_ok=True)
+                continue
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with z.open(info) as src, open(dest, "wb") as out:
+                shutil.copyfileobj(src, out)
+            mode = (info.external_attr >> 16) & 0o777
+            if "/bin/" in dest:  # executables (ninja) may come without mode bits from some zip writers
+                mode |= 0o755
+            if mode:
+                os.chmod(dest, mode)
 
 
 def _machine_info() -> dict:
@@ -937,6 +996,8 @@ def parse_args(argv=None):
                     help=f"make these steps fail (STEP) or hang (STEP:hang) on purpose to test the guards; "
                          f"also ${INJECT_ENV}")
     ap.add_argument("--download-wheels", default=None, metavar="DIR", help="fetch the wheels into DIR and exit")
+    ap.add_argument("--to-benchmarks", default=None, metavar="RESULTS_JSON",
+                    help="write a GPU run's gpu_results.json into BENCHMARKS.md (its gpu section) and exit")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--params", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -951,6 +1012,8 @@ def main(argv=None) -> int:
         return child_main(args.child, json.loads(args.params), args.result)
     if args.download_wheels:
         return download_wheels(args.download_wheels)
+    if args.to_benchmarks:
+        return write_benchmarks_section(args.to_benchmarks)
     if args.budget_s <= 0:
         print(f"error: --budget-s must be > 0, got {args.budget_s}", file=sys.stderr)
         return 2

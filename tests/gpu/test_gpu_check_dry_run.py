@@ -118,3 +118,34 @@ def test_the_wheel_list_fits_the_budget_and_names_pinned_versions():
     if not files:
         pytest.skip("no .gpu-wheels/ here (run `make gpu-wheels`)")
     assert sum(os.path.getsize(p) for p in files.values()) <= gpu_check.WHEELS_BUDGET_BYTES
+
+
+def test_wheels_install_without_pip_by_extraction(tmp_path):
+    """The fallback for a GPU machine without pip: extracted wheels import (and ninja runs)."""
+    site = tmp_path / "site"
+    gpu_check.extract_wheel(gpu_check.make_probe_wheel(str(tmp_path / "w")), str(site))
+    env = dict(os.environ, PYTHONPATH=str(site))
+    out = subprocess.run([sys.executable, "-c", "import gpu_check_probe; print(gpu_check_probe.ANSWER)"],
+                         capture_output=True, text=True, env=env)
+    assert out.stdout.strip() == "42", out.stderr
+    ninja = gpu_check._wheel_files(os.path.join(ROOT, ".gpu-wheels")).get("ninja")
+    if ninja:  # the real wheel, when `make gpu-wheels` has run here
+        gpu_check.extract_wheel(ninja, str(site))
+        version = subprocess.run([str(site / "bin" / "ninja"), "--version"], capture_output=True, text=True)
+        assert version.stdout.startswith("1.13"), version
+
+
+def test_gpu_results_go_into_benchmarks_as_one_replaceable_section(dry, tmp_path):
+    out, _, res = dry
+    bench = tmp_path / "BENCHMARKS.md"
+    original = open(os.path.join(ROOT, "BENCHMARKS.md")).read()
+    bench.write_text(original)
+    assert gpu_check.write_benchmarks_section(str(out / "gpu_results.json"), str(bench)) == 2  # a dry run: refused
+    as_gpu = tmp_path / "gpu_results.json"
+    as_gpu.write_text(json.dumps({**res, "dry_run": False, "machine": {**res["machine"], "gpu_name": "TEST GPU"}}))
+    for _ in range(2):  # a rerun replaces the section
+        assert gpu_check.write_benchmarks_section(str(as_gpu), str(bench)) == 0
+    text = bench.read_text()
+    assert text.count("<!-- bench:gpu -->") == 1 and text.startswith(original.rstrip())
+    section = text[text.index("<!-- bench:gpu -->"):]
+    assert "Machine: TEST GPU" in section and "| bench-ops | ok |" in section and "## fused log-prob op" in section
