@@ -149,3 +149,19 @@ def test_piece_cache_equals_rust_on_the_real_vocabulary(fixture):
     texts = fuzz_texts(n=800, seed=3) + rendered + records + unicode_mix
     want = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     assert enc.encode_batch(texts) == want
+
+
+def test_cli_defaults_and_mode_flag(tmp_path, fixture, capsys):
+    from tools.pack_pairs import main
+
+    src = write_jsonl(tmp_path / "authors.jsonl", fixture["records"][:2])
+    tdir = qwen3_tokenizer_dir()
+    assert main(["-i", src, "--preset", "spot", "-t", tdir, "-o", str(tmp_path / "a"), "-q"]) == 0
+    assert "chat template mode authors, truncation keep-end" in capsys.readouterr().out
+    assert main(["-i", src, "--preset", "spot", "--chat-template-mode", "non-thinking", "-t", tdir,
+                 "-o", str(tmp_path / "n"), "-q"]) == 0
+    assert "chat template mode non-thinking, truncation keep-start" in capsys.readouterr().out
+    with open(str(tmp_path / "a") + ".manifest.json") as f:
+        man = json.load(f)
+    assert man["options"]["chat_template_mode"] == "authors" and man["tokenizer"]["chat_template_mode"] == "authors"
+    assert man["field_mapping"]["strip_response_prefix"] == "\n\n"

@@ -35,6 +35,7 @@ def planted_correct(qid: str, trial: int) -> bool:
 class PlantedServer:
     def __init__(self, always_right=False):
         self.always_right = always_right
+        self.failing = set()     # problem ids answered with HTTP 500
         self.lock = threading.Lock()
         self.requests = Counter()
         self.payloads = []
@@ -47,6 +48,8 @@ class PlantedServer:
         with self.lock:
             self.requests[(qid, trial)] += 1
             self.payloads.append(payload)
+        if qid in self.failing:
+            return 500, {}, b'{"error": {"message": "overloaded"}}'
         right = self.always_right or planted_correct(qid, trial)
         if qid[0] == "g":
             letter = re.search(rf"^([A-D])\. right{qid[1:]}$", text, re.MULTILINE).group(1)
@@ -186,3 +189,20 @@ def test_paper_protocol_prompt_on_the_real_qwen3_template():
     text = LocalGenerator._render(SimpleNamespace(tok=tok), body)
     assert text == ("<|im_start|>user\nWhat is 2 + 3?\n\n" + E.MATH_INSTRUCTION + "<|im_end|>\n"
                     "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_failed_requests_count_as_wrong_and_a_rerun_sends_only_those(tmp_path, planted):
+    srv = planted()
+    srv.failing = {"a3"}
+    cfg = E.EvalConfig(output_dir=str(tmp_path / "o"), benchmarks={"aime24": write(tmp_path / "aime24.jsonl", AIME)},
+                       trials={"aime24": 5}, model_base_url=srv.server.url, model_name="m", max_retries=0,
+                       progress=False)
+    first = E.evaluate(cfg)
+    assert first["failed_requests"] == 5 and first["benchmarks"]["aime24"]["failed_requests"] == 5
+    # a3 is planted right on trial 4 only: missing it there lowers that trial from 4/4 to 3/4
+    assert first["benchmarks"]["aime24"]["per_trial"] == [0, 0.25, 0.5, 0.75, 0.75]
+    sent = len(srv.payloads)
+    srv.failing = set()
+    second = E.evaluate(cfg)
+    assert len(srv.payloads) - sent == 5 and second["failed_requests"] == 0
+    assert second["benchmarks"]["aime24"]["per_trial"] == [0, 0.25, 0.5, 0.75, 1.0]
