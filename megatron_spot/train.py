@@ -68,9 +68,12 @@ def expected_tokenizer_hash(cfg: TrainConfig, model_dir: Optional[str]) -> Optio
         raise ConfigError(f"data.tokenizer={cfg.data.tokenizer}: no tokenizer files there")
     stored = _tokenizer_hash_of(model_dir)
     if given and stored and given != stored:
-        raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer stored with the checkpoint "
-                          f"{model_dir} ({given[:12]}… vs {stored[:12]}…); use the checkpoint's tokenizer, or "
-                          "convert the model with the tokenizer you packed with")
+        from megatron_spot.data import TokenizerMismatchError
+
+        raise TokenizerMismatchError(
+            f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer stored with the checkpoint {model_dir} "
+            f"({given[:12]}… vs {stored[:12]}…); use the checkpoint's tokenizer, or convert the model with the "
+            "tokenizer you packed with")
     return given or stored
 
 

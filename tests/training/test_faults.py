@@ -55,13 +55,12 @@ def _cfg(ws, out, *extra):
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory):
-    """Tiny HF Qwen3 + tokenizer, 32 packed pairs, its Megatron checkpoint, a second model (other
-    weights, same architecture and tokenizer) and the first model's reference log-probs."""
+    """Tiny HF Qwen3 + tokenizer, 32 packed pairs, its Megatron checkpoint, a copy of it with other
+    weight bytes, and the first model's reference log-probs."""
     import transformers
 
     from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
     from megatron_spot.data import build_tiny_tokenizer, pack_pairs
-    from megatron_spot.data.tokenization import HF_TOKENIZER_FILES
     from megatron_spot.models.qwen3 import load_qwen3_config
 
     root = tmp_path_factory.mktemp("faults")
@@ -78,14 +77,16 @@ def ws(tmp_path_factory):
     tok = transformers.AutoTokenizer.from_pretrained(ws["hf"])
     cfg = load_qwen3_config("qwen3-tiny").to_hf_dict()
     cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32")
-    for seed, hf, mc in ((0, ws["hf"], ws["mcore"]), (1, str(root / "hf_other"), ws["mcore_other"])):
-        torch.manual_seed(seed)
-        transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(hf)
-        if hf != ws["hf"]:
-            for name in HF_TOKENIZER_FILES:  # the same tokenizer
-                if os.path.exists(os.path.join(ws["hf"], name)):
-                    shutil.copy(os.path.join(ws["hf"], name), hf)
-        convert_hf_to_mcore(hf, mc, progress=False)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(ws["hf"])
+    convert_hf_to_mcore(ws["hf"], ws["mcore"], progress=False)
+    # "the checkpoint replaced in place": same files, names, sizes and tokenizer, other weight bytes
+    shutil.copytree(ws["mcore"], ws["mcore_other"])
+    shard = os.path.join(ws["mcore_other"], "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        data = bytearray(f.read())
+        f.seek(0)
+        f.write(bytes(b ^ 0x55 for b in data))
     os.makedirs(os.path.dirname(ws["pack"]))
     pack_pairs([str(root / "pairs.jsonl")], ws["hf"], ws["pack"], preset="trl")
     _write_reference_sidecar(ws)
@@ -131,6 +132,7 @@ def test_divergence_stops_before_the_update_and_last_good_is_finite(ws, tmp_path
     proc = _train(ws, out, "optimizer.lr=1e6", "optimizer.clip_grad=0", "run.epochs=4", "run.save_interval=1")
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
+    print(last)  # e.g. "error: the gradients are not finite at step 3 ... last good checkpoint is .../step_0000002"
     assert last.startswith("error: ") and "stopped before applying the update" in last, proc.stderr[-3000:]
     root = os.path.join(out, "checkpoints")
     latest = open(os.path.join(root, "latest")).read().strip()
@@ -247,6 +249,7 @@ def test_references_belong_to_one_model_and_tokenizer(ws, tmp_path):
 
 def test_bad_settings_fail_in_the_preflight_with_one_line(ws, tmp_path):
     from megatron_spot.config import ConfigError
+    from megatron_spot.data import TokenizerMismatchError
     from megatron_spot.train import preflight
 
     a_file = tmp_path / "file"
@@ -263,7 +266,7 @@ def test_bad_settings_fail_in_the_preflight_with_one_line(ws, tmp_path):
         f"data.tokenizer={other_tok}": "is not the tokenizer stored with the checkpoint",
     }
     for override, message in cases.items():
-        with pytest.raises(ConfigError) as exc:
+        with pytest.raises((ConfigError, TokenizerMismatchError)) as exc:  # main() exits 2 on either
             preflight(_cfg(ws, str(tmp_path / "out"), override), 1)
         assert message in str(exc.value) and "\n" not in str(exc.value), (override, str(exc.value))
     assert not (tmp_path / "out").exists()
