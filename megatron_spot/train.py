@@ -9,7 +9,6 @@ Megatron-Core's pipeline schedules, logs metrics, checkpoints atomically and exp
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -305,8 +304,9 @@ def run(cfg: TrainConfig) -> dict:
         dist.barrier()
     summary["hf_export"] = hf_dir
     if info.rank == 0:
-        with open(os.path.join(run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
+        from megatron_spot.utils.atomic import write_json_atomic
+
+        write_json_atomic(os.path.join(run_dir, "summary.json"), summary, default=str)
     torch.distributed.barrier()
     return summary
 
