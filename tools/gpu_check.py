@@ -70,7 +70,7 @@ class Step:
 STEPS = (
     Step("wheels", 120, 5, "install the carried wheels into a private folder (never the machine's torch)"),
     Step("build", 200, 30, "build megatron_spot._C with CUDA (MEGATRON_SPOT_EXT=cuda, sm_90)"),
-    Step("pytest", 180, 30, "pytest -m gpu: tests/gpu/ and every gpu-marked test elsewhere"),
+    Step("pytest", 220, 30, "pytest -m gpu: tests/gpu/ and every gpu-marked test elsewhere"),
     Step("bench-ops", 90, 15, "fused log-prob op vs naive and Megatron-Core on the GPU"),
     Step("profile", 150, 40, "tools/profile_throughput.py on the largest Qwen3 preset that fits"),
 )
@@ -375,7 +375,8 @@ def _bench_section(r: dict) -> list[str]:
            f"{r['device']}; copy bandwidth measured {r['copy_bandwidth_gbs']:.0f} GB/s; time = best of "
            f"{r['reps']} ({r['timer']}); peak extra = "
            + (f"{r['memory_source']} minus the memory with the logits allocated" if r["memory_source"] != "n/a on CPU"
-              else "not measured on CPU") + "; predicted = bytes moved / measured copy bandwidth (model of benchmarks/bench_ops.py).", "",
+              else "not measured on CPU")
+           + "; predicted = bytes moved / measured copy bandwidth (model of benchmarks/bench_ops.py).", "",
            "| tokens x vocab | dtype | implementation | time (ms) | predicted (ms) | bytes moved (GiB, model) "
            "| peak extra (GiB) | max abs diff vs fp64 |", "|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
@@ -383,7 +384,8 @@ def _bench_section(r: dict) -> list[str]:
             out.append(f"| {c['tokens']} x {c['vocab']} | {c['dtype']} | {c['impl']} | error: "
                        f"{c['error'][:120]} | | | | |")
             continue
-        out.append(f"| {c['tokens']} x {c['vocab']} | {c['dtype']} | {c['impl']} | {c['time_s'] * 1e3:.2f} | "
+        impl = c["impl"] + (f" ({c['backend']} implementation)" if c.get("backend") else "")
+        out.append(f"| {c['tokens']} x {c['vocab']} | {c['dtype']} | {impl} | {c['time_s'] * 1e3:.2f} | "
                    f"{_fmt(c.get('predicted_s') and c['predicted_s'] * 1e3, '.2f')} | "
                    f"{_fmt(c.get('bytes_moved') and c['bytes_moved'] / GiB, '.2f')} | "
                    f"{_fmt(c.get('peak_extra_bytes') and c['peak_extra_bytes'] / GiB, '.3f', 'n/a')} | "
