@@ -516,6 +516,7 @@ def child_wheels(p: dict) -> dict:
     """Install the carried wheels the machine does not already have into the private site folder."""
     import importlib
     import importlib.metadata as md
+    import importlib.util
 
     machine = _machine_info()
     with open(os.path.join(p["out"], "logs", "machine.json"), "w") as f:  # kept even if an install fails
@@ -539,10 +540,7 @@ def child_wheels(p: dict) -> dict:
                                "run `make gpu-wheels` on a machine with the registry first")
         to_install.append((dist, version, module))
         actions.append({"dist": dist, "action": f"installed {os.path.basename(files[dist])}"})
-    import importlib.util
-
-    has_pip = importlib.util.find_spec("pip") is not None
-    if to_install and has_pip and not os.environ.get("GPU_CHECK_NO_PIP"):
+    if to_install and importlib.util.find_spec("pip") is not None:
         cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", p["wheels"], "--target",
                p["site"], "--no-deps", "--no-compile", "-q", *[f"{d}=={v}" for d, v, _ in to_install]]
         print("+ " + " ".join(cmd), flush=True)
