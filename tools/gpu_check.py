@@ -618,8 +618,21 @@ def child_build(p: dict) -> dict:
     env = dict(os.environ, MEGATRON_SPOT_EXT="cuda", TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", arch),
                MAX_JOBS=str(os.cpu_count() or 4))
     shown = f"MEGATRON_SPOT_EXT=cuda TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} {' '.join(cmd)}"
+    sys.path.insert(0, os.path.join(ROOT, "csrc"))
+    try:
+        from build_ext_config import find_cuda_home
+    finally:
+        sys.path.pop(0)
+    if not os.environ.get("CUDA_HOME") and find_cuda_home() is None:
+        raise RuntimeError("no CUDA toolkit (include/cuda_runtime.h + bin/nvcc) on this machine: the CUDA kernels "
+                           "cannot be built and the ops fall back to the PyTorch reference; set CUDA_HOME if one exists")
     print("+ " + shown, flush=True)
-    subprocess.run(cmd, env=env, cwd=ROOT, check=True)
+    build = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    print(build.stdout, flush=True)
+    if build.returncode != 0:
+        errors = [line for line in build.stdout.splitlines() if "error" in line.lower()]
+        raise RuntimeError(f"build failed (exit {build.returncode}): " + " / ".join((errors or
+                                                                                       build.stdout.splitlines())[-4:]))
     # a fresh interpreter: does the built module load, and do CUDA tensors now reach our kernels?
     probe = subprocess.run([sys.executable, "-c", "from megatron_spot import ops; print(ops.active_backend('cuda'))"],
                            env=env, cwd=ROOT, capture_output=True, text=True)
