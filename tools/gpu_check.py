@@ -378,17 +378,18 @@ def _bench_section(r: dict) -> list[str]:
               else "not measured on CPU")
            + "; predicted = bytes moved / measured copy bandwidth (model of benchmarks/bench_ops.py).", "",
            "| tokens x vocab | dtype | implementation | time (ms) | predicted (ms) | bytes moved (GiB, model) "
-           "| peak extra (GiB) | max abs diff vs fp64 |", "|---|---|---|---|---|---|---|---|"]
+           "| peak extra (GiB) | extra / logits | max abs diff vs fp64 |", "|---|---|---|---|---|---|---|---|---|"]
     for c in r["cases"]:
         if "error" in c:
             out.append(f"| {c['tokens']} x {c['vocab']} | {c['dtype']} | {c['impl']} | error: "
-                       f"{c['error'][:120]} | | | | |")
+                       f"{c['error'][:120]} | | | | | |")
             continue
         impl = c["impl"] + (f" ({c['backend']} implementation)" if c.get("backend") else "")
         out.append(f"| {c['tokens']} x {c['vocab']} | {c['dtype']} | {impl} | {c['time_s'] * 1e3:.2f} | "
                    f"{_fmt(c.get('predicted_s') and c['predicted_s'] * 1e3, '.2f')} | "
                    f"{_fmt(c.get('bytes_moved') and c['bytes_moved'] / GiB, '.2f')} | "
                    f"{_fmt(c.get('peak_extra_bytes') and c['peak_extra_bytes'] / GiB, '.3f', 'n/a')} | "
+                   f"{_fmt(c.get('peak_extra_bytes') and c['peak_extra_bytes'] / c['logits_bytes'], '.3f', 'n/a')} | "
                    f"{_fmt(c.get('max_abs_diff'), '.2e')} |")
     if r.get("linear_head"):
         out += ["", r["linear_head"]["note"], ""]
