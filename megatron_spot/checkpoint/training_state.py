@@ -66,8 +66,8 @@ def _save_rng_state(path: str) -> None:
     write_bytes_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
 
-def _load_rng_state(path: str) -> None:
-    from megatron.core import tensor_parallel
+def _read_rng_file(path: str):
+    """(tensors, Python state, NumPy state) of an rng/*.safetensors file; CheckpointError if damaged."""
     from safetensors import safe_open
 
     try:
@@ -83,6 +83,13 @@ def _load_rng_state(path: str) -> None:
     except Exception as exc:  # not safetensors, truncated, or fields missing / of the wrong type
         raise CheckpointError(f"{path}: unreadable RNG state ({type(exc).__name__}: {exc}); "
                               "resume from another checkpoint") from None
+    return tensors, python_state, numpy_state
+
+
+def _load_rng_state(path: str) -> None:
+    from megatron.core import tensor_parallel
+
+    tensors, python_state, numpy_state = _read_rng_file(path)
     random.setstate(python_state)
     np.random.set_state(numpy_state)
     torch.set_rng_state(tensors["torch"])
@@ -192,6 +199,10 @@ def verify_training_checkpoint(ckpt: str) -> dict:
     read_checkpoint_metadata(os.path.join(ckpt, "model"))
     verify_dist_checkpoint(os.path.join(ckpt, "model"))
     verify_dist_checkpoint(os.path.join(ckpt, "optimizer"))
+    rng_dir = os.path.join(ckpt, "rng")
+    for name in sorted(os.listdir(rng_dir)) if os.path.isdir(rng_dir) else []:
+        if name.endswith(".safetensors"):  # read on one rank after the collective loads: check all now
+            _read_rng_file(os.path.join(rng_dir, name))
     return state
 
 

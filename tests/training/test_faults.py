@@ -207,6 +207,7 @@ def test_damaged_or_planted_checkpoints_are_refused_before_anything_starts(ws, t
         "metadata": lambda c: _truncate(os.path.join(c, "model", ".metadata")),
         "trainer_state": lambda c: open(os.path.join(c, "trainer_state.json"), "w").write("{garbage") and
         os.path.join(c, "trainer_state.json"),
+        "rng_state": lambda c: _truncate(os.path.join(c, "rng", "rank_00000.safetensors")),
         "planted_optimizer_metadata": lambda c: _plant(os.path.join(c, "optimizer", ".metadata"), marker),
     }
     for name, damage in cases.items():
