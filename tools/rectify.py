@@ -55,9 +55,8 @@ def _network(p: argparse.ArgumentParser) -> None:
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
     g.add_argument("--timeout", type=float, default=300.0, help="seconds per HTTP request (default 300)")
     g.add_argument("--max-retries", type=int, default=6,
-                   help="retries on 429/5xx/timeouts/malformed JSON, exponential backoff + jitter, Retry-After honoured (default 6)")
-    g.add_argument("--retry-base-delay", type=float, default=1.0, help="first backoff in seconds; doubles per retry (default 1)")
-    g.add_argument("--retry-max-delay", type=float, default=60.0, help="backoff cap in seconds (default 60)")
+                   help="retries on 408/409/429/5xx/timeouts/malformed JSON (the openai SDK's backoff: 0.5 s doubling to 8 s, "
+                        "Retry-After up to 120 s honoured; default 6)")
     g.add_argument("--max-requests", type=int, default=None,
                    help="request budget per network stage for this invocation (HTTP attempts incl. retries); items left over are "
                         "rejected as budget_exhausted and NOT cached, so a rerun continues them")
@@ -171,8 +170,7 @@ def _config(args):
     from megatron_spot.rectify.pipeline import PipelineConfig
 
     cfg = PipelineConfig(output_dir=args.output, progress=not args.no_progress, cache_path=args.cache)
-    for name in ("oracle_base_url", "oracle_model", "concurrency", "timeout", "max_retries", "retry_base_delay",
-                 "retry_max_delay", "max_requests", "max_answer_bytes", "with_ground_truth", "prompt_version", "start_marker",
+    for name in ("oracle_base_url", "oracle_model", "concurrency", "timeout", "max_retries", "max_requests", "max_answer_bytes", "with_ground_truth", "prompt_version", "start_marker",
                  "end_marker", "oracle_temperature", "oracle_max_tokens", "gamma", "tokenizer",
                  "model_base_url", "model_name", "model_api", "local_model", "local_batch_size", "samples",
                  "temperature", "top_p", "max_tokens", "seed", "system_prompt", "thinking", "offline"):

@@ -10,7 +10,7 @@ Heavy optional imports (transformers, matplotlib) happen lazily inside the funct
 """
 from .cache import RequestCache, request_key
 from .change_ratio import change_ratio, whitespace_tokens
-from .client import ChatClient, RetryPolicy, api_key_from_env
+from .client import ChatClient, api_key_from_env
 from .grading import answers_match, extract_boxed, grade
 from .offline import run_offline_demo, write_errors_jsonl, write_problems_jsonl
 from .pipeline import (PipelineConfig, elicit, filter_pairs, finalize, rectify, run_all, run_rectify,
@@ -19,7 +19,7 @@ from .prompts import (DEFAULT_PROMPT_VERSION, END_MARKER, START_MARKER, build_or
                       parse_corrected)
 
 __all__ = [
-    "RequestCache", "request_key", "change_ratio", "whitespace_tokens", "ChatClient", "RetryPolicy",
+    "RequestCache", "request_key", "change_ratio", "whitespace_tokens", "ChatClient",
     "api_key_from_env", "answers_match", "extract_boxed", "grade", "run_offline_demo",
     "write_errors_jsonl", "write_problems_jsonl", "PipelineConfig", "elicit", "filter_pairs",
     "finalize", "rectify", "run_all", "run_rectify", "verify", "DEFAULT_PROMPT_VERSION",

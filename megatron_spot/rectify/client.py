@@ -1,42 +1,58 @@
-"""OpenAI-compatible client for the Oracle (and for elicitation through vLLM/SGLang servers).
+"""OpenAI-compatible client for the Oracle and for the elicitation / evaluation servers (vLLM, SGLang).
 
-What it does, per request: POST ``{base_url}/chat/completions`` (or ``/completions``) with a JSON
-body; on HTTP 429, 408, 409 and 5xx, on timeouts, connection errors and malformed JSON it retries
-with exponential backoff and jitter (``base * 2**attempt``, capped, "equal jitter": half fixed,
-half random), honouring ``Retry-After`` / ``retry-after-ms`` when the server sends one. 400 and
-other 4xx answers are per-item failures (not retried); 401/403/404 abort the whole stage
-(wrong key, URL or model: retrying thousands of items would not help).
+HTTP is the ``openai`` SDK's (``OpenAI.post``, its documented route for arbitrary request bodies, so
+vLLM/SGLang extras such as ``chat_template_kwargs`` pass through untouched). What the SDK does, per
+request (read from openai 3.51's ``_base_client``):
+- retries 408, 409, 429, every 5xx, timeouts and connection errors, at most ``max_retries`` times;
+- waits ``0.5 s * 2**retry`` capped at 8 s, minus up to 25 % jitter, unless the answer carries
+  ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date) of at most 120 s, which it waits
+  instead (a longer Retry-After is not retried: the item fails with its status);
+- applies ``timeout`` (connect: at most 30 s).
 
-Across requests: N in flight (a thread pool; the HTTP work releases the GIL), a request budget
-(every HTTP attempt counts, retries included; when it runs out the remaining items fail with
-``budget_exhausted`` and are NOT cached, so a rerun with a larger budget continues), token and
-cost accounting from the responses' ``usage``, and the SQLite cache (see cache.py): each success
-is committed the moment it arrives.
+What this module adds, all of it in one httpx transport wrapped around the SDK's (``_MeteredTransport``),
+so it sees every attempt the SDK makes, retries included:
+- the request budget (``max_requests``: every attempt counts; when it runs out, the remaining items
+  fail with ``budget_exhausted`` and are NOT cached, so a rerun with a larger budget continues them);
+- the answer cap: a body larger than ``max_answer_bytes`` is never read past the cap; a 200 that big
+  fails with ``answer_too_large`` (counted in ``stats.capped``, not retried, never cached);
+- malformed answers: a 200 that is not a completion is raised as an ``httpx2.DecodingError``, so
+  the SDK retries it like a dropped connection (same backoff, same attempt count);
+- statistics (attempts, retries, failure kinds, tokens, cost) and the stop flag for Ctrl-C.
+401/403/404 raise ``FatalRequestError`` (wrong key, URL or model: retrying thousands of items would
+not help); any other 4xx is a per-item failure.
 
-The transport is pluggable: ``HttpTransport`` (requests, one keep-alive session per thread) for
-real servers, ``offline.OfflineTransport`` for the built-in calculator oracle. Everything above
-the transport (retries, budget, cache, parsing) is the same code path for both.
+Across requests: N in flight (a thread pool), and the SQLite cache (cache.py): each success is
+committed the moment it arrives. ``transport=`` takes any ``httpx2.BaseTransport`` in place of the
+network (the demo's in-process offline Oracle, tests); everything above it is the same code path.
 
-The API key is read from the environment by ``api_key_from_env`` and only ever placed in the
-``Authorization`` header; it is not stored on the client's public attributes, in stats, in the
-cache or in any exception message.
+The API key is read from the environment by ``api_key_from_env`` and passed to the SDK, which sends
+it only in the ``Authorization`` header; without a key no ``Authorization`` header is sent (the
+SDK would otherwise fall back to ``OPENAI_API_KEY`` and hand the Oracle's key to a model server).
+It never appears on this class's attributes, in stats, in the cache or in an exception message.
 """
 from __future__ import annotations
 
-import email.utils
 import json
 import os
-import random
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional, Protocol
+from typing import Iterable, Optional
+from urllib.parse import urlsplit
+
+import httpx2
+import openai
 
 from .cache import RequestCache
 
-RETRYABLE_STATUS = {408, 409, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 FATAL_STATUS = {401, 403, 404}
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+# Largest HTTP response body accepted (the answer plus its JSON envelope). A 32k-token solution is
+# ~130 KB; 4 MiB leaves room for long reasoning while bounding what a misbehaving server can write.
+DEFAULT_MAX_ANSWER_BYTES = 4 * 2**20
 
 
 def api_key_from_env(names: Iterable[str] = ("ORACLE_API_KEY", "OPENAI_API_KEY")) -> Optional[str]:
@@ -47,98 +63,24 @@ def api_key_from_env(names: Iterable[str] = ("ORACLE_API_KEY", "OPENAI_API_KEY")
     return None
 
 
-@dataclass
-class TransportResponse:
-    status: int
-    headers: dict  # lower-cased names
-    body: bytes
-
-
-class TransportTimeout(Exception):
-    pass
-
-
-class TransportError(Exception):
-    pass
-
-
-class Transport(Protocol):
-    def post(self, url: str, headers: dict, body: bytes, timeout: float) -> TransportResponse: ...
-
-
-class HttpTransport:
-    """requests-based transport; one Session (connection pool) per worker thread. Loopback URLs
-    never go through an HTTP(S)_PROXY from the environment."""
-
-    _LOOPBACK = ("127.0.0.1", "localhost", "[::1]")
-
-    def __init__(self, max_response_bytes: Optional[int] = None):
-        self._local = threading.local()
-        self.max_response_bytes = max_response_bytes
-
-    def _session(self, loopback: bool):
-        name = "loopback" if loopback else "remote"
-        s = getattr(self._local, name, None)
-        if s is None:
-            import requests
-
-            s = requests.Session()
-            s.trust_env = not loopback
-            setattr(self._local, name, s)
-        return s
-
-    def post(self, url, headers, body, timeout):
-        import requests
-        from urllib.parse import urlsplit
-
-        host = urlsplit(url).netloc.rsplit("@", 1)[-1]
-        loopback = host.split(":")[0] in self._LOOPBACK or host.startswith("[::1]")
-        try:
-            r = self._session(loopback).post(url, data=body, headers=headers, timeout=(min(timeout, 30.0), timeout),
-                                             stream=True)
-            try:
-                # read at most one byte past the cap: an oversized answer never sits whole in memory
-                limit = None if self.max_response_bytes is None else self.max_response_bytes + 1
-                chunks, size = [], 0
-                for chunk in r.iter_content(chunk_size=1 << 16):
-                    chunks.append(chunk)
-                    size += len(chunk)
-                    if limit is not None and size >= limit:
-                        break
-                content = b"".join(chunks)
-            finally:
-                r.close()
-        except requests.exceptions.Timeout:
-            raise TransportTimeout("request timed out") from None
-        except requests.exceptions.RequestException as e:
-            # the exception type only: messages can echo request details
-            raise TransportError(type(e).__name__) from None
-        return TransportResponse(r.status_code, {k.lower(): v for k, v in r.headers.items()}, content)
-
-
-# Largest HTTP response body accepted (the answer plus its JSON envelope). A 32k-token solution is
-# ~130 KB; 4 MiB leaves room for long reasoning while bounding what a misbehaving server can write.
-DEFAULT_MAX_ANSWER_BYTES = 4 * 2**20
-
-
 class FatalRequestError(RuntimeError):
     """The endpoint refuses every request (auth, URL, model): stop the stage."""
 
 
 class BudgetExhausted(Exception):
-    pass
+    """Raised by the transport before an attempt the budget does not cover (the SDK does not retry it)."""
 
 
 class Interrupted(Exception):
-    pass
+    """Raised by the transport once the stop flag is set (Ctrl-C or a fatal error elsewhere)."""
 
 
-@dataclass
-class RetryPolicy:
-    max_retries: int = 6          # attempts = 1 + max_retries
-    base_delay: float = 1.0       # seconds; backoff = base * 2**attempt, equal jitter
-    max_delay: float = 60.0
-    max_retry_after: float = 300.0  # cap on a server's Retry-After
+class AnswerTooLarge(Exception):
+    """A 200 body over max_answer_bytes: not an httpx error, so the SDK passes it up unretried."""
+
+
+class MalformedResponse(httpx2.DecodingError):
+    """A 200 whose body is not a completion; an httpx RequestError, so the SDK retries it."""
 
 
 @dataclass
@@ -179,24 +121,88 @@ class ClientStats:
         return dict(self.__dict__)
 
 
-def _retry_after_seconds(headers: dict) -> Optional[float]:
-    ms = headers.get("retry-after-ms")
-    if ms:
+def parse_completion(body: bytes, api: str) -> tuple[str, Optional[str], dict]:
+    """(content, finish_reason, usage) of a chat or text completion; raises on anything else."""
+    obj = json.loads(body.decode("utf-8"))
+    choice = obj["choices"][0]
+    content = (choice.get("message") or {}).get("content") if api == "chat" else choice.get("text")
+    if content is not None and not isinstance(content, str):
+        raise ValueError("content is not a string")
+    usage = obj.get("usage") or {}
+    return content or "", choice.get("finish_reason"), {
+        "prompt_tokens": int(usage.get("prompt_tokens") or 0),
+        "completion_tokens": int(usage.get("completion_tokens") or 0),
+    }
+
+
+_MALFORMED = (ValueError, KeyError, IndexError, TypeError, AttributeError, UnicodeDecodeError)
+
+
+def _network_transport(base_url: str) -> httpx2.BaseTransport:
+    """The real network. Loopback URLs never go through a proxy; others honour the environment's
+    HTTP(S)_PROXY / NO_PROXY (an explicit transport turns httpx's own environment lookup off)."""
+    parts = urlsplit(base_url)
+    host = parts.hostname or ""
+    if host in _LOOPBACK_HOSTS:
+        return httpx2.HTTPTransport(trust_env=False)
+    proxy = None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(parts.scheme)
+    return httpx2.HTTPTransport(proxy=proxy)
+
+
+class _MeteredTransport(httpx2.BaseTransport):
+    """Every attempt the SDK makes passes here: budget, stop flag, answer cap, malformed check, stats."""
+
+    def __init__(self, inner: httpx2.BaseTransport, client: "ChatClient"):
+        self._inner, self._client = inner, client
+
+    def _read_capped(self, response: httpx2.Response) -> tuple[bytes, bool]:
+        cap = self._client.max_answer_bytes
+        chunks, size = [], 0
         try:
-            return max(0.0, float(ms) / 1000.0)
-        except ValueError:
-            pass
-    ra = headers.get("retry-after")
-    if not ra:
-        return None
-    try:
-        return max(0.0, float(ra))
-    except ValueError:
+            for chunk in response.iter_bytes():   # decoded (gzip etc.): the cap is on what we would keep
+                chunks.append(chunk)
+                size += len(chunk)
+                if cap is not None and size > cap:
+                    return b"", True
+        finally:
+            response.close()
+        return b"".join(chunks), False
+
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
+        c = self._client
+        if c._stop.is_set():
+            raise Interrupted()
+        c._take_budget()
+        c._local.attempts += 1
         try:
-            dt = email.utils.parsedate_to_datetime(ra)
-            return max(0.0, dt.timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
+            response = self._inner.handle_request(request)
+            body, too_large = self._read_capped(response)
+        except httpx2.TimeoutException:
+            c._attempt_failed("timeout")
+            raise
+        except httpx2.RequestError:
+            c._attempt_failed("connection_error")
+            raise
+        status = response.status_code
+        if status == 200:
+            if too_large:
+                with c._lock:
+                    c.stats.capped += 1
+                c._attempt_failed("answer_too_large")
+                raise AnswerTooLarge()
+            try:
+                parse_completion(body, c.api)
+            except _MALFORMED:
+                c._attempt_failed("malformed_response")
+                raise MalformedResponse("the answer is not a completion", request=request) from None
+        else:
+            c._attempt_failed(f"http_{status}")
+        headers = [(k, v) for k, v in response.headers.multi_items()
+                   if k.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+        return httpx2.Response(status, headers=headers, content=body, request=request)
+
+    def close(self) -> None:
+        self._inner.close()
 
 
 class ChatClient:
@@ -205,45 +211,50 @@ class ChatClient:
         base_url: str,
         model: str,
         api_key: Optional[str] = None,
-        transport: Optional[Transport] = None,
+        transport: Optional[httpx2.BaseTransport] = None,
         api: str = "chat",  # "chat" -> /chat/completions, "completions" -> /completions
         timeout: float = 300.0,
-        retry: Optional[RetryPolicy] = None,
+        max_retries: int = 6,
         max_requests: Optional[int] = None,
         price_prompt_per_mtok: float = 0.0,
         price_completion_per_mtok: float = 0.0,
-        sleep: Callable[[float], None] = time.sleep,
-        seed: Optional[int] = None,
         max_answer_bytes: Optional[int] = DEFAULT_MAX_ANSWER_BYTES,
     ):
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
+        if max_answer_bytes is not None and max_answer_bytes < 1:
+            raise ValueError(f"max_answer_bytes must be >= 1 or None, got {max_answer_bytes}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        if not base_url:
+            raise ValueError("the client needs a base URL (e.g. http://localhost:8000/v1)")
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api = api
-        self.url = self.base_url + ("/chat/completions" if api == "chat" else "/completions")
-        if max_answer_bytes is not None and max_answer_bytes < 1:
-            raise ValueError(f"max_answer_bytes must be >= 1 or None, got {max_answer_bytes}")
+        self._path = "/chat/completions" if api == "chat" else "/completions"
+        self.url = self.base_url + self._path
         self.max_answer_bytes = max_answer_bytes
-        self.transport = transport or HttpTransport(max_response_bytes=max_answer_bytes)
         self.timeout = timeout
-        self.retry = retry or RetryPolicy()
+        self.max_retries = max_retries
         self.max_requests = max_requests
         self.price_prompt = price_prompt_per_mtok
         self.price_completion = price_completion_per_mtok
-        self._sleep = sleep
-        self._rng = random.Random(seed)
-        self._headers = {"Content-Type": "application/json"}
-        if api_key:
-            self._headers["Authorization"] = "Bearer " + api_key
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._local = threading.local()
         self.stats = ClientStats()
+        http = httpx2.Client(transport=_MeteredTransport(transport or _network_transport(self.base_url), self),
+                             timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0)),
+                             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64))
+        # a placeholder key is never sent: keyless requests omit the Authorization header below
+        self._sdk = openai.OpenAI(api_key=api_key or "no-key", base_url=self.base_url, http_client=http,
+                                  max_retries=max_retries, timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0)))
+        self._options: dict = {} if api_key else {"headers": {"Authorization": openai.omit}}
 
     def __repr__(self) -> str:  # never shows the key
         return f"ChatClient(url={self.url!r}, model={self.model!r})"
 
-    # --- one request -------------------------------------------------------------------------
+    # --- bookkeeping the transport calls ---------------------------------------------------------
     def _count(self, d: dict, k: str) -> None:
         d[k] = d.get(k, 0) + 1
 
@@ -253,81 +264,39 @@ class ChatClient:
                 raise BudgetExhausted()
             self.stats.http_requests += 1
 
-    def _backoff(self, attempt: int, retry_after: Optional[float]) -> float:
-        p = self.retry
-        if retry_after is not None:
-            return min(retry_after, p.max_retry_after) + self._rng.uniform(0, p.base_delay * 0.25)
-        d = min(p.max_delay, p.base_delay * (2 ** attempt))
-        return d / 2 + self._rng.uniform(0, d / 2)
+    def _attempt_failed(self, kind: str) -> None:
+        with self._lock:
+            self._count(self.stats.attempt_errors, kind)
 
-    def _parse_ok(self, body: bytes) -> tuple[str, Optional[str], dict]:
-        obj = json.loads(body.decode("utf-8"))
-        ch = obj["choices"][0]
-        if self.api == "chat":
-            content = (ch.get("message") or {}).get("content")
-        else:
-            content = ch.get("text")
-        if content is not None and not isinstance(content, str):
-            raise ValueError("content is not a string")
-        usage = obj.get("usage") or {}
-        return content or "", ch.get("finish_reason"), {
-            "prompt_tokens": int(usage.get("prompt_tokens") or 0),
-            "completion_tokens": int(usage.get("completion_tokens") or 0),
-        }
-
+    # --- one request -------------------------------------------------------------------------
     def request(self, body: dict) -> JobResult:
-        """Send one request body (model is filled in) with retries; never raises except Fatal."""
+        """Send one request body (model is filled in); the SDK retries. Never raises except Fatal."""
         payload = dict(body)
         payload.setdefault("model", self.model)
-        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
-        last = "unknown"
-        for attempt in range(self.retry.max_retries + 1):
-            if self._stop.is_set():
-                return JobResult("", False, error="interrupted", attempts=attempt)
-            try:
-                self._take_budget()
-            except BudgetExhausted:
-                return JobResult("", False, error="budget_exhausted", attempts=attempt)
-            retry_after = None
-            try:
-                resp = self.transport.post(self.url, self._headers, data, self.timeout)
-            except TransportTimeout:
-                last = "timeout"
-            except TransportError:
-                last = "connection_error"
-            else:
-                if resp.status == 200 and self.max_answer_bytes is not None and len(resp.body) > self.max_answer_bytes:
-                    # a runaway answer (an Oracle can fill a disk): refused, counted, not retried or cached
-                    with self._lock:
-                        self.stats.capped += 1
-                        self._count(self.stats.attempt_errors, "answer_too_large")
-                    return JobResult("", False, error="answer_too_large", attempts=attempt + 1)
-                if resp.status == 200:
-                    try:
-                        content, finish, usage = self._parse_ok(resp.body)
-                    except (ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
-                        last = "malformed_response"
-                    else:
-                        return JobResult("", True, content, finish, usage, attempts=attempt + 1)
-                elif resp.status in FATAL_STATUS:
-                    raise FatalRequestError(
-                        f"{self.url} answered HTTP {resp.status} (check the API key variable, "
-                        f"the base URL and the model name {self.model!r})"
-                    )
-                elif resp.status in RETRYABLE_STATUS:
-                    last = f"http_{resp.status}"
-                    retry_after = _retry_after_seconds(resp.headers)
-                else:
-                    with self._lock:
-                        self._count(self.stats.attempt_errors, f"http_{resp.status}")
-                    return JobResult("", False, error=f"http_{resp.status}", attempts=attempt + 1)
+        self._local.attempts = 0
+        try:
+            response = self._sdk.post(self._path, cast_to=httpx2.Response, body=payload, options=self._options)
+            content, finish, usage = parse_completion(response.content, self.api)  # checked by the transport
+            return JobResult("", True, content, finish, usage, attempts=self._local.attempts)
+        except openai.APIStatusError as e:
+            if e.status_code in FATAL_STATUS:
+                raise FatalRequestError(f"{self.url} answered HTTP {e.status_code} (check the API key variable, "
+                                        f"the base URL and the model name {self.model!r})") from None
+            error = f"http_{e.status_code}"
+        except openai.APITimeoutError:
+            error = "timeout"
+        except openai.APIConnectionError as e:
+            error = "malformed_response" if isinstance(e.__cause__, MalformedResponse) else "connection_error"
+        except BudgetExhausted:
+            error = "budget_exhausted"
+        except Interrupted:
+            error = "interrupted"
+        except AnswerTooLarge:
+            error = "answer_too_large"
+        finally:
             with self._lock:
-                self._count(self.stats.attempt_errors, last)
-            if attempt < self.retry.max_retries:
-                with self._lock:
-                    self.stats.retries += 1
-                self._sleep(self._backoff(attempt, retry_after))
-        return JobResult("", False, error=last, attempts=self.retry.max_retries + 1)
+                self.stats.retries += max(0, self._local.attempts - 1)
+        return JobResult("", False, error=error, attempts=self._local.attempts)
 
     # --- many requests -----------------------------------------------------------------------
     def _account(self, res: JobResult) -> None:
@@ -411,3 +380,6 @@ class ChatClient:
                 bar.close()
             self.stats.wall_s += time.time() - t0
         return results
+
+    def close(self) -> None:
+        self._sdk.close()

@@ -25,7 +25,7 @@ import statistics
 from typing import Optional, Sequence
 
 from .cache import request_key
-from .client import ChatClient, Job, RetryPolicy, api_key_from_env
+from .client import ChatClient, Job, api_key_from_env
 from .grading import answers_match, extract_boxed
 from .jsonl import read_json, read_records, write_json_atomic, write_jsonl_atomic
 
@@ -205,9 +205,7 @@ class EvalConfig:
     local_batch_size: int = 8
     concurrency: int = 16
     timeout: float = 1800.0
-    max_retries: int = 6
-    retry_base_delay: float = 1.0
-    retry_max_delay: float = 60.0
+    max_retries: int = 6                   # the openai SDK's retries (backoff and Retry-After: see client.py)
     max_requests: Optional[int] = None
     limit: Optional[int] = None            # first N problems of each benchmark (smoke tests)
     progress: bool = True
@@ -252,7 +250,7 @@ def _generate(cfg: EvalConfig, jobs: list, cache, model_label: str) -> tuple[dic
         return _run_local(pcfg, jobs, cache), {}
     client = ChatClient(cfg.model_base_url, model_label, api_key=api_key_from_env(cfg.model_api_key_env),
                         timeout=cfg.timeout, max_requests=cfg.max_requests,
-                        retry=RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay))
+                        max_retries=cfg.max_retries)
     results = client.run(jobs, cache, kind="eval", concurrency=cfg.concurrency, progress=cfg.progress,
                          desc="evaluate: sampling")
     return results, client.stats.as_dict()

@@ -29,11 +29,12 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+import httpx2
+
 from . import prompts as P
-from .client import TransportResponse
 
 DATA_SOURCE = "offline-arith"
-OFFLINE_BASE_URL = "offline://calculator/v1"
+OFFLINE_BASE_URL = "http://offline-calculator.invalid/v1"  # never resolved: the transport is in-process
 ORACLE_MODEL = "offline-calculator-oracle"
 STUDENT_MODEL = "offline-student"
 
@@ -349,18 +350,19 @@ class OfflineEndpoint:
                      "model": payload.get("model", ORACLE_MODEL), "choices": [choice], "usage": usage}
 
 
-class OfflineTransport:
-    """In-process transport: the request never leaves the process, but ChatClient's whole code path
-    (serialisation, status handling, retries, budget, parsing, cache) runs as for HTTP."""
+class OfflineTransport(httpx2.BaseTransport):
+    """In-process httpx transport: the request never leaves the process, but ChatClient's whole code
+    path (the openai SDK's serialisation, status handling and retries, budget, parsing, cache) runs as
+    for HTTP."""
 
     def __init__(self, endpoint: Optional[OfflineEndpoint] = None):
         self.endpoint = endpoint or OfflineEndpoint()
         self.calls = 0
 
-    def post(self, url, headers, body, timeout):
+    def handle_request(self, request: httpx2.Request) -> httpx2.Response:
         self.calls += 1
-        status, obj = self.endpoint.handle(url, json.loads(body.decode("utf-8")))
-        return TransportResponse(status, {"content-type": "application/json"}, json.dumps(obj).encode())
+        status, obj = self.endpoint.handle(request.url.path, json.loads(request.read().decode("utf-8")))
+        return httpx2.Response(status, json=obj, request=request)
 
 
 # --- files in the authors' form ----------------------------------------------------------------------

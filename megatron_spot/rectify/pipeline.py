@@ -24,7 +24,7 @@ from typing import Any, Optional
 from . import prompts as P
 from .cache import RequestCache, request_key
 from .change_ratio import change_ratio, hf_tokenizer, whitespace_tokens
-from .client import DEFAULT_MAX_ANSWER_BYTES, ChatClient, Job, RetryPolicy, api_key_from_env
+from .client import DEFAULT_MAX_ANSWER_BYTES, ChatClient, Job, api_key_from_env
 from .grading import answers_match, extract_boxed, grade
 from .jsonl import read_json, read_records, write_json_atomic, write_jsonl_atomic
 from megatron_spot.utils.atomic import atomic_file
@@ -41,9 +41,7 @@ class PipelineConfig:
     oracle_api_key_env: tuple = ("ORACLE_API_KEY", "OPENAI_API_KEY")
     concurrency: int = 8
     timeout: float = 300.0
-    max_retries: int = 6
-    retry_base_delay: float = 1.0
-    retry_max_delay: float = 60.0
+    max_retries: int = 6              # the openai SDK's retries (backoff and Retry-After: see client.py)
     max_requests: Optional[int] = None
     max_answer_bytes: Optional[int] = DEFAULT_MAX_ANSWER_BYTES  # larger responses: rejected, counted as capped
     with_ground_truth: bool = False
@@ -178,8 +176,7 @@ def check_not_all_failed(stage: str, results: dict, client_stats) -> None:
 
 # --- clients ------------------------------------------------------------------------------------------
 def make_oracle_client(cfg: PipelineConfig, transport=None) -> ChatClient:
-    retry = RetryPolicy(max_retries=cfg.max_retries, base_delay=cfg.retry_base_delay, max_delay=cfg.retry_max_delay)
-    common = dict(timeout=cfg.timeout, retry=retry, max_requests=cfg.max_requests, max_answer_bytes=cfg.max_answer_bytes,
+    common = dict(timeout=cfg.timeout, max_retries=cfg.max_retries, max_requests=cfg.max_requests, max_answer_bytes=cfg.max_answer_bytes,
                   price_prompt_per_mtok=cfg.price_prompt_per_mtok,
                   price_completion_per_mtok=cfg.price_completion_per_mtok)
     if cfg.offline and transport is None:
@@ -307,10 +304,10 @@ def elicit(input_path: str, cfg: PipelineConfig) -> dict:
                         ep.register(p["_rec"])
                 transport = OfflineTransport(ep)
             client = ChatClient(
-                cfg.model_base_url or ("offline://student/v1" if cfg.offline else ""), model_label,
+                cfg.model_base_url or ("http://offline-student.invalid/v1" if cfg.offline else ""), model_label,
                 api_key=api_key_from_env(cfg.model_api_key_env), transport=transport, api=cfg.model_api,
                 timeout=cfg.timeout, max_requests=cfg.max_requests, max_answer_bytes=cfg.max_answer_bytes,
-                retry=RetryPolicy(cfg.max_retries, cfg.retry_base_delay, cfg.retry_max_delay))
+                max_retries=cfg.max_retries)
             results = client.run(jobs, cache, kind="elicit", concurrency=cfg.concurrency,
                                  progress=cfg.progress, desc="elicit: sampling")
             client_stats = client.stats.as_dict()

@@ -46,7 +46,8 @@ class FaultServer:
             self.requests[bid] += 1
             n = self.requests[bid]
             self.payloads[bid] = payload
-            self.auth[headers.get("Authorization", "")] += 1
+            # header names are case-insensitive (the SDK's httpx sends them lower-case)
+            self.auth[{k.lower(): v for k, v in headers.items()}.get("authorization", "")] += 1
         if self.status_override:
             return self.status_override, {}, b'{"error": {"message": "nope"}}'
         text = json.dumps(payload)

@@ -45,7 +45,7 @@ def _dir_bytes(root):
 
 def _argv(errors, out, url, *extra):
     return ["rectify", "--input", errors, "--output", str(out), "--oracle-base-url", url, "--oracle-model", "o",
-            "--max-retries", "0", "--retry-base-delay", "0.01", "--no-progress", "--concurrency", "2", *extra]
+            "--max-retries", "0", "--no-progress", "--concurrency", "2", *extra]
 
 
 def test_oversized_answers_are_refused_counted_and_never_written(tmp_path, capsys):

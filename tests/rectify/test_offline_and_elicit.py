@@ -9,6 +9,8 @@ from megatron_spot.rectify.offline import (OfflineEndpoint, calculator_fix, make
                                            run_offline_demo, student_solution, synth_errors)
 from megatron_spot.rectify.pipeline import PipelineConfig, elicit
 
+from .conftest import SECRET
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -65,13 +67,15 @@ def test_offline_demo_end_to_end(tmp_path):
     assert open(path).read() == before
 
 
-def test_elicit_over_http_reports_accuracy_and_caches(tmp_path, fault_server):
+def test_elicit_over_http_reports_accuracy_and_caches(tmp_path, fault_server, monkeypatch):
+    # an Oracle key in the environment must not reach the model server (the SDK would send OPENAI_API_KEY)
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     problems = make_problems(25, seed=9)
     srv = fault_server(endpoint=OfflineEndpoint(problems))
     inp = str(tmp_path / "problems.jsonl")
     jsonl.write_jsonl_atomic(inp, [problem_record(p) for p in problems])
     cfg = PipelineConfig(output_dir=str(tmp_path / "ev"), model_base_url=srv.url, model_name="student",
-                         samples=3, seed=100, concurrency=4, progress=False, retry_base_delay=0.01)
+                         samples=3, seed=100, concurrency=4, progress=False)
     elicit(inp, cfg)
     ev = json.load(open(tmp_path / "ev" / "eval.json"))
     # expected accuracy straight from the generator (the student is deterministic per seed)
@@ -84,6 +88,7 @@ def test_elicit_over_http_reports_accuracy_and_caches(tmp_path, fault_server):
     assert payload["chat_template_kwargs"] == {"enable_thinking": False}
     n = sum(srv.requests.values())
     assert n == 75
+    assert dict(srv.auth) == {"": 75}   # no MODEL_API_KEY: no Authorization header at all
     elicit(inp, cfg)  # rerun: all cached
     assert sum(srv.requests.values()) == n
 

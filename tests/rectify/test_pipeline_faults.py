@@ -6,7 +6,7 @@ import sqlite3
 import pytest
 
 from megatron_spot.rectify import jsonl
-from megatron_spot.rectify.client import ChatClient, FatalRequestError, RetryPolicy
+from megatron_spot.rectify.client import ChatClient, FatalRequestError
 from megatron_spot.rectify.offline import synth_errors
 from megatron_spot.rectify.pipeline import PipelineConfig, run_rectify
 
@@ -50,7 +50,7 @@ def _errors(tmp_path):
 
 def _cfg(out, url, **kw):
     base = dict(output_dir=str(out), oracle_base_url=url, oracle_model="oracle-x", concurrency=4,
-                timeout=0.4, max_retries=3, retry_base_delay=0.01, retry_max_delay=0.05, progress=False)
+                timeout=0.4, max_retries=3, progress=False)
     base.update(kw)
     return PipelineConfig(**base)
 
@@ -157,24 +157,27 @@ def test_auth_failure_is_fatal(tmp_path, fault_server):
 
 
 def test_retry_after_is_honoured_and_backoff_grows():
-    from megatron_spot.rectify.client import TransportResponse
+    """The SDK's retry timing as we configure it: the server's Retry-After replaces the first backoff
+    (0.5 s at most), the next backoff doubles (1 s minus <= 25 % jitter); every attempt is counted."""
+    import time
 
-    class Flaky:
-        def __init__(self, script):
-            self.script = list(script)
+    import httpx2
 
-        def post(self, url, headers, body, timeout):
-            status, hdrs = self.script.pop(0)
-            body = b'{"choices":[{"message":{"content":"ok"},"finish_reason":"stop"}]}' if status == 200 else b"{}"
-            return TransportResponse(status, hdrs, body)
+    script = [(429, {"retry-after": "1.2"}), (503, {}), (200, {})]
+    sent_at = []
 
-    slept = []
-    c = ChatClient("http://127.0.0.1:9/v1", "m", transport=Flaky([(429, {"retry-after": "7"}), (503, {}), (503, {}),
-                                                                  (200, {})]),
-                   retry=RetryPolicy(max_retries=5, base_delay=1.0, max_delay=60), sleep=slept.append, seed=0)
+    def answer(request):
+        sent_at.append(time.monotonic())
+        status, headers = script.pop(0)
+        body = {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]} if status == 200 else {}
+        return httpx2.Response(status, headers=headers, json=body)
+
+    c = ChatClient("http://127.0.0.1:9/v1", "m", transport=httpx2.MockTransport(answer), max_retries=5)
     r = c.request({"messages": []})
-    assert r.ok and r.content == "ok" and r.attempts == 4
-    assert 7.0 <= slept[0] <= 7.25          # Retry-After (+ small jitter)
-    assert 1.0 <= slept[1] <= 2.0           # base * 2**1, equal jitter
-    assert 2.0 <= slept[2] <= 4.0           # base * 2**2
+    assert r.ok and r.content == "ok" and r.attempts == 3
+    gaps = [b - a for a, b in zip(sent_at, sent_at[1:])]
+    assert gaps[0] >= 1.2, gaps                 # Retry-After, not the SDK's first 0.5 s
+    assert 0.74 <= gaps[1] < 2.0, gaps          # second backoff: 1 s * (1 - <= 25 % jitter)
+    assert c.stats.retries == 2 and c.stats.http_requests == 3
+    assert c.stats.attempt_errors == {"http_429": 1, "http_503": 1}
     assert "m" in repr(c) and "Bearer" not in repr(c)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _cli(errors, out, url):
     return [sys.executable, os.path.join(ROOT, "tools", "rectify.py"), "rectify", "--input", errors,
             "--output", out, "--oracle-base-url", url, "--oracle-model", "oracle-k", "--concurrency", "2",
-            "--retry-base-delay", "0.01", "--no-progress"]
+            "--no-progress"]
 
 
 def test_sigkill_then_rerun_sends_no_finished_request_twice(tmp_path, fault_server):
