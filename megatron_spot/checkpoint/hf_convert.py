@@ -383,8 +383,8 @@ def source_dtype(src: SafetensorsCheckpoint, hf_config_path: str) -> tuple[str, 
         by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
     if by_dtype:
         top = max(by_dtype, key=by_dtype.get)
-        if top == torch.float64:  # no float64 training; fp32 is the closest lossless-enough choice
-            return "fp32", "the safetensors weights (float64, stored as fp32)"
+        if top == torch.float64:  # Megatron trains in at most fp32: the closest precision, announced below
+            return "fp32", "the safetensors weights (float64, rounded to fp32)"
         return _dtype_name_of(top), "the safetensors weights"
     cfg = read_json(hf_config_path, CheckpointError)
     name = cfg.get("torch_dtype") or cfg.get("dtype")
@@ -408,10 +408,15 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
     cfg = read_hf_config(hf_dir)
     with SafetensorsCheckpoint(hf_dir) as src:
         src_dtype, where = source_dtype(src, os.path.join(hf_dir, "config.json"))
+        msg = None
         if dtype is None:
             dtype = src_dtype
+            if "float64" in where:
+                msg = f"hf-to-mcore: {hf_dir} holds float64 weights; storing them as fp32"
         elif dtype != src_dtype:
-            msg = f"hf-to-mcore: storing the {src_dtype} weights of {hf_dir} as {dtype} (--dtype; source dtype from {where})"
+            msg = (f"hf-to-mcore: storing the {src_dtype} weights of {hf_dir} as {dtype} (--dtype; source dtype "
+                   f"from {where})")
+        if msg:
             log.warning(msg)
             if progress:
                 print(msg, flush=True)
