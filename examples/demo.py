@@ -100,8 +100,8 @@ def main() -> int:
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
 
-    stage(1, "rectification pipeline with the built-in offline Oracle")
-    from megatron_spot.rectify.offline import run_offline_demo
+    stage(1, "rectification pipeline with the offline Oracle (examples/offline_oracle.py)")
+    from examples.offline_oracle import run_offline_demo
 
     pairs_path = run_offline_demo(os.path.join(out, "rectify"), num_problems=args.problems, seed=0, progress=True)
     with open(os.path.join(out, "rectify", "report.json")) as f:
@@ -182,7 +182,7 @@ def main() -> int:
 
     stage(8, "evaluate base and trained models with the paper's sampling (tools/evaluate.py, smoke size)")
     from megatron_spot.rectify import evaluate as E
-    from megatron_spot.rectify.offline import write_problems_jsonl
+    from examples.offline_oracle import write_problems_jsonl
 
     os.makedirs(os.path.join(out, "eval"), exist_ok=True)
     bench = write_problems_jsonl(os.path.join(out, "eval", "arith_heldout.jsonl"), args.eval_problems, seed=1)

@@ -243,11 +243,12 @@ def _body(cfg: EvalConfig, prompt: str, trial: int) -> dict:
 
 def _generate(cfg: EvalConfig, jobs: list, cache, model_label: str) -> tuple[dict, dict]:
     if cfg.local_model:
-        from .pipeline import PipelineConfig, _run_local
+        from .config import PipelineConfig
+        from .elicit import generate_locally
 
         pcfg = PipelineConfig(output_dir=cfg.output_dir, local_model=cfg.local_model,
                               local_batch_size=cfg.local_batch_size, progress=cfg.progress)
-        return _run_local(pcfg, jobs, cache), {}
+        return generate_locally(pcfg, jobs, cache), {}
     client = ChatClient(cfg.model_base_url, model_label, api_key=api_key_from_env(cfg.model_api_key_env),
                         timeout=cfg.timeout, max_requests=cfg.max_requests,
                         max_retries=cfg.max_retries)

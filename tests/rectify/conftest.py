@@ -9,8 +9,9 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from megatron_spot.rectify.loopback import LoopbackServer
-from megatron_spot.rectify.offline import OfflineEndpoint
+from examples.offline_oracle import OfflineEndpoint
+
+from .loopback import LoopbackServer
 
 TAG_RE = re.compile(r"\[fault:([a-z0-9]+)\]")
 SECRET = "sk-test-SECRET-do-not-leak-7f3a9c"

@@ -3,9 +3,11 @@ rectify run in which every request failed exits non-zero."""
 import json
 import os
 
+from examples.offline_oracle import OfflineEndpoint, synth_errors
+from megatron_spot.cli.rectify import main
 from megatron_spot.rectify import jsonl
-from megatron_spot.rectify.loopback import LoopbackServer
-from megatron_spot.rectify.offline import OfflineEndpoint, synth_errors
+
+from .loopback import LoopbackServer
 
 HUGE_TAG = "[huge-answer]"
 CAP = 64 * 1024
@@ -49,8 +51,6 @@ def _argv(errors, out, url, *extra):
 
 
 def test_oversized_answers_are_refused_counted_and_never_written(tmp_path, capsys):
-    from tools.rectify import main
-
     errors, n_huge, n = _errors(tmp_path)
     srv = _server()
     try:
@@ -69,8 +69,6 @@ def test_oversized_answers_are_refused_counted_and_never_written(tmp_path, capsy
 
 
 def test_every_request_failed_exits_1_with_one_line(tmp_path, capsys):
-    from tools.rectify import main
-
     errors, _, n = _errors(tmp_path)
     srv = _server(always_500=True)
     try:

@@ -1,4 +1,4 @@
-"""tools/evaluate.py on a loopback OpenAI-compatible server whose answers are planted per problem and
+"""spot-evaluate (tools/evaluate.py) on a loopback OpenAI-compatible server whose answers are planted per problem and
 trial, so every benchmark's accuracy and spread is known in advance."""
 import json
 import re
@@ -8,10 +8,10 @@ from collections import Counter
 
 import pytest
 
+from megatron_spot.cli import evaluate as cli
 from megatron_spot.rectify import evaluate as E
-from megatron_spot.rectify.loopback import LoopbackServer
 
-from tools import evaluate as cli
+from .loopback import LoopbackServer
 
 AIME = [{"id": f"a{j}", "problem": f"[q:a{j}] Find the value number {j}.", "answer": str(10 + j)} for j in range(4)]
 MATH500 = [{"unique_id": "m0", "problem": "[q:m0] Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from megatron_spot.rectify import jsonl, write_problems_jsonl
+from examples.offline_oracle import write_problems_jsonl
+from megatron_spot.rectify import jsonl
 from megatron_spot.rectify.pipeline import PipelineConfig, elicit
 
 

@@ -3,10 +3,12 @@ import os
 import subprocess
 import sys
 
+from examples import offline_oracle
+from examples.offline_oracle import (OfflineEndpoint, calculator_fix, make_problems, problem_record,
+                                     run_offline_demo, student_solution, synth_errors)
+from megatron_spot.cli.rectify import main
 from megatron_spot.rectify import jsonl
 from megatron_spot.rectify.grading import answers_match, extract_boxed
-from megatron_spot.rectify.offline import (OfflineEndpoint, calculator_fix, make_problems, problem_record,
-                                           run_offline_demo, student_solution, synth_errors)
 from megatron_spot.rectify.pipeline import PipelineConfig, elicit
 
 from .conftest import SECRET
@@ -93,26 +95,21 @@ def test_elicit_over_http_reports_accuracy_and_caches(tmp_path, fault_server, mo
     assert sum(srv.requests.values()) == n
 
 
-def _cli_main():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rectify_cli", os.path.join(ROOT, "tools", "rectify.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main
-
-
-def test_cli_help_and_offline_run(tmp_path, capsys):
+def test_cli_help_and_run_over_http(tmp_path, capsys, fault_server):
+    # the shim in tools/ runs without any sys.path edit (the package is installed)
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "rectify.py"), "--help"],
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0
+    assert r.returncode == 0, r.stderr
     for word in ("elicit", "rectify", "verify", "filter", "run", "ORACLE_API_KEY", "resum"):
         assert word in r.stdout
-    main = _cli_main()
     out = str(tmp_path / "cli")
-    assert main(["synth", "--output", out, "--num-problems", "30"]) == 0
-    assert main(["run", "--offline", "--input", os.path.join(out, "problems.jsonl"), "--output", out,
-                 "--samples", "2", "--no-progress"]) == 0
+    assert offline_oracle.main(["synth", "--output", out, "--num-problems", "30"]) == 0
+    problems = os.path.join(out, "problems.jsonl")
+    # one loopback server plays both the student (elicit) and the calculator Oracle (rectify)
+    srv = fault_server(endpoint=OfflineEndpoint(list(jsonl.read_jsonl(problems))))
+    assert main(["run", "--input", problems, "--output", out, "--model-base-url", srv.url, "--model-name", "student",
+                 "--oracle-base-url", srv.url, "--oracle-model", "oracle", "--samples", "2", "--seed", "0",
+                 "--no-progress"]) == 0
     assert "pairs:" in capsys.readouterr().out
     # stages runnable alone on the files the previous ones wrote
     assert main(["verify", "--output", out, "--no-progress"]) == 0

@@ -5,9 +5,9 @@ import sqlite3
 
 import pytest
 
+from examples.offline_oracle import synth_errors
 from megatron_spot.rectify import jsonl
 from megatron_spot.rectify.client import ChatClient, FatalRequestError
-from megatron_spot.rectify.offline import synth_errors
 from megatron_spot.rectify.pipeline import PipelineConfig, run_rectify
 
 from .conftest import SECRET, scan_for_secret

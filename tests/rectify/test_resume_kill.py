@@ -6,9 +6,9 @@ import subprocess
 import sys
 import time
 
+from examples.offline_oracle import synth_errors
 from megatron_spot.rectify import jsonl
 from megatron_spot.rectify.cache import request_key
-from megatron_spot.rectify.offline import synth_errors
 
 from .conftest import SECRET, body_id, scan_for_secret
 

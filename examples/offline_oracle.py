@@ -1,9 +1,13 @@
-"""The built-in OFFLINE oracle: synthetic problems, a fallible "student", a calculator Oracle.
+"""The demo's OFFLINE Oracle: synthetic problems, a fallible "student", a calculator Oracle.
 
-Nothing here touches the network. It exists so that demos and tests run the real pipeline end to
-end (same ChatClient, same retries/cache/budget code, same parsing, grading and filtering):
-``OfflineTransport`` plugs into ``ChatClient`` in place of HTTP, and ``loopback.LoopbackServer``
-can serve the same endpoint over real HTTP on 127.0.0.1.
+Not part of the package: the rectification pipeline only sees ``ChatClient``s (its one transport
+seam), and this file hands it clients whose httpx transport answers in-process. Nothing here
+touches the network; demos and tests run the real pipeline end to end (same ChatClient, same SDK
+retries, budget and cache, same parsing, grading and filtering). Tests serve ``OfflineEndpoint``
+over real HTTP on 127.0.0.1 with tests/rectify/loopback.py.
+
+    python examples/offline_oracle.py demo --output runs/rectify_demo   # the whole pipeline offline
+    python examples/offline_oracle.py synth --output runs/synth         # problems.jsonl + errors.jsonl
 
 * Problems: multi-step arithmetic word problems ("Maya buys 7 crates of pears, each holding 12
   pears. ... How many pears does Maya have at the end?"), integer-valued at every step, with the
@@ -31,7 +35,12 @@ from typing import Optional
 
 import httpx2
 
-from . import prompts as P
+from megatron_spot.rectify import prompts as P
+from megatron_spot.rectify.client import ChatClient
+from megatron_spot.rectify.grading import extract_boxed
+from megatron_spot.rectify.jsonl import write_jsonl_atomic
+from megatron_spot.rectify.pipeline import PipelineConfig, run_all
+from megatron_spot.rectify.report import print_summary
 
 DATA_SOURCE = "offline-arith"
 OFFLINE_BASE_URL = "http://offline-calculator.invalid/v1"  # never resolved: the transport is in-process
@@ -367,16 +376,12 @@ class OfflineTransport(httpx2.BaseTransport):
 
 # --- files in the authors' form ----------------------------------------------------------------------
 def write_problems_jsonl(path: str, num_problems: int, seed: int = 0) -> str:
-    from .jsonl import write_jsonl_atomic
-
     write_jsonl_atomic(path, (problem_record(p) for p in make_problems(num_problems, seed)))
     return path
 
 
 def synth_errors(num_problems: int, seed: int = 0, samples: int = 1) -> list[dict]:
     """Wrong student solutions in the authors' errors.jsonl form (no server involved)."""
-    from .grading import extract_boxed
-
     out = []
     for p in make_problems(num_problems, seed):
         for k in range(samples):
@@ -390,13 +395,18 @@ def synth_errors(num_problems: int, seed: int = 0, samples: int = 1) -> list[dic
 
 
 def write_errors_jsonl(path: str, num_problems: int, seed: int = 0, samples: int = 1) -> str:
-    from .jsonl import write_jsonl_atomic
-
     write_jsonl_atomic(path, synth_errors(num_problems, seed, samples))
     return path
 
 
 DEMO_FAULTS = OracleFaults(rewrite=0.06, no_markers=0.03, wrong=0.03)
+
+
+def offline_client(model: str, endpoint: OfflineEndpoint, cfg: PipelineConfig) -> ChatClient:
+    """A ChatClient whose requests the endpoint answers in-process (the pipeline cannot tell)."""
+    return ChatClient(OFFLINE_BASE_URL, model, transport=OfflineTransport(endpoint), timeout=cfg.timeout,
+                      max_retries=cfg.max_retries, max_requests=cfg.max_requests,
+                      max_answer_bytes=cfg.max_answer_bytes)
 
 
 def run_offline_demo(output_dir: str, num_problems: int = 256, seed: int = 0, samples: int = 2,
@@ -406,12 +416,46 @@ def run_offline_demo(output_dir: str, num_problems: int = 256, seed: int = 0, sa
     -> Oracle (calculator, with a few deterministic faults so rejects are exercised) -> verify ->
     filter -> pairs.jsonl. Returns the path to pairs.jsonl; report.json, rejects.jsonl,
     eval.json and change_ratio_hist.png lie beside it."""
-    from .pipeline import PipelineConfig, run_all
-
     os.makedirs(output_dir, exist_ok=True)
-    problems_path = write_problems_jsonl(os.path.join(output_dir, "problems.jsonl"), num_problems, seed)
-    cfg = PipelineConfig(output_dir=output_dir, offline=True, offline_faults=faults or DEMO_FAULTS,
-                         samples=samples, seed=seed, concurrency=concurrency, gamma=gamma,
+    problems = make_problems(num_problems, seed)
+    problems_path = os.path.join(output_dir, "problems.jsonl")
+    write_jsonl_atomic(problems_path, (problem_record(p) for p in problems))
+    cfg = PipelineConfig(output_dir=output_dir, samples=samples, seed=seed, concurrency=concurrency, gamma=gamma,
                          progress=progress)
-    run_all(problems_path, cfg)
+    student = offline_client(STUDENT_MODEL, OfflineEndpoint(problems), cfg)
+    oracle = offline_client(ORACLE_MODEL, OfflineEndpoint(faults=faults or DEMO_FAULTS, start_marker=cfg.start_marker,
+                                                          end_marker=cfg.end_marker), cfg)
+    run_all(problems_path, cfg, model=student, oracle=oracle)
     return os.path.join(output_dir, "pairs.jsonl")
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="examples/offline_oracle.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    demo = sub.add_parser("demo", help="offline end-to-end run (synthetic problems, offline student and Oracle)")
+    demo.add_argument("--num-problems", type=int, default=256)
+    demo.add_argument("--samples", type=int, default=2)
+    synth = sub.add_parser("synth", help="write synthetic problems.jsonl and errors.jsonl (authors' form)")
+    synth.add_argument("--num-problems", type=int, default=200)
+    synth.add_argument("--samples", type=int, default=1, help="student samples per problem for errors.jsonl")
+    for p in (demo, synth):
+        p.add_argument("--output", required=True, metavar="DIR")
+        p.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.cmd == "synth":
+        os.makedirs(args.output, exist_ok=True)
+        print(write_problems_jsonl(os.path.join(args.output, "problems.jsonl"), args.num_problems, args.seed))
+        print(write_errors_jsonl(os.path.join(args.output, "errors.jsonl"), args.num_problems, args.seed,
+                                 args.samples))
+        return 0
+    path = run_offline_demo(args.output, args.num_problems, args.seed, args.samples, progress=True)
+    print_summary(PipelineConfig(output_dir=args.output))
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
