@@ -38,9 +38,14 @@ setup(
     install_requires=[],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    # Every console script points at a package-level `main` (tools/*.py are shims or, for the tools
+    # whose logic still lives in tools/, not installed yet: pack_pairs, convert_checkpoint,
+    # score_logprobs, profile_throughput, export_quantized, gpu_check).
     entry_points={
         "console_scripts": [
             "spot-train=megatron_spot.train:main",
+            "spot-rectify=megatron_spot.cli.rectify:main",
+            "spot-evaluate=megatron_spot.cli.evaluate:main",
         ]
     },
 )

@@ -207,7 +207,7 @@ def student_solution(p: SynthProblem, sample_seed: int) -> tuple[str, Optional[i
                 if op == "div":
                     later_divs *= c
             d = later_divs * r.choice([1, 2, 3, 10, -1, -2, -10])
-            vals, x, ok = [], None, True
+            x, ok = None, True
             for k, (op, a, c) in enumerate(ops):
                 x = _apply(op, a if k == 0 else x, c) + (d if k == j else 0)
                 if x <= 0:

@@ -5,7 +5,7 @@ import json
 import re
 import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 
 import pytest
 

@@ -1,7 +1,6 @@
 """The whole rectify path (stages 2-5) against a loopback OpenAI-compatible server with faults."""
 import json
 import os
-import sqlite3
 
 import pytest
 

@@ -10,7 +10,7 @@ from examples.offline_oracle import synth_errors
 from megatron_spot.rectify import jsonl
 from megatron_spot.rectify.cache import request_key
 
-from .conftest import SECRET, body_id, scan_for_secret
+from .conftest import SECRET, scan_for_secret
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
