@@ -144,7 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
     _oracle(p)
     _network(p)
     _filter(p)
-
     return ap
 
 
@@ -152,14 +151,18 @@ def _config(args):
     from megatron_spot.rectify.pipeline import PipelineConfig
 
     cfg = PipelineConfig(output_dir=args.output, progress=not args.no_progress, cache_path=args.cache)
-    for name in ("oracle_base_url", "oracle_model", "concurrency", "timeout", "max_retries", "max_requests", "max_answer_bytes", "with_ground_truth", "prompt_version", "start_marker",
-                 "end_marker", "oracle_temperature", "oracle_max_tokens", "gamma", "tokenizer",
+    for name in ("oracle_base_url", "oracle_model", "concurrency", "timeout", "max_retries", "max_requests",
+                 "max_answer_bytes", "with_ground_truth", "prompt_version", "start_marker", "end_marker",
+                 "oracle_temperature", "oracle_max_tokens", "gamma", "tokenizer",
                  "model_base_url", "model_name", "model_api", "local_model", "local_batch_size", "samples",
                  "temperature", "top_p", "max_tokens", "seed", "system_prompt", "thinking"):
         if hasattr(args, name):
             setattr(cfg, name, getattr(args, name))
     if getattr(args, "oracle_extra_body", None):
-        cfg.oracle_extra_body = json.loads(args.oracle_extra_body)
+        try:
+            cfg.oracle_extra_body = json.loads(args.oracle_extra_body)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--oracle-extra-body is not JSON: {e}") from None
     if hasattr(args, "price_prompt"):
         cfg.price_prompt_per_mtok, cfg.price_completion_per_mtok = args.price_prompt, args.price_completion
     return cfg

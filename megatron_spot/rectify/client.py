@@ -245,7 +245,8 @@ class ChatClient:
         self.stats = ClientStats()
         http = httpx2.Client(transport=_MeteredTransport(transport or _network_transport(self.base_url), self),
                              timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0)),
-                             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64))
+                             limits=httpx2.Limits(max_connections=None, max_keepalive_connections=64),
+                             follow_redirects=True)  # as the SDK's own default client
         # a placeholder key is never sent: keyless requests omit the Authorization header below
         self._sdk = openai.OpenAI(api_key=api_key or "no-key", base_url=self.base_url, http_client=http,
                                   max_retries=max_retries, timeout=httpx2.Timeout(timeout, connect=min(timeout, 30.0)))
