@@ -184,7 +184,7 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
     from megatron_spot.data import PairDataset
     from megatron_spot.models.qwen3 import validate_model_layout
     from megatron_spot.platform import initialize, validate_parallel_layout
-    from megatron_spot.train import expected_tokenizer_hash, resolve_model
+    from megatron_spot.training.inputs import expected_tokenizer_hash, resolve_model
     from megatron_spot.training.engine import Engine
 
 
