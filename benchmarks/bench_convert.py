@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 from benchmarks.report import write_section  # noqa: E402
 from megatron_spot.checkpoint.safetensors_io import SafetensorsCheckpoint, write_safetensors  # noqa: E402
-from megatron_spot.models.qwen3.hf_mapping import hf_shapes  # noqa: E402
+from megatron_spot.models.qwen3.state_dict_adapter import hf_shapes  # noqa: E402
 from megatron_spot.models.qwen3.presets import PRESETS, Qwen3Config  # noqa: E402
 
 GiB = 2**30

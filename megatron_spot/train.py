@@ -189,7 +189,8 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.run.train_steps:
         total = min(total, cfg.run.train_steps)
 
-    from megatron_spot.checkpoint.hf_convert import convert_mcore_to_hf, load_model_checkpoint
+    from megatron_spot.checkpoint.hf_convert import convert_mcore_to_hf
+    from megatron_spot.checkpoint.model_checkpoint import load_model_checkpoint
 
     def loader(ckpt):
         return (lambda chunks: load_model_checkpoint(chunks, ckpt)) if ckpt else None

@@ -1,5 +1,10 @@
-"""Checkpoints: HF Qwen3 <-> Megatron-Core dist_checkpointing conversion and model checkpoints
-(hf_convert), and the atomic save/load of the whole training state (training_state).
+"""Checkpoints, model-agnostic (Qwen3 facts come from models/qwen3/state_dict_adapter.py):
+
+- model_checkpoint: the model checkpoint format (Megatron-Core dist_checkpointing + our metadata),
+  collective save and load at any TP/PP/VPP;
+- hf_convert: the HF <-> Megatron conversion driver (streams tensors, runs in a one-process world,
+  single_process.py); safetensors_io: plain safetensors reads/writes;
+- training_state: the atomic save/load of the whole training state; safe_load: the unpickling allow-lists.
 
 Importing this package routes torch_dist's unpickling through safe_load's allow-lists, so no
 checkpoint opened through megatron_spot can run code."""

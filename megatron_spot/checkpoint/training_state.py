@@ -1,7 +1,7 @@
 """Atomic save/load of the whole training state, resumable at the same or another TP/PP layout.
 
 <run>/checkpoints/step_0000010/
-    model/                       the policy, in the conversion tool's format (hf_convert.save_model_checkpoint)
+    model/                       the policy, in the conversion tool's format (model_checkpoint.save_model_checkpoint)
     optimizer/                   dist_checkpointing of the optimizer state (resharded on load)
     rng/rank_00003.safetensors   each rank's RNG states: generator tensors, with the Python and NumPy
                                  states as JSON in the header (restored when the layout is unchanged)
@@ -124,7 +124,7 @@ def save_training_checkpoint(run_dir: str, step: int, engine, trainer_state: dic
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
-    from megatron_spot.checkpoint.hf_convert import save_model_checkpoint
+    from megatron_spot.checkpoint.model_checkpoint import save_model_checkpoint
 
     rank = dist.get_rank()
     root = checkpoint_root(run_dir)
@@ -193,7 +193,7 @@ def read_trainer_state(ckpt: str) -> dict:
 def verify_training_checkpoint(ckpt: str) -> dict:
     """Everything resume reads, checked before any process group starts: trainer_state.json, the
     model and optimizer torch_dist folders (metadata + data file sizes). Returns the trainer state."""
-    from megatron_spot.checkpoint.hf_convert import read_checkpoint_metadata
+    from megatron_spot.checkpoint.model_checkpoint import read_checkpoint_metadata
 
     state = read_trainer_state(ckpt)
     read_checkpoint_metadata(os.path.join(ckpt, "model"))

@@ -17,7 +17,7 @@ def resolve_model(cfg: TrainConfig, resume_ckpt: Optional[str]):
         if not os.path.isdir(source):
             raise ConfigError(f"model.init_checkpoint: {source} does not exist (convert one with "
                               f"tools/convert_checkpoint.py hf-to-mcore)")
-        from megatron_spot.checkpoint.hf_convert import read_checkpoint_metadata
+        from megatron_spot.checkpoint.model_checkpoint import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(source)
         return Qwen3Config.from_hf_dict(meta["hf_config"], source=source), source

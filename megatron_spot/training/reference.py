@@ -180,7 +180,7 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
 
     Runs at any TP/PP/DP layout; rank 0 writes the sidecar. Returns its path on rank 0.
     """
-    from megatron_spot.checkpoint.hf_convert import load_model_checkpoint
+    from megatron_spot.checkpoint.model_checkpoint import load_model_checkpoint
     from megatron_spot.data import PairDataset
     from megatron_spot.models.qwen3 import validate_model_layout
     from megatron_spot.platform import initialize, validate_parallel_layout

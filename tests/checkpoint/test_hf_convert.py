@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from megatron_spot.checkpoint import hf_convert as hc
+from megatron_spot.models.qwen3.state_dict_adapter import build_unsharded_model
 from megatron_spot.checkpoint.errors import CheckpointError
 from megatron_spot.config.loader import ConfigError
-from megatron_spot.models.qwen3.hf_mapping import hf_to_mcore_state_dict, mapping_table
+from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict, mapping_table
 from tests.checkpoint import helpers
 
 
 def _mcore_tp1(ckpt: str, dtype: str = "fp32"):
-    chunks = hc._build_tp1_model(hc.checkpoint_qwen3_config(ckpt), dtype)
+    chunks = build_unsharded_model(hc.checkpoint_qwen3_config(ckpt), dtype)
     hc.load_model_checkpoint(chunks, ckpt)
     return chunks
 
@@ -129,7 +130,7 @@ def test_metadata_and_layout(ckpts):
 def test_load_into_wrong_model_is_named(ckpts):
     c = ckpts["untied"]
     other = hc.checkpoint_qwen3_config(ckpts["tied"]["mcore"])
-    chunks = hc._build_tp1_model(other, "fp32")
+    chunks = build_unsharded_model(other, "fp32")
     with pytest.raises(CheckpointError, match="tie_word_embeddings: checkpoint False, model True"):
         hc.load_model_checkpoint(chunks, c["mcore"])
     with pytest.raises(CheckpointError, match="Hugging Face checkpoint"):

@@ -84,6 +84,7 @@ def _worker(rank, world_size, cases, save_root):
 
 def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     from megatron_spot.checkpoint import hf_convert as hc
+    from megatron_spot.models.qwen3.state_dict_adapter import build_unsharded_model
 
     cases = {n: (ckpts[n]["mcore"], ckpts[n]["tok"], ckpts[n]["pos"], ckpts[n]["vocab"])
              for n in ("untied", "tied", "vocab151936")}
@@ -110,7 +111,7 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
         assert meta["saved_layout"] == {"tp": 2, "pp": 2, "vpp": None} and meta["dtype"] == "fp32"
         assert os.path.isfile(os.path.join(saved, "chat_template.jinja"))
         cfg = hc.checkpoint_qwen3_config(saved)
-        a, b = hc._build_tp1_model(cfg, "fp32"), hc._build_tp1_model(cfg, "fp32")
+        a, b = build_unsharded_model(cfg, "fp32"), build_unsharded_model(cfg, "fp32")
         hc.load_model_checkpoint(a, saved)
         hc.load_model_checkpoint(b, ckpts[name]["mcore"])
         pa, pb = hc._params_by_name(a), hc._params_by_name(b)

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from megatron_spot.checkpoint import hf_convert as hc
+from megatron_spot.checkpoint.single_process import ensure_single_process_world
+from megatron_spot.models.qwen3.state_dict_adapter import build_unsharded_model
 from megatron_spot.checkpoint.errors import CheckpointError
 from megatron_spot.checkpoint.safetensors_io import plan_shards
-from megatron_spot.models.qwen3.hf_mapping import hf_shapes, mapping_table, mcore_shapes, to_hf, to_mcore
+from megatron_spot.models.qwen3.state_dict_adapter import hf_shapes, mapping_table, mcore_shapes, to_hf, to_mcore
 from megatron_spot.models.qwen3.presets import PRESETS, load_qwen3_config
 
 CFG = load_qwen3_config("qwen3-8b")
@@ -73,9 +75,9 @@ def test_tensor_set_validation_full_size(hf_meta_state):
 def test_megatron_model_on_meta_tp1pp1():
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
-    hc._ensure_single_process_world()
+    ensure_single_process_world()
     with torch.device("meta"):
-        chunks = hc._build_tp1_model(CFG, "bf16")
+        chunks = build_unsharded_model(CFG, "bf16")
     params = hc._params_by_name(chunks)
     assert all(p.is_meta for p in params.values())
     assert {k: tuple(p.shape) for k, p in params.items()} == mcore_shapes(CFG)

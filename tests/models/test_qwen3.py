@@ -64,7 +64,7 @@ def test_world_size_must_fit_layout():
 
 def _single_rank(rank, world_size):
     from megatron_spot.models.qwen3 import build_model_chunks, build_transformer_config, meta_parameter_count
-    from megatron_spot.models.qwen3.hf_mapping import hf_to_mcore_state_dict, load_full_state_dict
+    from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict, load_full_state_dict
     from megatron_spot.platform import cpu_compat, initialize
     from tests.tiny import hf_model
 

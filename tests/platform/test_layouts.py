@@ -62,7 +62,7 @@ def _train_layout(cfg, full, global_batch, tp, pp, vpp, fused=True, logits_of=No
 
     from megatron_spot import ops
     from megatron_spot.config import TrainConfig
-    from megatron_spot.models.qwen3.hf_mapping import load_full_state_dict
+    from megatron_spot.models.qwen3.state_dict_adapter import load_full_state_dict
     from megatron_spot.platform import initialize
     from megatron_spot.training.engine import Engine
 
@@ -112,7 +112,7 @@ def _train_layout(cfg, full, global_batch, tp, pp, vpp, fused=True, logits_of=No
 
 
 def _worker(rank, world_size):
-    from megatron_spot.models.qwen3.hf_mapping import hf_to_mcore_state_dict
+    from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict
     from tests.tiny import hf_model, random_pairs_batch
 
     cfg, hf = hf_model("qwen3-tiny", seed=0)
