@@ -58,6 +58,7 @@ from megatron_spot.checkpoint.safetensors_io import (
     write_safetensors,
 )
 from megatron_spot.checkpoint.single_process import ensure_single_process_world, in_multi_rank_world, run_in_child
+from megatron_spot.models.qwen3.provider import build_unsharded_model
 from megatron_spot.config.dtypes import TORCH_DTYPES, dtype_name
 from megatron_spot.config.dtypes import normalize_dtype as _normalize
 from megatron_spot.config.loader import ConfigError, read_json
@@ -246,7 +247,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
         if ignored:
             log.info("ignoring %s", _list(ignored))
         ensure_single_process_world()
-        chunks = adapter.build_unsharded_model(cfg, dtype)
+        chunks = build_unsharded_model(cfg, dtype)
         params = _params_by_name(chunks)
         entries = adapter.mapping_table(cfg)
         filled, nbytes, row_chunks = set(), 0, {}
@@ -327,7 +328,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
         raise CheckpointError(f"max_shard_bytes={max_shard_bytes} must be positive")
     tdtype = TORCH_DTYPES[dtype]
     ensure_single_process_world()
-    chunks = adapter.build_unsharded_model(cfg, ckpt_dtype)
+    chunks = build_unsharded_model(cfg, ckpt_dtype)
     if progress:
         print(f"mcore-to-hf: loading {ckpt_dir} ...", flush=True)
     load_model_checkpoint(chunks, ckpt_dir)

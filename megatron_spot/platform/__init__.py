@@ -10,6 +10,7 @@ from megatron_spot.platform.device import (
     reset_peak_memory,
     set_accelerator_rng_state,
 )
+from megatron_spot.platform.layout import Layout
 from megatron_spot.platform.distributed import (
     RuntimeInfo,
     init_process_group,
@@ -21,4 +22,4 @@ from megatron_spot.platform.distributed import (
 
 __all__ = ["accelerator_rng_state", "compute_capability", "current_device", "device_name", "move_to_device",
            "peak_memory_bytes", "reset_peak_memory", "set_accelerator_rng_state", "RuntimeInfo", "has_cuda", "init_process_group", "initialize", "seed_everything", "shutdown",
-           "validate_parallel_layout"]
+           "validate_parallel_layout", "Layout"]

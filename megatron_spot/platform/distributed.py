@@ -18,10 +18,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_spot.config.loader import ConfigError
 from megatron_spot.config.schema import ParallelConfig
 from megatron_spot.platform import cpu_compat
 from megatron_spot.platform.device import current_device, has_cuda
+from megatron_spot.platform.layout import Layout
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class RuntimeInfo:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    layout: Optional[Layout] = None  # the same sizes as one object (platform/layout.py)
 
     @property
     def is_cuda(self) -> bool:
@@ -53,30 +54,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def validate_parallel_layout(parallel: ParallelConfig, world_size: int) -> None:
-    """World-size checks that need no model: fail before any process group or allocation."""
-    tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
-    for name, value in (("parallel.tensor_parallel", tp), ("parallel.pipeline_parallel", pp),
-                        ("parallel.context_parallel", cp)):
-        if value < 1:
-            raise ConfigError(f"{name}={value} must be >= 1")
-    if world_size % (tp * pp * cp) != 0:
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel x "
-            f"context_parallel = {tp} x {pp} x {cp} = {tp * pp * cp}; launch a multiple of "
-            f"{tp * pp * cp} processes or change parallel.tensor_parallel/pipeline_parallel"
-        )
-    vpp = parallel.virtual_pipeline
-    if vpp is not None and vpp > 1 and pp < 2:
-        raise ConfigError(
-            f"parallel.virtual_pipeline={vpp} needs parallel.pipeline_parallel >= 2 (got {pp}); "
-            "set parallel.virtual_pipeline=null"
-        )
-    if cp > 1 and not has_cuda():
-        raise ConfigError(
-            "parallel.context_parallel > 1 needs Transformer Engine attention on GPUs; "
-            "set parallel.context_parallel=1 on CPU"
-        )
+def validate_parallel_layout(parallel: ParallelConfig, world_size: int) -> Layout:
+    """World-size checks that need no model, before any process group: the run's Layout (platform/layout.py)."""
+    return Layout.from_config(parallel, world_size)
 
 
 def init_process_group(timeout_minutes: int = 30) -> tuple[int, int, int, str]:
@@ -125,33 +105,32 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RuntimeInfo:
         cpu_compat.apply()
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
     rank, world_size, local_rank, backend = init_process_group(parallel.distributed_timeout_minutes)
-    validate_parallel_layout(parallel, world_size)
+    layout = Layout.from_config(parallel, world_size)
 
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
-    vpp = parallel.virtual_pipeline if (parallel.virtual_pipeline or 1) > 1 else None
+    vpp = layout.vpp
     ps.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor_parallel,
-        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=vpp,
-        context_parallel_size=parallel.context_parallel,
+        context_parallel_size=layout.cp,
     )
+    if ps.get_data_parallel_world_size() != layout.dp:  # our derivation and Megatron's must agree
+        raise RuntimeError(f"internal: Megatron-Core's data-parallel size {ps.get_data_parallel_world_size()} "
+                           f"!= {layout.describe()}")
     seed_everything(seed)
     device = current_device()
     info = RuntimeInfo(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend,
-        tp=parallel.tensor_parallel, pp=parallel.pipeline_parallel, vpp=vpp,
-        cp=parallel.context_parallel, dp=ps.get_data_parallel_world_size(),
+        tp=layout.tp, pp=layout.pp, vpp=vpp, cp=layout.cp, dp=layout.dp, layout=layout,
         tp_rank=ps.get_tensor_model_parallel_rank(), pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
     )
     if rank == 0:
-        log.info(
-            "platform: %s on %s, world %d = TP%d x PP%d%s x CP%d x DP%d", backend, device.type, world_size,
-            info.tp, info.pp, f" (VPP{vpp})" if vpp else "", info.cp, info.dp,
-        )
+        log.info("platform: %s on %s, %s", backend, device.type, layout.describe())
     return info
 
 

@@ -182,21 +182,21 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
     """
     from megatron_spot.checkpoint.model_checkpoint import load_model_checkpoint
     from megatron_spot.data import PairDataset
-    from megatron_spot.models.qwen3 import validate_model_layout
-    from megatron_spot.platform import initialize, validate_parallel_layout
+    from megatron_spot.platform import Layout, initialize
+    from megatron_spot.training.plan import plan_run
     from megatron_spot.training.inputs import expected_tokenizer_hash, resolve_model
     from megatron_spot.training.engine import Engine
 
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_parallel_layout(cfg.parallel, world)
+    Layout.from_config(cfg.parallel, world)  # the world-size rules first: they need no files
     if not cfg.model.init_checkpoint:
         raise ConfigError("model.init_checkpoint is not set: the reference model is the Megatron checkpoint "
                           "training starts from (tools/convert_checkpoint.py hf-to-mcore writes one)")
     if not cfg.data.pack:
         raise ConfigError("data.pack is not set")
     qwen3, weights = resolve_model(cfg, None)
-    validate_model_layout(qwen3, cfg.parallel, cfg.precision, cfg.recompute, world)
+    plan = plan_run(cfg, world, model=qwen3, optimizer_steps=False)
     expected = expected_tokenizer_hash(cfg, weights)
     dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected)
     dataset.check_token_ids(qwen3.vocab_size)
@@ -209,7 +209,7 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
         return done
     info = initialize(cfg.parallel, seed=cfg.run.seed)
     engine = Engine(cfg, qwen3, 1, trainable=False, load_weights=lambda chunks: load_model_checkpoint(chunks, weights))
-    values = score_pairs(engine, dataset, info.dp_rank, info.dp, cfg.data.micro_batch_size, info.device,
+    values = score_pairs(engine, dataset, info.dp_rank, plan.layout.dp, plan.micro_batch_size, info.device,
                          pad_to_multiple_of=cfg.data.pad_to_multiple_of, max_length=cfg.data.seq_length,
                          micro_batches_per_call=max(1, 2 * info.pp), progress=progress and info.rank == 0,
                          max_tokens_per_micro_batch=cfg.data.max_tokens_per_micro_batch if cfg.data.packing else None)

@@ -43,7 +43,7 @@ def test_cli_round_trip(ckpts, tmp_path):
     assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
     assert os.path.isfile(os.path.join(hf, "model.safetensors.index.json"))
     # existing output: refused without --force, replaced with it
-    assert main(["mcore-to-hf", "--ckpt", mc, "--out", hf, "--no-progress"]) == 1
+    assert main(["mcore-to-hf", "--ckpt", mc, "--out", hf, "--no-progress"]) == 2  # bad input (exit-code convention)
     assert main(["mcore-to-hf", "--ckpt", mc, "--out", hf, "--no-progress", "--force"]) == 0
     assert os.listdir(hf).count("model.safetensors") == 1
 
@@ -54,7 +54,7 @@ def test_cli_bad_input_one_line(ckpts, tmp_path):
     with open(os.path.join(bad, "model.safetensors"), "r+b") as f:
         f.truncate(1000)
     p = _cli("hf-to-mcore", "--hf", bad, "--out", str(tmp_path / "out"))
-    assert p.returncode == 1
+    assert p.returncode == 2
     assert "Traceback" not in p.stderr
     lines = [ln for ln in p.stderr.strip().splitlines() if "error" in ln]
     assert len(lines) == 1 and "corrupt safetensors file" in lines[0] and "model.safetensors" in lines[0], p.stderr
@@ -63,16 +63,16 @@ def test_cli_bad_input_one_line(ckpts, tmp_path):
 
 def test_cli_errors_in_process(ckpts, tmp_path, capsys):
     main = _main()
-    assert main(["hf-to-mcore", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 1
+    assert main(["hf-to-mcore", "--hf", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     assert "no such folder" in capsys.readouterr().err
-    assert main(["mcore-to-hf", "--ckpt", ckpts["untied"]["hf"], "--out", str(tmp_path / "o")]) == 1
+    assert main(["mcore-to-hf", "--ckpt", ckpts["untied"]["hf"], "--out", str(tmp_path / "o")]) == 2
     assert "looks like a Hugging Face checkpoint" in capsys.readouterr().err
     bad = str(tmp_path / "bias")
     shutil.copytree(ckpts["untied"]["hf"], bad)
     cfg = json.load(open(os.path.join(bad, "config.json")))
     cfg["attention_bias"] = True
     json.dump(cfg, open(os.path.join(bad, "config.json"), "w"))
-    assert main(["hf-to-mcore", "--hf", bad, "--out", str(tmp_path / "o")]) == 1
+    assert main(["hf-to-mcore", "--hf", bad, "--out", str(tmp_path / "o")]) == 2
     assert "attention_bias=true is not supported" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["hf-to-mcore", "--hf", bad, "--out", "x", "--dtype", "int8"])

@@ -101,11 +101,11 @@ def test_corrupt_checkpoints_are_one_line_errors_naming_the_file(ckpts, tmp_path
         with pytest.raises(CheckpointError, match=why) as exc:
             hc.convert_mcore_to_hf(folder, str(tmp_path / "x"), progress=False)
         assert os.path.join(folder, name) in str(exc.value)
-    # the CLI: exit 1, one line naming the file, nothing written
+    # the CLI: exit 2 (bad input), one line naming the file, nothing written
     out = tmp_path / "out"
     proc = _cli("mcore-to-hf", "--ckpt", trunc, "--out", str(out))
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("convert_checkpoint.py")]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("convert_checkpoint ")]
     assert len(lines) == 1 and shard in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
@@ -116,7 +116,7 @@ def test_output_that_is_contains_or_lies_inside_the_input_is_refused(ckpts, tmp_
     hf = _copy(ckpts["tied"]["hf"], tmp_path / "models" / "hf")
     before = sorted(os.listdir(hf))
     for out in (hf, str(tmp_path / "models"), os.path.join(hf, "sub")):
-        assert main(["hf-to-mcore", "--hf", hf, "--out", out, "--force", "--no-progress"]) == 1
+        assert main(["hf-to-mcore", "--hf", hf, "--out", out, "--force", "--no-progress"]) == 2
         assert sorted(os.listdir(hf)) == before  # nothing deleted, nothing added
     mc = ckpts["tied"]["mcore"]
     with pytest.raises(CheckpointError, match="is the input"):

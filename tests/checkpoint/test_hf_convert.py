@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_spot.checkpoint import hf_convert as hc
-from megatron_spot.models.qwen3.state_dict_adapter import build_unsharded_model
+from megatron_spot.models.qwen3.provider import build_unsharded_model
 from megatron_spot.checkpoint.errors import CheckpointError
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict, mapping_table

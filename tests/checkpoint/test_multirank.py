@@ -84,7 +84,7 @@ def _worker(rank, world_size, cases, save_root):
 
 def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     from megatron_spot.checkpoint import hf_convert as hc
-    from megatron_spot.models.qwen3.state_dict_adapter import build_unsharded_model
+    from megatron_spot.models.qwen3.provider import build_unsharded_model
 
     cases = {n: (ckpts[n]["mcore"], ckpts[n]["tok"], ckpts[n]["pos"], ckpts[n]["vocab"])
              for n in ("untied", "tied", "vocab151936")}

@@ -11,7 +11,7 @@ import torch
 
 from megatron_spot.checkpoint import hf_convert as hc
 from megatron_spot.checkpoint.single_process import ensure_single_process_world
-from megatron_spot.models.qwen3.state_dict_adapter import build_unsharded_model
+from megatron_spot.models.qwen3.provider import build_unsharded_model
 from megatron_spot.checkpoint.errors import CheckpointError
 from megatron_spot.checkpoint.safetensors_io import plan_shards
 from megatron_spot.models.qwen3.state_dict_adapter import hf_shapes, mapping_table, mcore_shapes, to_hf, to_mcore
@@ -105,7 +105,7 @@ def test_vocab_at_tp2_and_layout_limits():
     assert CFG.padded_vocab_size == 151_936 and CFG.padded_vocab_size % 2 == 0
     for tp in (1, 2, 4, 8):
         hc.check_layout(CFG, tp=tp, pp=4, vpp=3)
-    with pytest.raises(CheckpointError, match="tensor parallel size 16 does not divide the 8 query groups"):
+    with pytest.raises(CheckpointError, match="tensor_parallel=16 does not divide the 8 query groups"):
         hc.check_layout(CFG, tp=16)
 
 

@@ -42,9 +42,9 @@ def test_real_config_json_and_errors(tmp_path):
 
 
 @pytest.mark.parametrize("parallel, precision, match", [
-    (ParallelConfig(tensor_parallel=3), PrecisionConfig(), "attention heads.*tensor_parallel=3"),
-    (ParallelConfig(tensor_parallel=4), PrecisionConfig(), "query groups.*tensor_parallel=4"),
-    (ParallelConfig(pipeline_parallel=3), PrecisionConfig(), "layers are not divisible by pipeline_parallel"),
+    (ParallelConfig(tensor_parallel=3), PrecisionConfig(), "tensor_parallel=3 does not divide the .* attention heads"),
+    (ParallelConfig(tensor_parallel=4), PrecisionConfig(), "tensor_parallel=4 does not divide the .* query groups"),
+    (ParallelConfig(pipeline_parallel=3), PrecisionConfig(), "layers do not split into PP x VPP = 3 x 1"),
     (ParallelConfig(pipeline_parallel=2, virtual_pipeline=4), PrecisionConfig(), "virtual_pipeline"),
     (ParallelConfig(), PrecisionConfig(dtype="bf16", fp8="hybrid"), "Transformer Engine"),
     (ParallelConfig(tensor_parallel=2, sequence_parallel=True), PrecisionConfig(), "sequence_parallel"),

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_spot.config.dtypes import TORCH_DTYPES
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.config.schema import ParallelConfig, PrecisionConfig, RecomputeConfig
 from megatron_spot.models.qwen3.presets import Qwen3Config
@@ -18,7 +19,6 @@ from megatron_spot.platform.device import compute_capability, has_cuda, move_to_
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
@@ -35,33 +35,18 @@ def transformer_engine_available() -> bool:
 
 def validate_model_layout(cfg: Qwen3Config, parallel: ParallelConfig, precision: PrecisionConfig,
                           recompute: Optional[RecomputeConfig] = None, world_size: Optional[int] = None) -> None:
-    """Check that the model fits the layout and the platform; raise before anything is allocated."""
-    tp, pp = parallel.tensor_parallel, parallel.pipeline_parallel
-    vpp = parallel.virtual_pipeline or 1
-    if cfg.num_attention_heads % tp:
-        raise ConfigError(
-            f"attention heads ({cfg.num_attention_heads}) are not divisible by parallel.tensor_parallel={tp}; "
-            f"pick a tensor_parallel that divides {cfg.num_attention_heads}"
-        )
-    if cfg.num_query_groups % tp:
-        raise ConfigError(
-            f"query groups / KV heads ({cfg.num_query_groups}) are not divisible by parallel.tensor_parallel={tp}; "
-            f"tensor_parallel must divide {cfg.num_query_groups} (e.g. 1, 2, 4, 8 for Qwen3)"
-        )
-    if cfg.padded_vocab_size % tp:
-        raise ConfigError(f"padded vocabulary {cfg.padded_vocab_size} is not divisible by parallel.tensor_parallel={tp}")
-    if cfg.num_hidden_layers % (pp * vpp):
-        raise ConfigError(
-            f"{cfg.num_hidden_layers} layers are not divisible by pipeline_parallel x virtual_pipeline = "
-            f"{pp} x {vpp}; choose parallel.pipeline_parallel/virtual_pipeline whose product divides "
-            f"{cfg.num_hidden_layers}"
-        )
-    if world_size is not None and world_size % (tp * pp * parallel.context_parallel):
-        raise ConfigError(
-            f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel = {tp * pp}"
-        )
-    if precision.dtype not in _DTYPES:
-        raise ConfigError(f"precision.dtype={precision.dtype!r}: choose one of {', '.join(_DTYPES)}")
+    """Check that the model fits the layout and the platform; raise before anything is allocated.
+
+    world_size: accepted for callers' convenience and ignored (the world is platform/layout.py's business)."""
+    from megatron_spot.models.qwen3.state_dict_adapter import layout_problems
+
+    tp = parallel.tensor_parallel
+    # the world-size rules are platform/layout.py's (Layout.from_config); this checks only the model's fit
+    problems = layout_problems(cfg, tp, parallel.pipeline_parallel, parallel.virtual_pipeline)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if precision.dtype not in TORCH_DTYPES:
+        raise ConfigError(f"precision.dtype={precision.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
     te = transformer_engine_available()
     if precision.fp8:
         if precision.fp8 not in ("hybrid", "e4m3"):
@@ -99,7 +84,7 @@ def build_transformer_config(cfg: Qwen3Config, parallel: ParallelConfig, precisi
     validate_model_layout(cfg, parallel, precision, recompute)
     use_te = transformer_engine_available() if use_te is None else use_te
     on_gpu = has_cuda()
-    dtype = _DTYPES[precision.dtype]
+    dtype = TORCH_DTYPES[precision.dtype]
     vpp = parallel.virtual_pipeline if (parallel.virtual_pipeline or 1) > 1 else None
     batch_p2p = parallel.batch_p2p_comm
     if batch_p2p is None:
@@ -230,3 +215,10 @@ def meta_parameter_count(cfg: Qwen3Config, parallel: Optional[ParallelConfig] = 
     with torch.device("meta"):
         chunks = build_model_chunks(cfg, tc, use_te=False)
     return sum(p.numel() for c in chunks for p in c.parameters())
+
+
+def build_unsharded_model(cfg: Qwen3Config, dtype: str) -> list:
+    """The TP1PP1 model chunks in `dtype`, without random init (a converter overwrites every weight)."""
+    tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig(dtype=dtype))
+    tc.perform_initialization = False
+    return build_model_chunks(cfg, tc)

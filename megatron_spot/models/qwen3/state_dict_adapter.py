@@ -197,18 +197,22 @@ def hf_tensor_problems(present: Mapping[str, tuple], cfg: Qwen3Config) -> tuple[
 
 
 def layout_problems(cfg: Qwen3Config, tp: int, pp: int = 1, vpp: Optional[int] = None) -> list[str]:
-    """Why Qwen3 `cfg` cannot be split at TP/PP/VPP (empty when it can)."""
+    """Why Qwen3 `cfg` cannot be split at TP/PP/VPP (empty when it can). The one copy of these rules:
+    preflight (models/qwen3/provider.py) and checkpoint loading both ask here."""
     out = []
     if cfg.num_query_groups % tp:
-        out.append(f"tensor parallel size {tp} does not divide the {cfg.num_query_groups} query groups (KV heads); "
-                   f"use a TP that divides {cfg.num_query_groups}")
+        out.append(f"parallel.tensor_parallel={tp} does not divide the {cfg.num_query_groups} "
+                   f"query groups (KV heads); use a TP that divides {cfg.num_query_groups} (e.g. 1, 2, 4, 8 for Qwen3)")
     if cfg.num_attention_heads % tp:
-        out.append(f"tensor parallel size {tp} does not divide {cfg.num_attention_heads} attention heads")
+        out.append(f"parallel.tensor_parallel={tp} does not divide the "
+                   f"{cfg.num_attention_heads} attention heads")
     if cfg.padded_vocab_size % tp:
-        out.append(f"tensor parallel size {tp} does not divide the padded vocabulary {cfg.padded_vocab_size}")
+        out.append(f"parallel.tensor_parallel={tp} does not divide the padded vocabulary "
+                   f"{cfg.padded_vocab_size}")
     stages = pp * (vpp or 1)
     if cfg.num_hidden_layers % stages:
-        out.append(f"{cfg.num_hidden_layers} layers do not split into PP x VPP = {stages} stages")
+        out.append(f"{cfg.num_hidden_layers} layers do not split into PP x VPP = {pp} x {vpp or 1} = {stages} stages; "
+                   f"choose parallel.pipeline_parallel/virtual_pipeline whose product divides {cfg.num_hidden_layers}")
     return out
 
 
@@ -248,15 +252,6 @@ DTYPE_DEFINING_SUFFIX = "linear_fc2.weight"
 def config_from_hf_dict(hf: dict, source: str) -> Qwen3Config:
     return Qwen3Config.from_hf_dict(hf, source=source)
 
-
-def build_unsharded_model(cfg: Qwen3Config, dtype: str) -> list:
-    """The TP1PP1 model chunks in `dtype`, without random init (a converter overwrites every weight)."""
-    from megatron_spot.config.schema import ParallelConfig, PrecisionConfig
-    from megatron_spot.models.qwen3.provider import build_model_chunks, build_transformer_config
-
-    tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig(dtype=dtype))
-    tc.perform_initialization = False
-    return build_model_chunks(cfg, tc)
 
 
 # ---------------------------------------------------------------------------------------------

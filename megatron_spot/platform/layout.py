@@ -1,0 +1,81 @@
+"""The parallel layout of a run, derived and validated once (torchtitan's ParallelDims idea).
+
+``Layout.from_config(parallel, world_size)`` checks everything that needs no model and no process group
+(sizes >= 1, the world divisible by TP x PP x CP, VPP only with PP >= 2, CP only with Transformer Engine
+on GPUs) and derives the data-parallel size. Nothing else in the package divides the world size by hand:
+training, scoring and profiling take ``layout.dp``. Model-specific checks (heads / KV groups by TP, layers
+by PP x VPP) live with the model (models/qwen3/state_dict_adapter.py) and are called by
+training/plan.py's ``plan_run``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_spot.config.loader import ConfigError
+from megatron_spot.config.schema import ParallelConfig
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    vpp: Optional[int]  # None when the pipeline is not interleaved (Megatron-Core's convention)
+    cp: int
+    dp: int
+    world: int
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks holding one replica of the model: TP x PP x CP."""
+        return self.tp * self.pp * self.cp
+
+    @property
+    def stages(self) -> int:
+        """Model chunks the layers are split into: PP x VPP."""
+        return self.pp * (self.vpp or 1)
+
+    def describe(self) -> str:
+        vpp = f" (VPP{self.vpp})" if self.vpp else ""
+        return f"world {self.world} = TP{self.tp} x PP{self.pp}{vpp} x CP{self.cp} x DP{self.dp}"
+
+    @classmethod
+    def from_config(cls, parallel: ParallelConfig, world_size: int, allow_context_parallel: Optional[bool] = None
+                    ) -> "Layout":
+        """Validate `parallel` against `world_size` (one-line ConfigErrors naming the key) and derive DP.
+
+        allow_context_parallel: whether CP > 1 can run here (None: ask platform.device whether CUDA is present).
+        """
+        tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
+        for name, value in (("parallel.tensor_parallel", tp), ("parallel.pipeline_parallel", pp),
+                            ("parallel.context_parallel", cp)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name}={value} must be an integer >= 1")
+        if world_size < 1:
+            raise ConfigError(f"world size {world_size} must be >= 1")
+        if world_size % (tp * pp * cp) != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel x "
+                f"context_parallel = {tp} x {pp} x {cp} = {tp * pp * cp}; launch a multiple of "
+                f"{tp * pp * cp} processes or change parallel.tensor_parallel/pipeline_parallel"
+            )
+        vpp = parallel.virtual_pipeline
+        if vpp is not None and vpp < 1:
+            raise ConfigError(f"parallel.virtual_pipeline={vpp} must be >= 1 (or null)")
+        if vpp is not None and vpp > 1 and pp < 2:
+            raise ConfigError(
+                f"parallel.virtual_pipeline={vpp} needs parallel.pipeline_parallel >= 2 (got {pp}); "
+                "set parallel.virtual_pipeline=null"
+            )
+        if cp > 1:
+            if allow_context_parallel is None:
+                from megatron_spot.platform.device import has_cuda
+
+                allow_context_parallel = has_cuda()
+            if not allow_context_parallel:
+                raise ConfigError(
+                    "parallel.context_parallel > 1 needs Transformer Engine attention on GPUs; "
+                    "set parallel.context_parallel=1 on CPU"
+                )
+        return cls(tp=tp, pp=pp, vpp=vpp if (vpp or 1) > 1 else None, cp=cp, dp=world_size // (tp * pp * cp),
+                   world=world_size)

@@ -1,0 +1,58 @@
+"""One run plan for training, reference scoring and profiling: the layout and the micro-batch counts,
+derived and validated once, before any process group or allocation.
+
+``plan_run(cfg, world_size, model=...)`` = platform/layout.py's ``Layout.from_config`` (world-size rules,
+DP derived) + the model's fit (models/qwen3: heads / KV groups by TP, layers by PP x VPP, precision and
+platform) + the batch arithmetic (global batch = micro-batch x DP x micro-batches). Callers read
+``plan.layout.dp`` and ``plan.micro_batches_per_step``; nobody divides the world size by hand.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron_spot.config.loader import ConfigError
+from megatron_spot.platform.layout import Layout
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    layout: Layout
+    micro_batch_size: int  # pairs per micro-batch (per DP rank; a packed row holds a variable number)
+    micro_batches_per_step: Optional[int]  # per DP rank per optimizer step; None when the run has no steps (scoring)
+
+    @property
+    def pairs_per_step(self) -> Optional[int]:
+        if self.micro_batches_per_step is None:
+            return None
+        return self.micro_batch_size * self.layout.dp * self.micro_batches_per_step
+
+
+def plan_run(cfg, world_size: int, model=None, optimizer_steps: bool = True) -> RunPlan:
+    """The run's Layout and micro-batch counts; one-line ConfigErrors naming the setting.
+
+    cfg: a TrainConfig (parallel, precision, recompute, data). model: the Qwen3Config when known (its fit to
+    the layout is checked). optimizer_steps: False for runs without optimizer steps (reference scoring), which
+    have no global batch and no micro-batch count.
+    """
+    layout = Layout.from_config(cfg.parallel, world_size)
+    if model is not None:
+        from megatron_spot.models.qwen3 import validate_model_layout
+
+        validate_model_layout(model, cfg.parallel, cfg.precision, cfg.recompute)
+    mbs = cfg.data.micro_batch_size
+    if not isinstance(mbs, int) or mbs < 1:
+        raise ConfigError(f"data.micro_batch_size={mbs} must be an integer >= 1")
+    if not optimizer_steps:
+        return RunPlan(layout, mbs, None)
+    global_batch_size = cfg.data.global_batch_size
+    per_step = mbs * layout.dp
+    if global_batch_size < 1 or global_batch_size % per_step:
+        raise ConfigError(f"data.global_batch_size={global_batch_size} is not a multiple of "
+                          f"micro_batch_size x data-parallel size = {mbs} x {layout.dp}")
+    num_mb = global_batch_size // per_step
+    if layout.vpp and num_mb < layout.pp:
+        raise ConfigError(f"the interleaved pipeline needs at least pipeline_parallel={layout.pp} "
+                          f"micro-batches per step, got {num_mb} (global_batch_size / (micro_batch_size x DP)); "
+                          "raise data.global_batch_size or lower data.micro_batch_size")
+    return RunPlan(layout, mbs, num_mb)
