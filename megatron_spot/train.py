@@ -105,12 +105,12 @@ def preflight(cfg: TrainConfig, world_size: int):
     """Every check that needs no process group: fail before any rank allocates anything."""
     from megatron_spot.checkpoint.training_state import latest_checkpoint, verify_training_checkpoint
     from megatron_spot.data import PairDataset
-    from megatron_spot.models.qwen3 import validate_model_layout
     from megatron_spot.models.qwen3.provider import transformer_engine_available
-    from megatron_spot.platform import validate_parallel_layout
+    from megatron_spot.platform import Layout
+    from megatron_spot.training.plan import plan_run
     from megatron_spot.training.reference import load_ref_logps, reference_identity
 
-    validate_parallel_layout(cfg.parallel, world_size)
+    Layout.from_config(cfg.parallel, world_size)  # the world-size rules first: they need no files
     _check_optimizer(cfg)
     _check_loss(cfg)
     _check_output_dir(cfg.run.output_dir)
@@ -121,7 +121,7 @@ def preflight(cfg: TrainConfig, world_size: int):
             raise ConfigError(f"run.load={cfg.run.load}: no complete checkpoint there")
         verify_training_checkpoint(resume)  # corrupt files: one line naming the file, nothing written
     qwen3, weights = resolve_model(cfg, resume)
-    validate_model_layout(qwen3, cfg.parallel, cfg.precision, cfg.recompute, world_size)
+    plan = plan_run(cfg, world_size, model=qwen3)
     if not cfg.data.pack:
         raise ConfigError("data.pack is not set: pack pairs with tools/pack_pairs.py and pass data.pack=<prefix>")
     tok_dir = cfg.data.tokenizer or weights
@@ -136,27 +136,16 @@ def preflight(cfg: TrainConfig, world_size: int):
     if longest > qwen3.max_position_embeddings:
         raise ConfigError(f"pairs of {longest} tokens exceed the model's max_position_embeddings "
                           f"{qwen3.max_position_embeddings}")
-    dp = world_size // (cfg.parallel.tensor_parallel * cfg.parallel.pipeline_parallel * cfg.parallel.context_parallel)
-    per_step = cfg.data.micro_batch_size * dp
-    if cfg.data.global_batch_size % per_step:
-        raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is not a multiple of "
-                          f"micro_batch_size x data-parallel size = {cfg.data.micro_batch_size} x {dp}")
-    num_mb = cfg.data.global_batch_size // per_step
     validate_packing(cfg, dataset, te_available=transformer_engine_available())
     if cfg.data.global_batch_size > len(dataset):
         raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is larger than the {len(dataset)} "
                           f"pairs of {cfg.data.pack}; lower it or pack more pairs")
-    vpp = cfg.parallel.virtual_pipeline or 1
-    if vpp > 1 and num_mb < cfg.parallel.pipeline_parallel:
-        raise ConfigError(f"the interleaved pipeline needs at least pipeline_parallel={cfg.parallel.pipeline_parallel} "
-                          f"micro-batches per step, got {num_mb} (global_batch_size / (micro_batch_size x DP)); "
-                          "raise data.global_batch_size or lower data.micro_batch_size")
     ref = None
     if not cfg.loss.online_reference:
         # references belong to the starting model (also when resuming), by weights content
         identity = reference_identity(cfg.model.init_checkpoint, dataset.tokenizer_hash)
         ref = load_ref_logps(cfg.data.pack, dataset.fingerprint, len(dataset), cfg.data.ref_logprobs, identity=identity)
-    return qwen3, weights, resume, dataset, ref, tok_dir
+    return qwen3, weights, resume, dataset, ref, tok_dir, plan
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -168,20 +157,22 @@ def run(cfg: TrainConfig) -> dict:
     from megatron_spot.platform import initialize
     from megatron_spot.training.batches import step_micro_batches
     from megatron_spot.training.engine import Engine, is_finite
+    from megatron_spot.profiling.flops import train_flops_per_token
+    from megatron_spot.profiling.hardware import gpu_peak_tflops
     from megatron_spot.training.metrics import MetricsLogger
     from megatron_spot.data import PairBatchSampler
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
-    qwen3, weights, resume, dataset, ref, tok_dir = preflight(cfg, world_size)
+    qwen3, weights, resume, dataset, ref, tok_dir, plan = preflight(cfg, world_size)
 
     info = initialize(cfg.parallel, seed=cfg.run.seed)
     run_dir = cfg.run.output_dir
     if info.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
         dump_config(cfg, os.path.join(run_dir, "config.yaml"))
-    num_mb = cfg.data.global_batch_size // (cfg.data.micro_batch_size * info.dp)
+    num_mb = plan.micro_batches_per_step
     sampler = PairBatchSampler(dataset.lengths(), cfg.data.micro_batch_size, num_mb, info.dp_rank, info.dp,
                                seed=cfg.run.seed, shuffle=cfg.data.shuffle, bucket_by_length=cfg.data.bucket_by_length)
     steps_per_epoch = len(sampler)
@@ -205,9 +196,10 @@ def run(cfg: TrainConfig) -> dict:
         sampler.load_state_dict(state["sampler"])
         step = int(state["step"])
         log.info("resumed from %s at step %d (epoch %d)", resume, step, sampler.epoch)
-    logger = MetricsLogger(run_dir, qwen3, info.world_size, enabled=info.rank == 0, start_step=step,
-                           fp8=bool(cfg.precision.fp8), full_recompute=cfg.recompute.granularity == "full",
-                           tensorboard=cfg.run.tensorboard)
+    full_recompute = cfg.recompute.granularity == "full"
+    logger = MetricsLogger(run_dir, info.world_size, enabled=info.rank == 0, start_step=step,
+                           flops_per_token=lambda seq: train_flops_per_token(qwen3, seq, full_recompute),
+                           peak_tflops=gpu_peak_tflops(bool(cfg.precision.fp8)), tensorboard=cfg.run.tensorboard)
     if info.rank == 0:
         log.info("training %s: %d pairs, %d steps/epoch x %d epochs -> %d steps, %d micro-batches x %d pairs "
                  "per rank per step, world %d (TP%d PP%d DP%d)", qwen3.num_parameters(), len(dataset),

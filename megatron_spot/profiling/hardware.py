@@ -21,7 +21,7 @@ GPUS = {
     "GB200": {"bf16": 2500.0, "fp8": 5000.0, "memory_gib": 186},
     "L40S": {"bf16": 362.0, "fp8": 733.0, "memory_gib": 48},
 }
-# The table training/metrics.py has always exported (peak TFLOP/s only).
+# Peak TFLOP/s only (what MFU needs).
 GPU_PEAK_TFLOPS = {k: {"bf16": v["bf16"], "fp8": v["fp8"]} for k, v in GPUS.items()}
 
 
@@ -52,6 +52,15 @@ def current_gpu_name() -> Optional[str]:
         if k in name:
             return k
     return None
+
+
+def gpu_peak_tflops(fp8: bool) -> Optional[float]:
+    """MFU denominator of this rank's GPU; None on CPU or for a GPU not in the table."""
+    name = current_gpu_name()
+    if name is None:
+        return None
+    spec = GPUS[name]
+    return (spec["fp8"] if fp8 else None) or spec["bf16"]
 
 
 def measure_cpu_matmul_tflops(size: int = 512, dtype: torch.dtype = torch.float32, seconds: float = 0.5) -> float:

@@ -3,8 +3,9 @@
 Time split uses Megatron-Core's own timers (``config.timers``): 'forward-compute' and
 'backward-compute' around each micro-batch's forward/backward, the pipeline p2p timers
 ('forward-recv', 'backward-send-forward-recv', ...), 'all-grads-sync' (DP gradient reduce in
-finalize_model_grads) and the optimizer's 'params-all-gather'. The SPoT loss is timed separately
-(it runs inside Megatron's forward-compute window, so it is subtracted from forward). Pipeline p2p
+finalize_model_grads) and the optimizer's 'params-all-gather'. The Timers object is handed to the
+Engine (``Engine(..., timers=)``), which times the SPoT loss ('loss-compute', inside Megatron's
+forward-compute window, so it is subtracted from forward) and 'optimizer-step'; nothing is patched. Pipeline p2p
 time on a rank is mostly *waiting for the neighbour stage* -- that is the bubble (plus stage
 imbalance); the transfer itself is small next to it. TP all-reduces run inside forward/backward
 compute and are counted there.
@@ -15,7 +16,6 @@ import contextlib
 import logging
 import os
 import resource
-import time
 from typing import Optional
 
 import torch
@@ -140,37 +140,15 @@ def model_state_bytes_measured(engine) -> dict:
     return {"weights": int(weights), "grads": int(grads), "optimizer": int(opt)}
 
 
-def _install_timers(engine):
+def _make_timers():
+    """Megatron-Core's Timers at log level 2 (every timer its schedules and optimizer know), handed to the
+    Engine, which also times 'loss-compute' and 'optimizer-step' into them."""
     from megatron.core.timers import Timers
 
-    timers = Timers(2, "max")
-    engine.transformer_config.timers = timers
-    for o in getattr(engine.optimizer, "chained_optimizers", [engine.optimizer]):
-        if getattr(o, "config", None) is not None:
-            o.config.timers = timers
-    state = {"loss_s": 0.0, "optimizer_s": 0.0}
-    train_loss = engine._train_loss
-
-    def timed_loss(batch, output_tensor):
-        t = time.perf_counter()
-        out = train_loss(batch, output_tensor)
-        state["loss_s"] += time.perf_counter() - t
-        return out
-
-    engine._train_loss = timed_loss
-    opt_step = engine.optimizer.step
-
-    def timed_step(*a, **k):
-        t = time.perf_counter()
-        out = opt_step(*a, **k)
-        state["optimizer_s"] += time.perf_counter() - t
-        return out
-
-    engine.optimizer.step = timed_step
-    return timers, state
+    return Timers(2, "max")
 
 
-def _read_split(timers, state, step_time: float) -> dict:
+def _read_split(timers, step_time: float) -> dict:
     def take(name):
         t = timers._timers.get(name)
         return t.elapsed(reset=True) if t is not None else 0.0
@@ -179,10 +157,9 @@ def _read_split(timers, state, step_time: float) -> dict:
     p2p = sum(take(n) for n in _P2P)
     gather = take("params-all-gather")  # inside optimizer.step
     comm = gather + sum(take(n) for n in _COMM)
+    loss, opt = take("loss-compute"), take("optimizer-step")
     for name in list(timers._timers):
         take(name)
-    loss, opt = state["loss_s"], state["optimizer_s"]
-    state["loss_s"] = state["optimizer_s"] = 0.0
     split = {"forward_s": max(0.0, fwd - loss), "loss_s": loss, "backward_s": bwd, "pipeline_bubble_s": p2p,
              "communication_s": comm, "optimizer_s": max(0.0, opt - gather)}
     split["other_s"] = max(0.0, step_time - sum(split.values()))
@@ -200,7 +177,8 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
 
     info = initialize(cfg.parallel, seed)
     fp8 = bool(cfg.precision.fp8)
-    engine = Engine(cfg, qwen3, total_steps=steps + warmup_steps + 1)
+    timers = _make_timers()
+    engine = Engine(cfg, qwen3, total_steps=steps + warmup_steps + 1, timers=timers)
     device = engine.device
     L, pairs = cfg.data.seq_length, cfg.data.micro_batch_size
     layout = analytical.Layout(
@@ -222,7 +200,6 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
         peak_source = f"measured fp32 matmul peak of this process ({torch.get_num_threads()} threads)"
     pred = analytical.predict(qwen3, layout, peak_tflops=peak, assumed_mfu=1.0 if peak else None,
                               vocab=qwen3.padded_vocab_size)
-    timers, tstate = _install_timers(engine)
 
     def batches(step):
         return synthetic_micro_batches(num_micro_batches, pairs, L, qwen3.vocab_size,
@@ -231,7 +208,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
     # warmup (not reported)
     for s in range(warmup_steps):
         engine.train_step(batches(s))
-    _read_split(timers, tstate, 0.0)
+    _read_split(timers, 0.0)
     reset_peak_memory()
 
     prof = None
@@ -257,7 +234,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
         dist.barrier()
         with ctx:
             m = engine.train_step(mbs)
-        split = _read_split(timers, tstate, m["step_time_s"])
+        split = _read_split(timers, m["step_time_s"])
         per_step.append({"step": s, "step_time_s": m["step_time_s"], "tokens": m["tokens"], "loss": m["loss"],
                          **split})
         if prof is not None:

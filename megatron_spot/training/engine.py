@@ -7,6 +7,7 @@ same forward without gradients, used to score reference log-probs.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from functools import partial
@@ -22,13 +23,19 @@ from megatron_spot.platform.device import current_device
 
 class Engine:
     def __init__(self, cfg: TrainConfig, qwen3: Qwen3Config, total_steps: int,
-                 load_weights: Optional[Callable[[list], None]] = None, trainable: bool = True):
+                 load_weights: Optional[Callable[[list], None]] = None, trainable: bool = True, timers=None):
+        """timers: an optional megatron.core.timers.Timers (the profiler's). Megatron-Core's schedules and
+        optimizer time themselves into it ('forward-compute', p2p, 'params-all-gather', ...); the engine adds
+        'loss-compute' (inside forward-compute) and 'optimizer-step'. None: nothing is timed."""
         from megatron.core import parallel_state as ps
 
         self.cfg = cfg
+        self.timers = timers
         self.qwen3 = qwen3
         self.total_steps = max(1, total_steps)
         self.transformer_config = build_transformer_config(qwen3, cfg.parallel, cfg.precision, cfg.recompute)
+        if timers is not None:
+            self.transformer_config.timers = timers
         self.packing = bool(cfg.data.packing)
         if self.packing:
             # Packed micro-batches hold different numbers of pairs: the loss function returns each
@@ -53,6 +60,10 @@ class Engine:
             return
         self.model = self._wrap(chunks)
         self.optimizer = self._build_optimizer()
+        if timers is not None:
+            for o in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                if getattr(o, "config", None) is not None:
+                    o.config.timers = timers
         self.scheduler = self._build_scheduler()
         from megatron_spot.losses import SpotLoss
 
@@ -210,7 +221,7 @@ class Engine:
             m.train()
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_func = self._packed_train_loss if self.packing else self._train_loss
+        loss_func = self._timed("loss-compute", self._packed_train_loss if self.packing else self._train_loss)
         reported = self._run_schedule(micro_batches, loss_func, forward_only=False)
         metrics = self._reduce_metrics(reported)
         lr = self.optimizer.param_groups[0]["lr"]
@@ -221,7 +232,8 @@ class Engine:
             metrics.update(grad_norm=float("nan"), lr=lr, update_skipped=1.0, nonfinite=1.0,
                            step_time_s=time.perf_counter() - start, tokens=0.0)
             return metrics
-        ok, grad_norm, _ = self.optimizer.step()
+        with self._timer("optimizer-step"):
+            ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=1)
         metrics.update(grad_norm=float(grad_norm) if grad_norm is not None else float("nan"), lr=lr,
@@ -233,6 +245,30 @@ class Engine:
         metrics["tokens"] = float(tokens_t[0].item())  # non-pad tokens of the step, all DP ranks
         metrics["padding_fraction"] = 1.0 - float(tokens_t[0].item()) / max(float(tokens_t[1].item()), 1.0)
         return metrics
+
+    def _timer(self, name: str):
+        """A context that times `name` into self.timers (a no-op without timers)."""
+        if self.timers is None:
+            return contextlib.nullcontext()
+        timer = self.timers(name, log_level=1)
+
+        @contextlib.contextmanager
+        def timed():
+            timer.start()
+            try:
+                yield
+            finally:
+                timer.stop()
+        return timed()
+
+    def _timed(self, name: str, fn):
+        if self.timers is None:
+            return fn
+
+        def call(*args, **kwargs):
+            with self._timer(name):
+                return fn(*args, **kwargs)
+        return call
 
     def _all_finite(self, tensors) -> bool:
         """One flag for the whole world: every rank holds a shard (TP/PP/DP) and any may hold the NaN.

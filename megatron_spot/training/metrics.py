@@ -4,25 +4,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional
 
-from megatron_spot.models.qwen3.presets import Qwen3Config
 from megatron_spot.platform.device import peak_memory_bytes
 from megatron_spot.utils.atomic import write_text_atomic
-from megatron_spot.profiling.flops import train_flops_per_token
-# Dense BF16 / FP8 peak TFLOP/s of known GPUs (the table lives in profiling/hardware.py)
-from megatron_spot.profiling.hardware import GPU_PEAK_TFLOPS, GPUS, current_gpu_name  # noqa: F401 (re-exported)
 
 log = logging.getLogger("megatron_spot.train")
-
-
-def gpu_peak_tflops(fp8: bool) -> Optional[float]:
-    """MFU denominator of this rank's GPU; None on CPU or for a GPU not in the table."""
-    name = current_gpu_name()
-    if name is None:
-        return None
-    spec = GPUS[name]
-    return (spec["fp8"] if fp8 else None) or spec["bf16"]
 
 
 def keep_rows_up_to(path: str, step: int) -> None:
@@ -47,12 +34,16 @@ def keep_rows_up_to(path: str, step: int) -> None:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str, qwen3: Qwen3Config, world_size: int, enabled: bool,
-                 fp8: bool = False, full_recompute: bool = False, tensorboard: bool = True, start_step: int = 0):
+    """flops_per_token(mean_sequence_length) -> model FLOPs of one trained token, and peak_tflops (the MFU
+    denominator, None: no MFU) are handed in by the entry point (profiling/ knows the model's FLOPs and
+    the GPU table; training/ stays below it)."""
+
+    def __init__(self, run_dir: str, world_size: int, enabled: bool, flops_per_token: Callable[[int], float],
+                 peak_tflops: Optional[float] = None, tensorboard: bool = True, start_step: int = 0):
         self.enabled = enabled
-        self.qwen3, self.world_size = qwen3, world_size
-        self.full_recompute = full_recompute
-        self.peak = gpu_peak_tflops(fp8)
+        self.world_size = world_size
+        self.flops_per_token = flops_per_token
+        self.peak = peak_tflops
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if enabled:
             keep_rows_up_to(self.path, start_step)
@@ -67,7 +58,7 @@ class MetricsLogger:
 
     def enrich(self, metrics: dict, mean_seq_length: float) -> dict:
         tokens, seconds = metrics["tokens"], max(metrics["step_time_s"], 1e-9)
-        flops = tokens * train_flops_per_token(self.qwen3, int(mean_seq_length), self.full_recompute)
+        flops = tokens * self.flops_per_token(int(mean_seq_length))
         metrics["tokens_per_s"] = tokens / seconds
         metrics["tflops_per_device"] = flops / seconds / self.world_size / 1e12
         if self.peak:

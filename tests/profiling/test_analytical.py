@@ -86,7 +86,7 @@ def test_gpu_table_and_bad_names():
         gpu_spec("X100")
     with pytest.raises(ConfigError, match="no FP8"):
         peak_tflops("A100", fp8=True)
-    from megatron_spot.training.metrics import GPU_PEAK_TFLOPS  # the table training imports
+    from megatron_spot.profiling.hardware import GPU_PEAK_TFLOPS
 
     assert GPU_PEAK_TFLOPS["H100"]["bf16"] == 989.0
 
