@@ -46,6 +46,11 @@ setup(
             "spot-train=megatron_spot.train:main",
             "spot-rectify=megatron_spot.cli.rectify:main",
             "spot-evaluate=megatron_spot.cli.evaluate:main",
+            "spot-convert=megatron_spot.cli.convert_checkpoint:main",
+            "spot-pack=megatron_spot.cli.pack_pairs:main",
+            "spot-score=megatron_spot.cli.score_logprobs:main",
+            "spot-profile=megatron_spot.cli.profile_throughput:main",
+            "spot-export-quantized=megatron_spot.cli.export_quantized:main",
         ]
     },
 )

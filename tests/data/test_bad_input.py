@@ -105,9 +105,9 @@ def test_cli_exit_codes(tmp_path, hf_tok, capsys):
     assert main(["-i", src, "-t", hf_tok, "-o", str(tmp_path / "ok"), "-q"]) == 0
     out = capsys.readouterr().out
     assert "packed 4 of 5 pairs" in out and "malformed_json 1" in out
-    assert main(["-i", src, "-t", hf_tok, "-o", str(tmp_path / "bad"), "-q", "--strict"]) == 1
+    assert main(["-i", src, "-t", hf_tok, "-o", str(tmp_path / "bad"), "-q", "--strict"]) == 2  # bad input (exit-code convention)
     assert "in.jsonl:5" in capsys.readouterr().err and not os.path.exists(tmp_path / "bad.bin")
-    assert main(["-i", str(tmp_path / "missing.jsonl"), "-t", hf_tok, "-o", str(tmp_path / "x"), "-q"]) == 1
+    assert main(["-i", str(tmp_path / "missing.jsonl"), "-t", hf_tok, "-o", str(tmp_path / "x"), "-q"]) == 2
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "--truncation" in capsys.readouterr().out

@@ -1,0 +1,272 @@
+"""Throughput profiling: run N SPoT training steps on synthetic pairs and compare with the analytical model.
+
+  # one layout (a world of one, or under torchrun: world = tp x pp x dp)
+  spot-profile --preset qwen3-tiny --steps 5 --seq-length 128 --json prof.json
+  torchrun --nproc-per-node 4 -m megatron_spot.cli.profile_throughput --preset qwen3-tiny --tp 2 --pp 2
+  # several layouts: one torchrun per layout, Markdown + CSV table and a PNG plot
+  spot-profile --preset qwen3-tiny --sweep 1x1,2x1,1x2,2x2 --sweep-mbs 1,2 --out-dir sweep/
+  # prediction only (no processes started): Qwen3-8B on 8x H100
+  spot-profile --preset qwen3-8b --gpu H100 --nodes 1 --gpus-per-node 8 --tp 1 --pp 1 \
+      --precision bf16 --seq-length 2048 --micro-batch-size 1 --num-micro-batches 4 --predict-only
+
+`tools/profile_throughput.py` is the same command. The layout and micro-batch counts come from
+training/plan.py's plan_run (the same checks as training); formatting is profiling/report.py's.
+Exit codes (megatron_spot/cli): 0 ok, 2 bad input (unknown preset/GPU, layout that does not fit), 1 a run
+failed, 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+
+import megatron_spot
+from megatron_spot.cli import BAD_INPUT, FAILURE, INTERRUPTED, OK
+from megatron_spot.profiling.report import GiB, markdown_table, print_prediction, print_report, sweep_row, write_sweep_tables
+
+# the checkout holding the package, for torchrun children of an uninstalled tree
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(megatron_spot.__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="qwen3-tiny", help="model preset or HF config.json/folder")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
+    p.add_argument("--dp", type=int, default=None, help="data parallel size (default: world / (tp*pp))")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup-steps", type=int, default=1)
+    p.add_argument("--seq-length", type=int, default=128, help="tokens per sequence (chosen and rejected each)")
+    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per micro-batch (2 sequences each)")
+    p.add_argument("--num-micro-batches", type=int, default=None, help="per DP rank and step (default: max(pp, 2))")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "fp8"],
+                   help="default: fp32 on CPU, bf16 on GPU; fp8 = bf16 + Transformer Engine FP8 GEMMs")
+    p.add_argument("--recompute", default=None, choices=["none", "selective", "full"])
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--json", default=None, help="write the aggregate report here")
+    p.add_argument("--trace", default=None, metavar="DIR", help="torch.profiler Chrome traces (one per rank)")
+    p.add_argument("--trace-steps", default="0:2", metavar="A:B", help="measured steps [A, B) to trace")
+    p.add_argument("--sweep", default=None, help="layouts TPxPP[xDP], comma separated, e.g. 1x1,2x1,1x2,2x2")
+    p.add_argument("--sweep-mbs", default=None, help="micro-batch sizes to sweep, comma separated")
+    p.add_argument("--out-dir", default="profile_sweep", help="sweep outputs (table.md, table.csv, plot.png)")
+    p.add_argument("--gpu", default=None, help="GPU for MFU/prediction (H100, H200, A100, B200, ...)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--assumed-mfu", type=float, default=None,
+                   help="predict-only: fraction of peak the matmuls reach (default 0.40 BF16, 0.30 of FP8 peak)")
+    p.add_argument("--predict-only", action="store_true", help="print the analytical prediction, run nothing")
+    p.add_argument("--no-flop-count", action="store_true", help="skip the FlopCounterMode step")
+    p.add_argument("--seed", type=int, default=1234)
+    return p.parse_args(argv)
+
+
+def fail(msg: str, code: int = BAD_INPUT):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _precision(args, on_gpu: bool):
+    prec = args.precision or ("bf16" if on_gpu else "fp32")
+    return ("bf16", True) if prec == "fp8" else (prec, False)
+
+
+def _layout(args, qwen3, world: int, on_gpu: bool):
+    """(TrainConfig, analytical Layout) of the run the arguments describe, checked by plan_run."""
+    from megatron_spot.config.loader import ConfigError
+    from megatron_spot.config.schema import ParallelConfig, PrecisionConfig, RecomputeConfig, TrainConfig
+    from megatron_spot.profiling.analytical import Layout as WorkLayout
+    from megatron_spot.training.plan import plan_run
+
+    dtype, fp8 = _precision(args, on_gpu)
+    m = args.num_micro_batches or max(args.pp, 2)
+    cfg = TrainConfig()
+    cfg.model.preset = args.preset
+    cfg.model.max_sequence_length = max(args.seq_length, 128)
+    cfg.parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp,
+                                  sequence_parallel=args.sequence_parallel)
+    cfg.recompute = RecomputeConfig(granularity=None if args.recompute in (None, "none") else args.recompute)
+    cfg.precision = PrecisionConfig(dtype=dtype)
+    cfg.data.micro_batch_size, cfg.data.seq_length = args.micro_batch_size, args.seq_length
+    if not args.predict_only:  # FP8/SP need TE here; a prediction for a GPU cluster must not check this box
+        cfg.precision.fp8 = "hybrid" if fp8 else None
+        checked = cfg
+    else:
+        checked = TrainConfig(parallel=ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp,
+                                                      virtual_pipeline=args.vpp),
+                              precision=PrecisionConfig(dtype=dtype), recompute=cfg.recompute, data=cfg.data)
+    from megatron_spot.platform import Layout
+
+    dp = Layout.from_config(checked.parallel, world, allow_context_parallel=on_gpu).dp
+    if args.dp is not None and args.dp != dp:
+        raise ConfigError(f"--dp {args.dp} does not match world size {world} / (tp x pp = {args.tp * args.pp}) = {dp}")
+    cfg.data.global_batch_size = args.micro_batch_size * dp * m
+    plan = plan_run(checked, world, model=qwen3)
+    if args.vpp and args.vpp > 1 and m % args.pp:
+        raise ConfigError(f"interleaved pipelines need --num-micro-batches ({m}) divisible by --pp ({args.pp})")
+    layout = WorkLayout(tp=plan.layout.tp, pp=plan.layout.pp, vpp=args.vpp, dp=plan.layout.dp,
+                        micro_batch_size=plan.micro_batch_size, num_micro_batches=plan.micro_batches_per_step,
+                        seq_length=args.seq_length, dtype=dtype, fp8=fp8, recompute=cfg.recompute.granularity,
+                        sequence_parallel=args.sequence_parallel, flash_attention=on_gpu)
+    return cfg, layout
+
+
+def predict_only(args, qwen3) -> dict:
+    from megatron_spot.profiling.analytical import predict
+    from megatron_spot.profiling.hardware import gpu_spec, peak_tflops
+
+    if not args.gpu:
+        fail("--predict-only needs --gpu (one of the known GPUs, e.g. H100)")
+    spec = gpu_spec(args.gpu)
+    world = args.nodes * args.gpus_per_node
+    args.predict_only = True
+    _, layout = _layout(args, qwen3, world, on_gpu=True)
+    peak = peak_tflops(args.gpu, layout.fp8)
+    mfu = args.assumed_mfu or (0.30 if layout.fp8 else 0.40)
+    pred = predict(qwen3, layout, peak_tflops=peak, assumed_mfu=mfu)
+    d = pred.as_dict()
+    d.update(gpu=spec["name"], gpu_memory_gib=spec["memory_gib"], world_size=world)
+    cap = spec["memory_gib"] * GiB
+    d["fits"] = pred.memory["peak"]["total"] <= cap
+    return d
+
+
+def _torchrun(args, world: int, extra: list[str], json_path: str, timeout: int = 1800) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           "-m", "megatron_spot.cli.profile_throughput", *extra, "--json", json_path]
+    env = dict(os.environ, PYTHONPATH=PACKAGE_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _passthrough(args) -> list[str]:
+    out = ["--preset", args.preset, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps),
+           "--seq-length", str(args.seq_length), "--seed", str(args.seed)]
+    for flag, val in (("--precision", args.precision), ("--recompute", args.recompute), ("--gpu", args.gpu),
+                      ("--vpp", args.vpp), ("--num-micro-batches", args.num_micro_batches)):
+        if val is not None:
+            out += [flag, str(val)]
+    if args.no_flop_count:
+        out.append("--no-flop-count")
+    return out
+
+
+def sweep(args, qwen3) -> list[dict]:
+    from megatron_spot.config.loader import ConfigError
+
+    layouts = []
+    for item in args.sweep.split(","):
+        parts = item.strip().lower().split("x")
+        try:
+            tp, pp, dp = (int(parts[0]), int(parts[1]), int(parts[2]) if len(parts) > 2 else 1)
+        except (ValueError, IndexError):
+            raise ConfigError(f"--sweep entry {item!r}: expected TPxPP or TPxPPxDP, e.g. 2x1") from None
+        layouts.append((tp, pp, dp))
+    mbs_list = [int(x) for x in (args.sweep_mbs or str(args.micro_batch_size)).split(",")]
+    # check every layout before starting anything
+    for tp, pp, dp in layouts:
+        a = argparse.Namespace(**{**vars(args), "tp": tp, "pp": pp, "dp": dp, "predict_only": False})
+        _layout(a, qwen3, tp * pp * dp, on_gpu=False)
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows = []
+    for tp, pp, dp in layouts:
+        for mbs in mbs_list:
+            name = f"TP{tp}PP{pp}" + (f"DP{dp}" if dp > 1 else "") + f"_mbs{mbs}"
+            jpath = os.path.join(args.out_dir, f"{name}.json")
+            extra = _passthrough(args) + ["--tp", str(tp), "--pp", str(pp), "--micro-batch-size", str(mbs)]
+            print(f"== {name}: torchrun x {tp * pp * dp}", flush=True)
+            proc = _torchrun(args, tp * pp * dp, extra, jpath)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], file=sys.stderr)
+                rows.append({"layout": name, "error": f"exit {proc.returncode}"})
+                continue
+            with open(jpath) as f:
+                r = json.load(f)
+            rows.append(sweep_row(name, tp, pp, dp, mbs, r))
+            print("   " + ", ".join(f"{k}={v}" for k, v in rows[-1].items() if k != "layout"), flush=True)
+    write_sweep_tables(rows, args.out_dir)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from megatron_spot.config.loader import ConfigError
+    from megatron_spot.models.qwen3 import load_qwen3_config
+
+    try:
+        qwen3 = load_qwen3_config(args.preset)
+        if args.gpu:
+            from megatron_spot.profiling.hardware import gpu_spec
+
+            gpu_spec(args.gpu)
+        if args.predict_only:
+            d = predict_only(args, qwen3)
+            print_prediction(d, qwen3)
+            if args.json:
+                _write_json(args.json, d)
+            if not d["fits"]:
+                fail(f"layout does not fit: predicted {d['memory']['peak']['total'] / GiB:.1f} GiB per GPU > "
+                     f"{d['gpu_memory_gib']} GiB on {d['gpu']}; raise --tp/--pp, lower --micro-batch-size or "
+                     f"--seq-length, or use --recompute full/selective")
+            return OK
+        if args.sweep:
+            rows = sweep(args, qwen3)
+            print(markdown_table(rows))
+            print(f"wrote {args.out_dir}/table.md, table.csv, plot.png")
+            return FAILURE if any("error" in r for r in rows) else OK
+        from megatron_spot.platform.device import has_cuda
+
+        world = int(os.environ.get("WORLD_SIZE", "0"))
+        want = args.tp * args.pp * (args.dp or 1)
+        if world == 0 and want > 1:  # not under torchrun: launch one
+            jpath = args.json or tempfile.mktemp(suffix=".json")
+            argv_rest = _passthrough(args) + ["--tp", str(args.tp), "--pp", str(args.pp),
+                                              "--micro-batch-size", str(args.micro_batch_size)]
+            if args.trace:
+                argv_rest += ["--trace", args.trace, "--trace-steps", args.trace_steps]
+            _layout(args, qwen3, want, on_gpu=has_cuda())
+            proc = _torchrun(args, want, argv_rest, jpath)
+            sys.stdout.write(proc.stdout)
+            if proc.returncode != 0:
+                sys.stderr.write(proc.stderr[-5000:])
+                return FAILURE
+            return OK
+        world = world or 1
+        cfg, layout = _layout(args, qwen3, world, on_gpu=has_cuda())
+    except ConfigError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        print("profile_throughput: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    from megatron_spot.profiling.runner import run_profile
+
+    trace_steps = tuple(int(x) for x in args.trace_steps.split(":")) if args.trace else None
+    report = run_profile(cfg, qwen3, steps=args.steps, warmup_steps=args.warmup_steps,
+                         num_micro_batches=layout.num_micro_batches, trace_dir=args.trace, trace_steps=trace_steps,
+                         gpu=args.gpu, count_flops=not args.no_flop_count, seed=args.seed, progress=True)
+    if report is not None:
+        print_report(report)
+        if args.trace:
+            print(f"  Chrome traces: {args.trace}/trace_rank*.json (open in chrome://tracing or Perfetto)")
+        if args.json:
+            _write_json(args.json, report)
+    from megatron_spot.platform import shutdown
+
+    shutdown()
+    return OK
+
+
+def _write_json(path: str, obj: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    from megatron_spot.utils.atomic import atomic_file
+
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=1, default=float)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
