@@ -21,6 +21,7 @@ import torch
 
 from megatron_spot.checkpoint.errors import CheckpointError
 
+# the safetensors header's dtype codes (a file-format table, not a precision choice: config/dtypes.py)
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 _MAX_HEADER = 100 * 2**20

@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from megatron_spot.models.qwen3.presets import Qwen3Config
+from megatron_spot.config.dtypes import BYTES_PER_ELEMENT
 from megatron_spot.profiling.flops import matmul_params_per_token
 
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8 training keeps bf16 activations between layers
 
 
 @dataclass
@@ -161,7 +161,7 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, softmax_fp32: bool 
     No dropout masks (Qwen3 has no dropout). Selective recompute drops the core-attention terms and
     keeps its inputs q, k, v; full recompute keeps only the layer input p*sbh (rep).
     """
-    p = _BYTES[layout.dtype]
+    p = BYTES_PER_ELEMENT[layout.dtype]
     s, b, t = -(-layout.seq_length // layout.cp), layout.rows, layout.tp  # this rank's tokens of each sequence
     h, f, d = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     q, kv, a = cfg.num_attention_heads * d, cfg.num_key_value_heads * d, cfg.num_attention_heads
@@ -183,7 +183,7 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, softmax_fp32: bool 
 
 def head_activation_bytes(cfg: Qwen3Config, layout: Layout) -> float:
     """Last stage extra: final-norm input, output-layer input, and the logits the fused log-prob keeps."""
-    p = _BYTES[layout.dtype]
+    p = BYTES_PER_ELEMENT[layout.dtype]
     s, b = -(-layout.seq_length // layout.cp), layout.rows
     return p * s * b * 2 * cfg.hidden_size + p * s * b * cfg.padded_vocab_size / layout.tp
 

@@ -190,7 +190,9 @@ def quantize_and_export(src: str, out_dir: str, prompts: list[torch.Tensor], fmt
         model = mtq.quantize(model, qcfg, forward_loop=forward_loop)
         t_cal = time.perf_counter() - t1
         tmp_out = os.path.join(work, "out")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[export_dtype]
+        from megatron_spot.config.dtypes import torch_dtype
+
+        dtype = torch_dtype(export_dtype)  # bf16 | fp16 (the CLI offers those two)
         export_hf_checkpoint(model, dtype=dtype, export_dir=tmp_out)
         for name in _TOKENIZER_FILES:  # tokenizer files next to the weights, as vLLM expects
             p = os.path.join(hf_src, name)
