@@ -62,6 +62,52 @@ def test_world_size_must_fit_layout():
         validate_parallel_layout(ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 6)
 
 
+# The released presets, each shrunk to tiny widths with the same architecture flags (litgpt's habit):
+# query heads per KV group, tied embeddings, the q-projection width / hidden ratio (head_dim x heads is
+# not the hidden size in 0.6B/4B/32B), the MLP ratio, norm eps and RoPE base. vocab 300 also exercises
+# the padding to a multiple of 128.
+RELEASED = [name for name in PRESETS if "tiny" not in name]
+
+
+def shrunk(preset: str) -> Qwen3Config:
+    from megatron_spot.models.qwen3.presets import replace
+
+    full = load_qwen3_config(preset)
+    groups, head_dim = 2, 8
+    heads = groups * (full.num_attention_heads // full.num_key_value_heads)
+    q_width = heads * head_dim
+    hidden = 8 * max(1, round(q_width * full.hidden_size / (full.num_attention_heads * full.head_dim) / 8))
+    inter = 8 * max(1, round(hidden * full.intermediate_size / full.hidden_size / 8))
+    return replace(full, vocab_size=300, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                   num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_dim,
+                   max_position_embeddings=256)
+
+
+def _hf_of(cfg: Qwen3Config, seed: int):
+    """transformers' Qwen3ForCausalLM of `cfg` with seeded random weights (norms too, so every tensor's
+    mapping matters)."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.to_hf_dict(), attn_implementation="eager"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model.eval()
+
+
+def test_shrunk_presets_keep_the_architecture_flags():
+    for name in RELEASED:
+        full, tiny = load_qwen3_config(name), shrunk(name)
+        assert tiny.tie_word_embeddings == full.tie_word_embeddings
+        assert (tiny.num_attention_heads // tiny.num_key_value_heads
+                == full.num_attention_heads // full.num_key_value_heads)
+        assert (tiny.num_attention_heads * tiny.head_dim == tiny.hidden_size) == (
+            full.num_attention_heads * full.head_dim == full.hidden_size), name
+        assert tiny.rms_norm_eps == full.rms_norm_eps and tiny.rope_theta == full.rope_theta
+
+
 def _single_rank(rank, world_size):
     from megatron_spot.models.qwen3 import build_model_chunks, build_transformer_config, meta_parameter_count
     from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict, load_full_state_dict
@@ -71,8 +117,10 @@ def _single_rank(rank, world_size):
     initialize(ParallelConfig(), seed=3)
     out = {"compat": cpu_compat.is_applied(), "cuda_factory": torch.empty(2, device="cuda").device.type,
            "count_8b": meta_parameter_count(load_qwen3_config("qwen3-8b"))}
-    for preset in ("qwen3-tiny", "qwen3-tiny-tied"):
-        cfg, hf = hf_model(preset, seed=1)
+    models = {preset: hf_model(preset, seed=1) for preset in ("qwen3-tiny", "qwen3-tiny-tied")}
+    models.update({preset: (shrunk(preset), None) for preset in RELEASED})
+    for preset, (cfg, hf) in models.items():
+        hf = hf if hf is not None else _hf_of(cfg, seed=1)
         chunks = build_model_chunks(cfg, build_transformer_config(cfg, ParallelConfig(), PrecisionConfig()))
         load_full_state_dict(chunks, hf_to_mcore_state_dict(hf.state_dict(), cfg))
         tokens = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
@@ -80,7 +128,9 @@ def _single_rank(rank, world_size):
         with torch.no_grad():
             ours = chunks[0].eval()(tokens, pos, None)[..., : cfg.vocab_size]
             ref = hf(tokens).logits
-        out[preset] = (ours - ref).abs().max().item()
+        out[preset] = {"diff": (ours - ref).abs().max().item(), "scale": ref.abs().max().item()}
+        if "tiny" not in preset:
+            continue
         # full activation recompute gives identical gradients
         grads = []
         for granularity in (None, "full"):
@@ -93,14 +143,31 @@ def _single_rank(rank, world_size):
     return out
 
 
+@pytest.fixture(scope="module")
+def single_rank():
+    """One process (world of 1) runs every parity case once."""
+    return run_on_ranks(_single_rank, world_size=1)[0]
+
+
 @pytest.mark.slow
-def test_megatron_qwen3_matches_transformers_and_counts_8b_on_meta():
-    out = run_on_ranks(_single_rank, world_size=1)[0]
-    assert out["compat"] and out["cuda_factory"] == "cpu"
-    assert out["count_8b"] == EXPECTED["qwen3-8b"]  # 151,936 needs no vocab padding
-    for preset in ("qwen3-tiny", "qwen3-tiny-tied"):
-        assert out[preset] <= 1e-5, out
-        assert out[preset + "/recompute"] <= 1e-6, out
+def test_cpu_compat_and_8b_count_on_meta(single_rank):
+    assert single_rank["compat"] and single_rank["cuda_factory"] == "cpu"
+    assert single_rank["count_8b"] == EXPECTED["qwen3-8b"]  # 151,936 needs no vocab padding
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["qwen3-tiny", "qwen3-tiny-tied"] + RELEASED)
+def test_megatron_qwen3_matches_transformers(single_rank, preset):
+    """fp32 logits of Megatron-Core's GPTModel with our mapping vs transformers' Qwen3 (same weights)."""
+    result = single_rank[preset]
+    assert result["scale"] > 0.1  # real logits, not a degenerate model
+    assert result["diff"] <= 1e-5, result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["qwen3-tiny", "qwen3-tiny-tied"])
+def test_full_recompute_gives_identical_gradients(single_rank, preset):
+    assert single_rank[preset + "/recompute"] <= 1e-6, single_rank
 
 
 @pytest.mark.gpu
