@@ -2,7 +2,8 @@
 The loss head that never builds the logits (model.fused_linear_loss, the default) trains and scores
 exactly like Megatron's output layer + token_logprobs at TP1PP1 and TP2PP2, tied and untied.
 
-One spawn of 4 gloo ranks runs all layouts (process start-up dominates on 2 cores).
+One spawn of 4 gloo ranks runs all layouts (process start-up dominates on 2 cores): a module-scoped
+fixture; each layout and head case is its own test id over its results.
 """
 import math
 
@@ -143,32 +144,60 @@ def _worker(rank, world_size):
     return {"layouts": results, "heads": heads}
 
 
+def _layout_id(layout) -> str:
+    tp, pp, vpp = layout
+    return f"tp{tp}pp{pp}" + (f"vpp{vpp}" if vpp else "")
+
+
+@pytest.fixture(scope="module")
+def spawned():
+    """All layouts and heads, once, in one spawn of 4 gloo ranks: per-rank result dicts."""
+    return run_on_ranks(_worker, world_size=4)
+
+
 @pytest.mark.slow
-def test_layouts_match_tp1pp1_and_transformers():
-    out = run_on_ranks(_worker, world_size=4)
-    per_rank = [r["layouts"] for r in out]
-    reference = per_rank[0][(1, 1, None)]["losses"]
+def test_tp1pp1_reference_trains(spawned):
+    reference = spawned[0]["layouts"][(1, 1, None)]["losses"]
     assert reference[0] == pytest.approx(2 * math.log(2), abs=1e-6)  # policy == reference at step 1
     assert abs(reference[-1] - reference[0]) > 1e-4  # training moved the loss
-    for layout in LAYOUTS:
-        diffs = [r[layout]["logit_diff"] for r in per_rank if r[layout]["logit_diff"] is not None]
-        assert diffs, layout
-        assert max(diffs) <= 1e-5, (layout, diffs)
-        for r in per_rank:
-            assert r[layout]["losses"] == pytest.approx(reference, rel=1e-5, abs=1e-6), (layout, r[layout]["losses"])
-    # the loss head without logits trains and scores like Megatron's output layer + token_logprobs
-    for preset, tp, pp in HEAD_CASES:
-        for r in out:
-            fused, unfused = r["heads"][(preset, tp, pp, True)], r["heads"][(preset, tp, pp, False)]
-            assert fused["losses"] == pytest.approx(unfused["losses"], rel=1e-5), (preset, tp, pp, fused, unfused)
-            assert fused["scored"] == pytest.approx(unfused["scored"], rel=1e-6), (preset, tp, pp)
-            assert abs(fused["losses"][-1] - fused["losses"][0]) > 1e-4  # the comparison spans real updates
-            if fused["last_stage"]:  # each head really ran: 1 scoring + STEPS training micro-batch calls
-                assert fused["head_calls"]["token_logprobs"] == 0 and fused["head_calls"]["linear_token_logprobs"] > 0
-                assert unfused["head_calls"]["linear_token_logprobs"] == 0 and unfused["head_calls"]["token_logprobs"] > 0
-    tied = out[0]["heads"][("qwen3-tiny-tied", 1, 1, True)]["losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", LAYOUTS, ids=_layout_id)
+def test_layout_matches_tp1pp1_and_transformers(spawned, layout):
+    per_rank = [r["layouts"] for r in spawned]
+    reference = per_rank[0][(1, 1, None)]["losses"]
+    diffs = [r[layout]["logit_diff"] for r in per_rank if r[layout]["logit_diff"] is not None]
+    assert diffs, layout
+    assert max(diffs) <= 1e-5, (layout, diffs)
+    for r in per_rank:
+        assert r[layout]["losses"] == pytest.approx(reference, rel=1e-5, abs=1e-6), (layout, r[layout]["losses"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, tp, pp", HEAD_CASES, ids=[f"{p}-tp{t}pp{q}" for p, t, q in HEAD_CASES])
+def test_fused_loss_head_trains_and_scores_like_the_output_layer(spawned, preset, tp, pp):
+    """The loss head without logits trains and scores like Megatron's output layer + token_logprobs."""
+    for r in spawned:
+        fused, unfused = r["heads"][(preset, tp, pp, True)], r["heads"][(preset, tp, pp, False)]
+        assert fused["losses"] == pytest.approx(unfused["losses"], rel=1e-5), (preset, tp, pp, fused, unfused)
+        assert fused["scored"] == pytest.approx(unfused["scored"], rel=1e-6), (preset, tp, pp)
+        assert abs(fused["losses"][-1] - fused["losses"][0]) > 1e-4  # the comparison spans real updates
+        if fused["last_stage"]:  # each head really ran: 1 scoring + STEPS training micro-batch calls
+            assert fused["head_calls"]["token_logprobs"] == 0 and fused["head_calls"]["linear_token_logprobs"] > 0
+            assert unfused["head_calls"]["linear_token_logprobs"] == 0 and unfused["head_calls"]["token_logprobs"] > 0
+
+
+@pytest.mark.slow
+def test_tied_model_is_a_different_model(spawned):
+    reference = spawned[0]["layouts"][(1, 1, None)]["losses"]
+    tied = spawned[0]["heads"][("qwen3-tiny-tied", 1, 1, True)]["losses"]
     assert tied != pytest.approx(reference, rel=1e-3)  # the tied model is a different model, really trained
-    for r in out:
+
+
+@pytest.mark.slow
+def test_bf16_full_recompute_heads_agree(spawned):
+    for r in spawned:
         fused, unfused = r["heads"][("bf16",) + BF16_CASE + (True,)], r["heads"][("bf16",) + BF16_CASE + (False,)]
         assert fused["losses"] == pytest.approx(unfused["losses"], rel=2e-3), (fused["losses"], unfused["losses"])
         assert fused["scored"] == pytest.approx(unfused["scored"], rel=2e-3)
