@@ -153,7 +153,42 @@ def run_case(impl: str, dtype_name: str, tokens: int, hidden: int, vocab: int, r
     return result
 
 
+_CACHE: dict = {}
+_CACHE_PATH = None
+
+
+def _cache_key(impl, dtype_name, tokens, hidden, vocab, timed, measure_memory, chunk_bytes) -> str:
+    return json.dumps([impl, dtype_name, tokens, hidden, vocab, bool(timed), bool(measure_memory),
+                       chunk_bytes if impl == "linear" else None])
+
+
+def _load_cache(path: str) -> None:
+    global _CACHE_PATH
+    _CACHE_PATH = path
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    rec = json.loads(line)
+                    _CACHE[rec["key"]] = rec["result"]
+
+
 def spawn(impl, dtype_name, tokens, hidden, vocab, reps, timed, measure_memory=True) -> dict:
+    """Run one case in a child process; with --cache, a case already measured there is reused."""
+    from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES
+
+    key = _cache_key(impl, dtype_name, tokens, hidden, vocab, timed, measure_memory, DEFAULT_CHUNK_BYTES)
+    if key in _CACHE:
+        return _CACHE[key]
+    res = _spawn(impl, dtype_name, tokens, hidden, vocab, reps, timed, measure_memory)
+    if _CACHE_PATH and "error" not in res:
+        res["load_avg"] = os.getloadavg()[0]
+        with open(_CACHE_PATH, "a") as f:
+            f.write(json.dumps({"key": key, "result": res}) + "\n")
+    return res
+
+
+def _spawn(impl, dtype_name, tokens, hidden, vocab, reps, timed, measure_memory=True) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, dtype_name, "--tokens", str(tokens),
            "--hidden", str(hidden), "--vocab", str(vocab), "--reps", str(reps)] + ([] if timed else ["--mem-only"])
     cmd += [] if measure_memory else ["--no-mem"]
@@ -222,6 +257,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--budget-gib", type=float, default=24.0)
     ap.add_argument("--no-write", action="store_true")
+    # JSON-lines file of finished cases: a rerun (e.g. after an interruption on a busy machine) only
+    # measures what is missing
+    ap.add_argument("--cache", default=None)
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, ROOT)
@@ -231,8 +269,10 @@ def main() -> None:
         return
 
     sys.path.insert(0, ROOT)
-    from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES
+    from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES, default_chunk_size
 
+    if args.cache:
+        _load_cache(args.cache)
     load_before = _load()
     started = time.perf_counter()
     import torch
@@ -259,24 +299,29 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
 
     T, Tm, H, V = args.tokens, args.mem_tokens, args.hidden, args.vocab
-    rows = ["| head | dtype | T | backend | fwd+bwd time (s) | vs (b) | extra memory (GiB) |",
-            "|---|---|---|---|---|---|---|"]
+    def load_of(r):  # 1-min load average when the case finished (2 cores); cached cases keep theirs
+        if r.get("note"):
+            return "2-10, earlier run"
+        return f"{r['load_avg']:.1f}" if r.get("load_avg") is not None else "-"
+
+    rows = ["| head | dtype | T | backend | fwd+bwd time (s) | vs (b) | extra memory (GiB) | load |",
+            "|---|---|---|---|---|---|---|---|"]
     for dtype_name in ("float32", "bfloat16"):
         base = timed[("today", dtype_name)]
         for impl in IMPLS:
             r = timed[(impl, dtype_name)]
             if "error" in r:
                 rows.append(f"| {LABEL[impl]} | {dtype_name} | {r['tokens']} | - | failed: "
-                            f"{r['error'].splitlines()[-1][:120]} | | |")
+                            f"{r['error'].splitlines()[-1][:120]} | | | |")
                 continue
             best = min(r["times"])
             rel = f"{best / min(base['times']):.2f}x" if "times" in base else "-"
             extra = f"{r['extra_bytes'] / GIB:.3f}" if "extra_bytes" in r else "not measured"
             rows.append(f"| {LABEL[impl]} | {dtype_name} | {r['tokens']} | {r['backend']} | {best:.2f} | {rel} | "
-                        f"{extra} |")
+                        f"{extra} | {load_of(r)} |")
     logits_gib = Tm * V * 4 / GIB
     mrows = [f"| head | extra memory, profiler (GiB) | % of the fp32 logits ({logits_gib:.2f} GiB) | "
-             "RSS high-water cross-check (GiB) |", "|---|---|---|---|"]
+             "RSS high-water cross-check (GiB) |", "|---|---|---|---|"]  # memory does not depend on load
     for impl in IMPLS:
         r = mem[impl]
         if "extra_bytes" not in r:
@@ -296,7 +341,7 @@ def main() -> None:
             fixed = fixed_extra + 2 * V * H * 4
             n = _largest_tokens(per_token, fixed, args.budget_gib * GIB)
             fits.append(f"| {LABEL[impl]} | {per_token / 1024:.1f} KiB | {fixed / GIB:.2f} GiB | {n:,} |")
-    chunk_rows = DEFAULT_CHUNK_BYTES // (V * 4)
+    chunk_rows = default_chunk_size(V, torch.float32)
     tgt_mem = mem["linear"].get("extra_bytes")
     tgt_time = None
     if "times" in timed[("linear", "float32")] and "times" in timed[("today", "float32")]:
