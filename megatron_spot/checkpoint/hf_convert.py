@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from megatron_spot.checkpoint.errors import CheckpointError
-from megatron_spot.checkpoint.model_checkpoint import (  # noqa: F401 (re-exported: the conversion API's callers)
+from megatron_spot.checkpoint.model_checkpoint import (
     METADATA_NAME,
     _built,
     _copy_side_files,
@@ -42,12 +42,9 @@ from megatron_spot.checkpoint.model_checkpoint import (  # noqa: F401 (re-export
     _sharded_state_dict,
     _write_json,
     _write_side_and_metadata,
-    check_layout,
     check_output_not_input,
-    checkpoint_qwen3_config,
-    load_model_checkpoint,
+    load_model_checkpoint,  # noqa: F401 (also the training side's import path)
     read_checkpoint_metadata,
-    save_model_checkpoint,
 )
 from megatron_spot.checkpoint.safetensors_io import (
     INDEX_NAME,

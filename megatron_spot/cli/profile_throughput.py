@@ -61,6 +61,10 @@ def parse_args(argv=None):
                    help="predict-only: fraction of peak the matmuls reach (default 0.40 BF16, 0.30 of FP8 peak)")
     p.add_argument("--predict-only", action="store_true", help="print the analytical prediction, run nothing")
     p.add_argument("--no-flop-count", action="store_true", help="skip the FlopCounterMode step")
+    p.add_argument("--unfused-loss-head", action="store_true",
+                   help="model.fused_linear_loss=false: Megatron's output layer + token_logprobs. The measured "
+                        "FLOPs then equal the analytical count; the fused head (default) runs its GEMMs only on "
+                        "response tokens and one of them inside a custom op FlopCounterMode cannot see")
     p.add_argument("--seed", type=int, default=1234)
     return p.parse_args(argv)
 
@@ -92,6 +96,7 @@ def _layout(args, qwen3, world: int, on_gpu: bool):
     cfg.recompute = RecomputeConfig(granularity=None if args.recompute in (None, "none") else args.recompute)
     cfg.precision = PrecisionConfig(dtype=dtype)
     cfg.data.micro_batch_size, cfg.data.seq_length = args.micro_batch_size, args.seq_length
+    cfg.model.fused_linear_loss = not args.unfused_loss_head
     if not args.predict_only:  # FP8/SP need TE here; a prediction for a GPU cluster must not check this box
         cfg.precision.fp8 = "hybrid" if fp8 else None
         checked = cfg
@@ -151,6 +156,8 @@ def _passthrough(args) -> list[str]:
             out += [flag, str(val)]
     if args.no_flop_count:
         out.append("--no-flop-count")
+    if args.unfused_loss_head:
+        out.append("--unfused-loss-head")
     return out
 
 

@@ -45,7 +45,8 @@ class Engine:
             # to the next, so pipeline stages exchange shapes.
             self.transformer_config.calculate_per_token_loss = True
             self.transformer_config.variable_seq_lengths = True
-        chunks = build_model_chunks(qwen3, self.transformer_config, max_sequence_length=cfg.model.max_sequence_length)
+        chunks = build_model_chunks(qwen3, self.transformer_config, max_sequence_length=cfg.model.max_sequence_length,
+                                    fused_linear_loss=cfg.model.fused_linear_loss)  # the config's loss head
         if load_weights is not None:
             load_weights(chunks)  # before the optimizer copies fp32 main params from the model
         self.device = current_device()

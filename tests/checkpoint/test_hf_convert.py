@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_spot.checkpoint import hf_convert as hc
+from megatron_spot.checkpoint import model_checkpoint as model_ckpt
 from megatron_spot.models.qwen3.provider import build_unsharded_model
 from megatron_spot.checkpoint.errors import CheckpointError
 from megatron_spot.config.loader import ConfigError
@@ -18,8 +19,8 @@ from tests.checkpoint import helpers
 
 
 def _mcore_tp1(ckpt: str, dtype: str = "fp32"):
-    chunks = build_unsharded_model(hc.checkpoint_qwen3_config(ckpt), dtype)
-    hc.load_model_checkpoint(chunks, ckpt)
+    chunks = build_unsharded_model(model_ckpt.checkpoint_qwen3_config(ckpt), dtype)
+    model_ckpt.load_model_checkpoint(chunks, ckpt)
     return chunks
 
 
@@ -36,9 +37,9 @@ def test_logits_match_transformers_tp1pp1(ckpts, name):
     diff = (logits - c["ref"]).abs().max().item()
     assert diff <= 1e-4, f"{name}: max abs logit diff {diff}"
     # what was loaded equals the foundation's whole-model mapping, padded rows are zero
-    cfg = hc.checkpoint_qwen3_config(c["mcore"])
+    cfg = model_ckpt.checkpoint_qwen3_config(c["mcore"])
     expected = hf_to_mcore_state_dict(helpers.read_hf_tensors(c["hf"]), cfg)
-    params = hc._params_by_name(chunks)
+    params = model_ckpt._params_by_name(chunks)
     assert set(params) == set(expected)
     for k, v in expected.items():
         assert torch.equal(params[k], v), k
@@ -73,7 +74,7 @@ def test_sharded_export_and_bf16(ckpts, tmp_path):
     c = ckpts["untied"]
     mc = str(tmp_path / "bf16")
     hc.convert_hf_to_mcore(c["hf"], mc, dtype="bf16", progress=False)
-    meta = hc.read_checkpoint_metadata(mc)
+    meta = model_ckpt.read_checkpoint_metadata(mc)
     assert meta["dtype"] == "bf16" and meta["hf_config"]["torch_dtype"] == "bfloat16"
     out = str(tmp_path / "hf-bf16")
     s = hc.convert_mcore_to_hf(mc, out, progress=False, max_shard_bytes=100_000)
@@ -101,7 +102,7 @@ def test_sharded_export_and_bf16(ckpts, tmp_path):
         assert f32[k].dtype == torch.float32 and torch.equal(f32[k], want), k
     # a bf16 checkpoint loads into an fp32 model (training in fp32 from a bf16 checkpoint)
     chunks = _mcore_tp1(mc, "fp32")
-    params = hc._params_by_name(chunks)
+    params = model_ckpt._params_by_name(chunks)
     assert torch.equal(params["decoder.layers.0.mlp.linear_fc2.weight"],
                        src["model.layers.0.mlp.down_proj.weight"].to(torch.bfloat16).float())
 
@@ -109,32 +110,32 @@ def test_sharded_export_and_bf16(ckpts, tmp_path):
 def test_metadata_and_layout(ckpts):
     c = ckpts["untied"]
     names = sorted(os.listdir(c["mcore"]))
-    for f in (".metadata", "metadata.json", hc.METADATA_NAME, "config.json", "generation_config.json",
+    for f in (".metadata", "metadata.json", model_ckpt.METADATA_NAME, "config.json", "generation_config.json",
               "tokenizer_config.json", "chat_template.jinja"):
         assert f in names, f
     assert not [n for n in os.listdir(os.path.dirname(c["mcore"])) if ".tmp-" in n]
-    meta = hc.read_checkpoint_metadata(c["mcore"])
+    meta = model_ckpt.read_checkpoint_metadata(c["mcore"])
     assert meta["dtype"] == "fp32" and meta["saved_layout"] == {"tp": 1, "pp": 1, "vpp": None}
     assert meta["hf_config"]["vocab_size"] == 512 and meta["padded_vocab_size"] == 512
     s = c["summary"]
-    assert s["tensors"] == len(mapping_table(hc.checkpoint_qwen3_config(c["mcore"]))) and s["bytes"] > 0
+    assert s["tensors"] == len(mapping_table(model_ckpt.checkpoint_qwen3_config(c["mcore"]))) and s["bytes"] > 0
     # layouts that do not fit: named, before anything is loaded
-    cfg = hc.checkpoint_qwen3_config(c["mcore"])
+    cfg = model_ckpt.checkpoint_qwen3_config(c["mcore"])
     with pytest.raises(CheckpointError, match="does not divide the 2 query groups"):
-        hc.check_layout(cfg, tp=4)
+        model_ckpt.check_layout(cfg, tp=4)
     with pytest.raises(CheckpointError, match="layers do not split"):
-        hc.check_layout(cfg, tp=1, pp=3)
-    hc.check_layout(cfg, tp=2, pp=2, vpp=2)
+        model_ckpt.check_layout(cfg, tp=1, pp=3)
+    model_ckpt.check_layout(cfg, tp=2, pp=2, vpp=2)
 
 
 def test_load_into_wrong_model_is_named(ckpts):
     c = ckpts["untied"]
-    other = hc.checkpoint_qwen3_config(ckpts["tied"]["mcore"])
+    other = model_ckpt.checkpoint_qwen3_config(ckpts["tied"]["mcore"])
     chunks = build_unsharded_model(other, "fp32")
     with pytest.raises(CheckpointError, match="tie_word_embeddings: checkpoint False, model True"):
-        hc.load_model_checkpoint(chunks, c["mcore"])
+        model_ckpt.load_model_checkpoint(chunks, c["mcore"])
     with pytest.raises(CheckpointError, match="Hugging Face checkpoint"):
-        hc.read_checkpoint_metadata(c["hf"])
+        model_ckpt.read_checkpoint_metadata(c["hf"])
 
 
 def test_save_model_checkpoint_single_rank(ckpts, tmp_path):
@@ -142,9 +143,9 @@ def test_save_model_checkpoint_single_rank(ckpts, tmp_path):
     c = ckpts["tied"]
     chunks = _mcore_tp1(c["mcore"])
     out = str(tmp_path / "run" / "checkpoints" / "step_1" / "model")
-    cfg = hc.checkpoint_qwen3_config(c["mcore"])
-    hc.save_model_checkpoint(chunks, out, cfg, hf_side_files_from=c["hf"])
-    hc.save_model_checkpoint(chunks, out, cfg, hf_side_files_from=c["mcore"])  # overwrite in place
+    cfg = model_ckpt.checkpoint_qwen3_config(c["mcore"])
+    model_ckpt.save_model_checkpoint(chunks, out, cfg, hf_side_files_from=c["hf"])
+    model_ckpt.save_model_checkpoint(chunks, out, cfg, hf_side_files_from=c["mcore"])  # overwrite in place
     assert sorted(os.listdir(os.path.dirname(out))) == ["model"]
     assert os.path.isfile(os.path.join(out, "chat_template.jinja"))
     export = str(tmp_path / "export")

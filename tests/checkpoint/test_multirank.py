@@ -51,6 +51,7 @@ def _worker(rank, world_size, cases, save_root):
     from megatron.core import parallel_state as ps
 
     from megatron_spot.checkpoint import hf_convert as hc
+    from megatron_spot.checkpoint import model_checkpoint as model_ckpt
     from megatron_spot.config.schema import ParallelConfig, PrecisionConfig
     from megatron_spot.models.qwen3 import build_model_chunks, build_transformer_config
     from megatron_spot.platform import initialize
@@ -63,15 +64,15 @@ def _worker(rank, world_size, cases, save_root):
         for name, (ckpt, tok, pos, vocab) in cases.items():
             if layout != "tp2pp2" and name == "vocab151936":
                 continue
-            cfg = hc.checkpoint_qwen3_config(ckpt)
+            cfg = model_ckpt.checkpoint_qwen3_config(ckpt)
             chunks = build_model_chunks(cfg, build_transformer_config(cfg, parallel, PrecisionConfig(dtype="fp32")))
-            hc.load_model_checkpoint(chunks, ckpt)
+            model_ckpt.load_model_checkpoint(chunks, ckpt)
             logits = _pipeline_logits(chunks, tok, pos)
             if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
                 assert logits.shape[-1] == cfg.padded_vocab_size
                 results[(layout, name)] = logits[..., :vocab].clone()
             if layout == "tp2pp2" and name in ("untied", "tied"):
-                hc.save_model_checkpoint(chunks, os.path.join(save_root, name), cfg, hf_side_files_from=ckpt)
+                model_ckpt.save_model_checkpoint(chunks, os.path.join(save_root, name), cfg, hf_side_files_from=ckpt)
     # the end-of-training export: one rank of a multi-rank world converts (in a child process)
     import torch.distributed as dist
 
@@ -84,6 +85,7 @@ def _worker(rank, world_size, cases, save_root):
 
 def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     from megatron_spot.checkpoint import hf_convert as hc
+    from megatron_spot.checkpoint import model_checkpoint as model_ckpt
     from megatron_spot.models.qwen3.provider import build_unsharded_model
 
     cases = {n: (ckpts[n]["mcore"], ckpts[n]["tok"], ckpts[n]["pos"], ckpts[n]["vocab"])
@@ -107,14 +109,14 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     # saved at TP2PP2 -> loads at TP1PP1 with the very same tensors, and exports to the original HF
     for name in ("untied", "tied"):
         saved = os.path.join(save_root, name)
-        meta = hc.read_checkpoint_metadata(saved)
+        meta = model_ckpt.read_checkpoint_metadata(saved)
         assert meta["saved_layout"] == {"tp": 2, "pp": 2, "vpp": None} and meta["dtype"] == "fp32"
         assert os.path.isfile(os.path.join(saved, "chat_template.jinja"))
-        cfg = hc.checkpoint_qwen3_config(saved)
+        cfg = model_ckpt.checkpoint_qwen3_config(saved)
         a, b = build_unsharded_model(cfg, "fp32"), build_unsharded_model(cfg, "fp32")
-        hc.load_model_checkpoint(a, saved)
-        hc.load_model_checkpoint(b, ckpts[name]["mcore"])
-        pa, pb = hc._params_by_name(a), hc._params_by_name(b)
+        model_ckpt.load_model_checkpoint(a, saved)
+        model_ckpt.load_model_checkpoint(b, ckpts[name]["mcore"])
+        pa, pb = model_ckpt._params_by_name(a), model_ckpt._params_by_name(b)
         assert set(pa) == set(pb)
         for k in pa:
             assert torch.equal(pa[k], pb[k]), (name, k)

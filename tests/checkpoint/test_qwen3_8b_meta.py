@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from megatron_spot.checkpoint import hf_convert as hc
+from megatron_spot.checkpoint import model_checkpoint as model_ckpt
 from megatron_spot.checkpoint.single_process import ensure_single_process_world
 from megatron_spot.models.qwen3.provider import build_unsharded_model
 from megatron_spot.checkpoint.errors import CheckpointError
@@ -78,7 +79,7 @@ def test_megatron_model_on_meta_tp1pp1():
     ensure_single_process_world()
     with torch.device("meta"):
         chunks = build_unsharded_model(CFG, "bf16")
-    params = hc._params_by_name(chunks)
+    params = model_ckpt._params_by_name(chunks)
     assert all(p.is_meta for p in params.values())
     assert {k: tuple(p.shape) for k, p in params.items()} == mcore_shapes(CFG)
     # the dist checkpoint's keys and GLOBAL shapes: layers stacked on a leading axis, norms under TE names
@@ -104,9 +105,9 @@ def test_megatron_model_on_meta_tp1pp1():
 def test_vocab_at_tp2_and_layout_limits():
     assert CFG.padded_vocab_size == 151_936 and CFG.padded_vocab_size % 2 == 0
     for tp in (1, 2, 4, 8):
-        hc.check_layout(CFG, tp=tp, pp=4, vpp=3)
+        model_ckpt.check_layout(CFG, tp=tp, pp=4, vpp=3)
     with pytest.raises(CheckpointError, match="tensor_parallel=16 does not divide the 8 query groups"):
-        hc.check_layout(CFG, tp=16)
+        model_ckpt.check_layout(CFG, tp=16)
 
 
 def test_export_shard_plan_full_size():

@@ -13,7 +13,7 @@ def _run(tmp_path, *extra, timeout=500):
     out = tmp_path / "prof.json"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "profile_throughput.py"), "--preset", "qwen3-tiny",
            "--steps", "2", "--warmup-steps", "1", "--seq-length", "64", "--micro-batch-size", "1",
-           "--json", str(out), *extra]
+           "--json", str(out), "--unfused-loss-head", *extra]
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -26,7 +26,9 @@ def _check(r, tp, pp):
         assert r[key] > 0
     assert r["mfu"] < 1.0
     # FLOPs: FlopCounterMode counts the same matmuls the model counts (unfused attention: full s x s),
-    # so measured == predicted up to float rounding
+    # so measured == predicted up to float rounding. With Megatron's output layer (--unfused-loss-head):
+    # the fused head skips prompt tokens and runs one GEMM inside a custom op FlopCounterMode does not see
+    # (measured 301,989,888 vs 327,155,712 at these sizes), so it is not what this check is about
     f = r["flops_per_step"]
     assert f["measured"] == pytest.approx(f["predicted"], rel=1e-3)
     # model states: weights and Adam states exact; DDP pads its grad buffer (< 1% here)
