@@ -1,0 +1,59 @@
+"""platform/layout.py's Layout and training/plan.py's plan_run: derived once, bad settings one-line errors."""
+import dataclasses
+
+import pytest
+
+from megatron_spot.config import ConfigError, ParallelConfig, TrainConfig
+from megatron_spot.models.qwen3 import load_qwen3_config
+from megatron_spot.platform import Layout
+from megatron_spot.training.plan import plan_run
+
+
+@pytest.mark.parametrize("tp, pp, vpp, cp, world, dp", [
+    (1, 1, None, 1, 1, 1), (2, 2, None, 1, 8, 2), (1, 2, 2, 1, 4, 2), (2, 1, 1, 1, 4, 2), (2, 2, None, 2, 16, 2),
+])
+def test_layout_derives_dp(tp, pp, vpp, cp, world, dp):
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp, context_parallel=cp)
+    layout = Layout.from_config(parallel, world, allow_context_parallel=True)
+    assert (layout.tp, layout.pp, layout.cp, layout.dp, layout.world) == (tp, pp, cp, dp, world)
+    assert layout.vpp == (vpp if (vpp or 1) > 1 else None)  # VPP 1 is "not interleaved"
+    assert layout.model_parallel * layout.dp == world
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        layout.dp = 3
+
+
+@pytest.mark.parametrize("parallel, world, match", [
+    (ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 6, "world size 6 is not divisible"),
+    (ParallelConfig(tensor_parallel=0), 1, r"parallel.tensor_parallel=0 must be an integer >= 1"),
+    (ParallelConfig(pipeline_parallel=1, virtual_pipeline=2), 1, "virtual_pipeline=2 needs parallel.pipeline_parallel >= 2"),
+    (ParallelConfig(context_parallel=2), 2, "context_parallel > 1 needs Transformer Engine"),
+])
+def test_layout_refuses_bad_settings(parallel, world, match):
+    with pytest.raises(ConfigError, match=match):
+        Layout.from_config(parallel, world, allow_context_parallel=False)
+
+
+def _cfg(tp=1, pp=1, vpp=None, mbs=1, gbs=8) -> TrainConfig:
+    cfg = TrainConfig()
+    cfg.parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp)
+    cfg.data.micro_batch_size, cfg.data.global_batch_size = mbs, gbs
+    return cfg
+
+
+def test_plan_run_counts_micro_batches():
+    tiny = load_qwen3_config("qwen3-tiny")
+    plan = plan_run(_cfg(tp=2, mbs=2, gbs=16), world_size=4, model=tiny)
+    assert plan.layout.dp == 2 and plan.micro_batches_per_step == 4 and plan.pairs_per_step == 16
+    scoring = plan_run(_cfg(tp=2, gbs=3), world_size=4, model=tiny, optimizer_steps=False)
+    assert scoring.micro_batches_per_step is None and scoring.layout.dp == 2  # no global batch to divide
+
+
+@pytest.mark.parametrize("cfg, world, match", [
+    (_cfg(mbs=2, gbs=6), 2, r"global_batch_size=6 is not a multiple of micro_batch_size x data-parallel size = 2 x 2"),
+    (_cfg(pp=2, vpp=2, gbs=1), 2, "interleaved pipeline needs at least pipeline_parallel=2 micro-batches"),
+    (_cfg(tp=4), 4, "tensor_parallel=4 does not divide the 2 query groups"),  # the model's fit (qwen3-tiny)
+    (_cfg(pp=3, gbs=3), 3, "4 layers do not split into PP x VPP = 3 x 1"),
+])
+def test_plan_run_refuses(cfg, world, match):
+    with pytest.raises(ConfigError, match=match):
+        plan_run(cfg, world, model=load_qwen3_config("qwen3-tiny"))
