@@ -166,7 +166,7 @@ def main():
 {args.pairs} pairs, {args.steps} steps of 8 pairs, tiny Qwen3 (fp32, TP1PP1, one process), length bucketing on.
 Tokens/s counts non-pad tokens only (median over steps 2..N).
 
-| layout | padding fraction | non-pad tokens/s | step time (s) | peak memory (GiB) |
+| layout | padding fraction | non-pad tokens/s | step time (s) | peak memory so far (GiB; one process, padded run first) |
 |---|---|---|---|---|
 | today: rows padded to the step's longest | {a['padding_fraction']:.1%} | {a['tokens_per_s']:,.0f} | {a['step_time_s']:.2f} | {a['peak_memory_gib']:.2f} |
 | packed, {args.max_tokens} tokens per micro-batch | {b['padding_fraction']:.1%} | {b['tokens_per_s']:,.0f} | {b['step_time_s']:.2f} | {b['peak_memory_gib']:.2f} |
