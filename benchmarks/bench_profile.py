@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.report import write_section  # noqa: E402
 from megatron_spot.models.qwen3 import load_qwen3_config  # noqa: E402
-from megatron_spot.profiling.analytical import Layout, predict, step_flops  # noqa: E402
+from megatron_spot.profiling.analytical import StepShape, predict, step_flops  # noqa: E402
 from megatron_spot.profiling.hardware import peak_tflops  # noqa: E402
 
 GiB = 2**30
@@ -44,7 +44,7 @@ def choose_layout(cfg, seq: int, fp8: bool):
         dp = GPUS // tp
         mbs = 1
         m = PAIRS_PER_STEP // (dp * mbs)
-        lay = Layout(tp=tp, pp=1, dp=dp, micro_batch_size=mbs, num_micro_batches=m, seq_length=seq,
+        lay = StepShape(tp=tp, pp=1, dp=dp, micro_batch_size=mbs, num_micro_batches=m, seq_length=seq,
                      dtype="bf16", fp8=fp8, recompute=rc, sequence_parallel=tp > 1, flash_attention=True)
         if predict(cfg, lay).memory["peak"]["total"] <= 80 * GiB * 0.9:  # keep 10% for allocator/NCCL buffers
             return lay

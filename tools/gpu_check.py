@@ -868,12 +868,12 @@ def rank_presets(cfg: dict, capacity_bytes: float, peak_tflops: float | None, ti
     """Candidates predicted to fit 85% of the device memory and a third of the step's time, largest
     first, with the analytical prediction of each and a note for every candidate left out."""
     from megatron_spot.models.qwen3 import load_qwen3_config
-    from megatron_spot.profiling.analytical import Layout, predict
+    from megatron_spot.profiling.analytical import StepShape, predict
 
     fitting, notes = [], []
     for name in cfg["candidates"]:
         qwen3 = load_qwen3_config(name)
-        layout = Layout(micro_batch_size=cfg["micro_batch_size"], num_micro_batches=cfg["num_micro_batches"],
+        layout = StepShape(micro_batch_size=cfg["micro_batch_size"], num_micro_batches=cfg["num_micro_batches"],
                         seq_length=cfg["seq_length"], dtype=cfg["precision"], recompute=cfg["recompute"],
                         flash_attention=flash_attention)
         pred = predict(qwen3, layout, peak_tflops=peak_tflops, assumed_mfu=cfg["assumed_mfu"] if peak_tflops else None,

@@ -80,10 +80,10 @@ def _precision(args, on_gpu: bool):
 
 
 def _layout(args, qwen3, world: int, on_gpu: bool):
-    """(TrainConfig, analytical Layout) of the run the arguments describe, checked by plan_run."""
+    """(TrainConfig, analytical StepShape) of the run the arguments describe, checked by plan_run."""
     from megatron_spot.config.loader import ConfigError
     from megatron_spot.config.schema import ParallelConfig, PrecisionConfig, RecomputeConfig, TrainConfig
-    from megatron_spot.profiling.analytical import Layout as WorkLayout
+    from megatron_spot.profiling.analytical import StepShape
     from megatron_spot.training.plan import plan_run
 
     dtype, fp8 = _precision(args, on_gpu)
@@ -113,7 +113,7 @@ def _layout(args, qwen3, world: int, on_gpu: bool):
     plan = plan_run(checked, world, model=qwen3)
     if args.vpp and args.vpp > 1 and m % args.pp:
         raise ConfigError(f"interleaved pipelines need --num-micro-batches ({m}) divisible by --pp ({args.pp})")
-    layout = WorkLayout(tp=plan.layout.tp, pp=plan.layout.pp, vpp=args.vpp, dp=plan.layout.dp,
+    layout = StepShape(tp=plan.layout.tp, pp=plan.layout.pp, vpp=args.vpp, dp=plan.layout.dp,
                         micro_batch_size=plan.micro_batch_size, num_micro_batches=plan.micro_batches_per_step,
                         seq_length=args.seq_length, dtype=dtype, fp8=fp8, recompute=cfg.recompute.granularity,
                         sequence_parallel=args.sequence_parallel, flash_attention=on_gpu)

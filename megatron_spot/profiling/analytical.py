@@ -37,8 +37,9 @@ from megatron_spot.profiling.flops import matmul_params_per_token
 
 
 @dataclass
-class Layout:
-    """One training layout. micro_batch_size is in *pairs* (2 sequences each), like data.micro_batch_size."""
+class StepShape:
+    """The shape of one training step for the analytical model (parallel sizes, batch, precision). Not the
+    run's validated layout (that is megatron_spot.platform.Layout). micro_batch_size is in *pairs*."""
 
     tp: int = 1
     pp: int = 1
@@ -78,7 +79,7 @@ def attention_flops_per_token(cfg: Qwen3Config, seq_length: int, causal: bool = 
     return full / 2 if causal else full
 
 
-def step_flops(cfg: Qwen3Config, layout: Layout, executed: bool = False, vocab: Optional[int] = None) -> float:
+def step_flops(cfg: Qwen3Config, layout: StepShape, executed: bool = False, vocab: Optional[int] = None) -> float:
     """Training FLOPs of one optimizer step over all ranks.
 
     executed=False: model FLOPs (MFU convention: 3x forward, causal attention halved, no recompute).
@@ -107,7 +108,7 @@ def layer_parameters(cfg: Qwen3Config, tp: int = 1) -> int:
     return sharded // tp + replicated
 
 
-def stage_parameters(cfg: Qwen3Config, layout: Layout, stage: int) -> int:
+def stage_parameters(cfg: Qwen3Config, layout: StepShape, stage: int) -> int:
     """Parameters held by a rank of pipeline stage `stage` (all its virtual chunks), padded vocab."""
     layers = cfg.num_hidden_layers // layout.pp
     n = layers * layer_parameters(cfg, layout.tp)
@@ -122,7 +123,7 @@ def stage_parameters(cfg: Qwen3Config, layout: Layout, stage: int) -> int:
     return n
 
 
-def model_state_bytes(cfg: Qwen3Config, layout: Layout, stage: int = 0) -> dict:
+def model_state_bytes(cfg: Qwen3Config, layout: StepShape, stage: int = 0) -> dict:
     n = stage_parameters(cfg, layout, stage)
     shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
     if layout.dtype == "fp32":
@@ -146,7 +147,7 @@ def korthikanti_gpt_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: 
     return s * b * h * (10.0 + 24.0 / t + 5.0 * a * s / (h * t))
 
 
-def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, softmax_fp32: bool = True) -> float:
+def layer_activation_bytes(cfg: Qwen3Config, layout: StepShape, softmax_fp32: bool = True) -> float:
     """Bytes one Qwen3 layer keeps for backward, per micro-batch, on one rank.
 
     Redoing the paper's count for Megatron-Core's Qwen3 layer (p = bytes per activation element,
@@ -181,14 +182,14 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: Layout, softmax_fp32: bool 
     return attn_in + core + proj_in + mlp
 
 
-def head_activation_bytes(cfg: Qwen3Config, layout: Layout) -> float:
+def head_activation_bytes(cfg: Qwen3Config, layout: StepShape) -> float:
     """Last stage extra: final-norm input, output-layer input, and the logits the fused log-prob keeps."""
     p = BYTES_PER_ELEMENT[layout.dtype]
     s, b = -(-layout.seq_length // layout.cp), layout.rows
     return p * s * b * 2 * cfg.hidden_size + p * s * b * cfg.padded_vocab_size / layout.tp
 
 
-def in_flight_micro_batches(layout: Layout, stage: int) -> float:
+def in_flight_micro_batches(layout: StepShape, stage: int) -> float:
     """Micro-batches whose activations a stage holds at its peak under 1F1B (interleaved or not)."""
     pp, m, vpp = layout.pp, layout.num_micro_batches, layout.vpp or 1
     if pp == 1:
@@ -199,11 +200,11 @@ def in_flight_micro_batches(layout: Layout, stage: int) -> float:
     return float(min(pp - stage, m))
 
 
-def activation_bytes(cfg: Qwen3Config, layout: Layout, stage: int = 0) -> float:
+def activation_bytes(cfg: Qwen3Config, layout: StepShape, stage: int = 0) -> float:
     layers = cfg.num_hidden_layers // layout.pp
     per_mb = layers * layer_activation_bytes(cfg, layout)
     if layout.recompute == "full":  # one layer's full activations exist while it is recomputed
-        full = Layout(**{**asdict(layout), "recompute": None})
+        full = StepShape(**{**asdict(layout), "recompute": None})
         per_mb += layer_activation_bytes(cfg, full)
     if stage == layout.pp - 1:
         per_mb += head_activation_bytes(cfg, layout)
@@ -211,7 +212,7 @@ def activation_bytes(cfg: Qwen3Config, layout: Layout, stage: int = 0) -> float:
         per_mb
 
 
-def memory_per_rank(cfg: Qwen3Config, layout: Layout) -> dict:
+def memory_per_rank(cfg: Qwen3Config, layout: StepShape) -> dict:
     """Predicted bytes per rank for every pipeline stage, and the largest (the one that must fit)."""
     stages = []
     for stage in range(layout.pp):
@@ -254,7 +255,7 @@ class Prediction:
         return asdict(self)
 
 
-def predict(cfg: Qwen3Config, layout: Layout, peak_tflops: Optional[float] = None,
+def predict(cfg: Qwen3Config, layout: StepShape, peak_tflops: Optional[float] = None,
             assumed_mfu: Optional[float] = None, vocab: Optional[int] = None) -> Prediction:
     """Analytical step: FLOPs, memory, bubble; with a peak and an assumed *compute* MFU (the fraction
     of peak the matmuls reach while they run), also step time = compute / (1 - bubble share).

@@ -181,7 +181,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
     engine = Engine(cfg, qwen3, total_steps=steps + warmup_steps + 1, timers=timers)
     device = engine.device
     L, pairs = cfg.data.seq_length, cfg.data.micro_batch_size
-    layout = analytical.Layout(
+    layout = analytical.StepShape(
         tp=info.tp, pp=info.pp, vpp=info.vpp, dp=info.dp, micro_batch_size=pairs,
         num_micro_batches=num_micro_batches, seq_length=L, dtype=cfg.precision.dtype, fp8=fp8,
         recompute=cfg.recompute.granularity, sequence_parallel=cfg.parallel.sequence_parallel,

@@ -5,7 +5,7 @@ import torch
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.models.qwen3 import load_qwen3_config
 from megatron_spot.profiling import (
-    Layout,
+    StepShape,
     bubble_fraction,
     bubble_share_of_step,
     korthikanti_gpt_layer_bytes,
@@ -29,15 +29,15 @@ def test_bubble_fraction_formula():
 def test_qwen3_8b_flops_per_token_matches_notes():
     cfg = load_qwen3_config("qwen3-8b")
     assert matmul_params_per_token(cfg) == pytest.approx(7.568e9, rel=1e-3)
-    lay = Layout(seq_length=2048, micro_batch_size=1, num_micro_batches=1)  # 2 x 2048 tokens
+    lay = StepShape(seq_length=2048, micro_batch_size=1, num_micro_batches=1)  # 2 x 2048 tokens
     per_token = step_flops(cfg, lay) / lay.tokens_per_step
     # 6N + causal attention 6 * L * (heads*head_dim) * layers / 2 * 2 ... = 45.4 + 0.88e-3 * 2048 GFLOP
     assert per_token == pytest.approx(6 * 7.568e9 + 0.8847e6 * 2048, rel=2e-3)
     assert per_token == pytest.approx(47.2e9, rel=5e-3)
     # executed FLOPs with unfused attention double the attention term; full recompute adds a forward
-    ex = step_flops(cfg, Layout(seq_length=2048, flash_attention=False), executed=True) / lay.tokens_per_step
+    ex = step_flops(cfg, StepShape(seq_length=2048, flash_attention=False), executed=True) / lay.tokens_per_step
     assert ex == pytest.approx(per_token + 0.8847e6 * 2048, rel=2e-3)
-    fr = step_flops(cfg, Layout(seq_length=2048, recompute="full"), executed=True) / lay.tokens_per_step
+    fr = step_flops(cfg, StepShape(seq_length=2048, recompute="full"), executed=True) / lay.tokens_per_step
     assert fr == pytest.approx(per_token * 4 / 3, rel=1e-6)
 
 
@@ -45,20 +45,20 @@ def test_qwen3_8b_flops_per_token_matches_notes():
 def test_stage_parameters_add_up_to_the_model(preset):
     cfg = load_qwen3_config(preset)
     pad = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
-    assert stage_parameters(cfg, Layout(), 0) == cfg.num_parameters() + pad
+    assert stage_parameters(cfg, StepShape(), 0) == cfg.num_parameters() + pad
     # PP=2: a tied model keeps a copy of the embedding on the last stage as its output layer
-    two = Layout(pp=2)
+    two = StepShape(pp=2)
     extra = cfg.padded_vocab_size * cfg.hidden_size if cfg.tie_word_embeddings else 0
     assert stage_parameters(cfg, two, 0) + stage_parameters(cfg, two, 1) == cfg.num_parameters() + pad + extra
 
 
 def test_distributed_optimizer_bytes_per_parameter():
     cfg = load_qwen3_config("qwen3-8b")
-    n = stage_parameters(cfg, Layout(), 0)
-    ms = model_state_bytes(cfg, Layout(dp=8, dtype="bf16"))
+    n = stage_parameters(cfg, StepShape(), 0)
+    ms = model_state_bytes(cfg, StepShape(dp=8, dtype="bf16"))
     # Megatron-LM dist optimizer table: bf16 params, fp32 grads -> 6 + 12/d bytes per parameter
     assert (ms["weights"] + ms["grads"] + ms["optimizer"]) / n == pytest.approx(6 + 12 / 8, rel=1e-6)
-    ms1 = model_state_bytes(cfg, Layout(dp=8, dtype="bf16", distributed_optimizer=False))
+    ms1 = model_state_bytes(cfg, StepShape(dp=8, dtype="bf16", distributed_optimizer=False))
     assert (ms1["weights"] + ms1["grads"] + ms1["optimizer"]) / n == pytest.approx(18, rel=1e-6)
 
 
@@ -70,13 +70,13 @@ def test_activation_model_against_the_paper():
     assert korthikanti_gpt_layer_bytes(s, b, h, a, recompute="full") == 2 * s * b * h
     cfg = load_qwen3_config("qwen3-8b")
     lay = dict(seq_length=4096, micro_batch_size=1, dtype="bf16", flash_attention=False)
-    none, sel, full = (layer_activation_bytes(cfg, Layout(**lay, recompute=r)) for r in (None, "selective", "full"))
+    none, sel, full = (layer_activation_bytes(cfg, StepShape(**lay, recompute=r)) for r in (None, "selective", "full"))
     assert full < sel < none
-    tp = layer_activation_bytes(cfg, Layout(**lay, tp=4))
-    sp = layer_activation_bytes(cfg, Layout(**lay, tp=4, sequence_parallel=True))
+    tp = layer_activation_bytes(cfg, StepShape(**lay, tp=4))
+    sp = layer_activation_bytes(cfg, StepShape(**lay, tp=4, sequence_parallel=True))
     assert sp < tp < none
     # 1F1B: stage 0 holds PP micro-batches, the last stage one (plus the logits)
-    mem = memory_per_rank(cfg, Layout(pp=4, num_micro_batches=8, seq_length=2048))
+    mem = memory_per_rank(cfg, StepShape(pp=4, num_micro_batches=8, seq_length=2048))
     assert mem["stages"][0]["activations"] > mem["stages"][2]["activations"]
 
 
@@ -107,7 +107,7 @@ def test_hf_flop_count_matches_the_model():
     x = torch.randint(2, cfg.vocab_size, (rows, L))
     with FlopCounterMode(display=False) as fc:
         model(x).logits.float().logsumexp(-1).sum().backward()
-    lay = Layout(seq_length=L, micro_batch_size=rows // 2, num_micro_batches=1, dtype="fp32", flash_attention=False)
+    lay = StepShape(seq_length=L, micro_batch_size=rows // 2, num_micro_batches=1, dtype="fp32", flash_attention=False)
     predicted = step_flops(cfg, lay, executed=True)
     assert fc.get_total_flops() == pytest.approx(predicted, rel=1e-3)
 
@@ -138,8 +138,8 @@ def test_context_parallel_splits_activations_and_shards_optimizer():
 
     cfg = load_qwen3_config("qwen3-8b")
     base = dict(tp=2, dp=1, micro_batch_size=1, dtype="bf16", sequence_parallel=True)
-    cp4 = Layout(**base, cp=4, seq_length=32768)
+    cp4 = StepShape(**base, cp=4, seq_length=32768)
     assert cp4.world_size == 8
-    assert activation_bytes(cfg, cp4) == activation_bytes(cfg, Layout(**base, seq_length=8192))
-    assert model_state_bytes(cfg, cp4)["optimizer"] == model_state_bytes(cfg, Layout(**{**base, "dp": 4}))["optimizer"]
-    assert step_flops(cfg, cp4) == step_flops(cfg, Layout(**base, seq_length=32768))
+    assert activation_bytes(cfg, cp4) == activation_bytes(cfg, StepShape(**base, seq_length=8192))
+    assert model_state_bytes(cfg, cp4)["optimizer"] == model_state_bytes(cfg, StepShape(**{**base, "dp": 4}))["optimizer"]
+    assert step_flops(cfg, cp4) == step_flops(cfg, StepShape(**base, seq_length=32768))
