@@ -36,26 +36,8 @@ LABEL = {
 EXTRA_FACTOR = {"linear": 0.05, "today": 1.05, "megatron": 1.1}
 GIB = 2**30
 
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-    except OSError:
-        pass
-
-
-def _peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+sys.path.insert(0, HERE)
+from bench_ops import _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # noqa: E402  (one RSS probe for both)
 
 
 def _head(impl: str):

@@ -77,37 +77,13 @@ def _check_loss(cfg: TrainConfig) -> None:
         raise ConfigError(f"loss.label_smoothing={cfg.loss.label_smoothing} must lie in [0, 0.5)")
 
 
-def validate_packing(cfg: TrainConfig, dataset, te_available: bool) -> None:
-    """data.packing / parallel.context_parallel settings against the pack; one-line ConfigErrors."""
-    import numpy as np
-
-    d, cp = cfg.data, cfg.parallel.context_parallel
-    if cp > 1 and not d.packing:
-        raise ConfigError(f"parallel.context_parallel={cp} splits packed rows across ranks: set data.packing=true")
-    if cp > 1 and not te_available:
-        raise ConfigError(f"parallel.context_parallel={cp} needs Transformer Engine attention on CUDA GPUs "
-                          "(not available here); set parallel.context_parallel=1")
-    if not d.packing:
-        return
-    seq = dataset.sequence_lengths()
-    both = np.minimum(seq[:, 0] + seq[:, 1], d.seq_length) + np.minimum(seq[:, 0] + seq[:, 2], d.seq_length)
-    largest = int(both.max())
-    if d.max_tokens_per_micro_batch < largest:
-        raise ConfigError(f"data.max_tokens_per_micro_batch={d.max_tokens_per_micro_batch} is smaller than the "
-                          f"largest pair of {cfg.data.pack} ({largest} tokens, chosen + rejected with the prompt "
-                          f"twice): raise it to at least {largest}")
-    if cp > 1 and d.pad_to_multiple_of % (2 * cp):
-        raise ConfigError(f"data.pad_to_multiple_of={d.pad_to_multiple_of} must be a multiple of "
-                          f"2 x context_parallel = {2 * cp} (each packed sequence is split in 2 x CP chunks)")
-
-
 def preflight(cfg: TrainConfig, world_size: int):
     """Every check that needs no process group: fail before any rank allocates anything."""
     from megatron_spot.checkpoint.training_state import latest_checkpoint, verify_training_checkpoint
     from megatron_spot.data import PairDataset
     from megatron_spot.models.qwen3.provider import transformer_engine_available
     from megatron_spot.platform import Layout
-    from megatron_spot.training.plan import plan_run
+    from megatron_spot.training.plan import plan_run, validate_packing
     from megatron_spot.training.reference import load_ref_logps, reference_identity
 
     Layout.from_config(cfg.parallel, world_size)  # the world-size rules first: they need no files

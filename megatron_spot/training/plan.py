@@ -56,3 +56,25 @@ def plan_run(cfg, world_size: int, model=None, optimizer_steps: bool = True) -> 
                           f"micro-batches per step, got {num_mb} (global_batch_size / (micro_batch_size x DP)); "
                           "raise data.global_batch_size or lower data.micro_batch_size")
     return RunPlan(layout, mbs, num_mb)
+
+
+def validate_packing(cfg, dataset, te_available: bool) -> None:
+    """data.packing / parallel.context_parallel against the pack (training and scoring); one-line ConfigErrors."""
+    from megatron_spot.data.packing import pair_token_counts
+
+    d, cp = cfg.data, cfg.parallel.context_parallel
+    if cp > 1 and not d.packing:
+        raise ConfigError(f"parallel.context_parallel={cp} splits packed rows across ranks: set data.packing=true")
+    if cp > 1 and not te_available:
+        raise ConfigError(f"parallel.context_parallel={cp} needs Transformer Engine attention on CUDA GPUs "
+                          "(not available here); set parallel.context_parallel=1")
+    if not d.packing:
+        return
+    largest = int(pair_token_counts(dataset, d.seq_length).max())
+    if d.max_tokens_per_micro_batch < largest:
+        raise ConfigError(f"data.max_tokens_per_micro_batch={d.max_tokens_per_micro_batch} is smaller than the "
+                          f"largest pair of {cfg.data.pack} ({largest} tokens, chosen + rejected with the prompt "
+                          f"twice): raise it to at least {largest}")
+    if cp > 1 and d.pad_to_multiple_of % (2 * cp):
+        raise ConfigError(f"data.pad_to_multiple_of={d.pad_to_multiple_of} must be a multiple of "
+                          f"2 x context_parallel = {2 * cp} (each packed sequence is split in 2 x CP chunks)")

@@ -200,6 +200,10 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
     expected = expected_tokenizer_hash(cfg, weights)
     dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected)
     dataset.check_token_ids(qwen3.vocab_size)
+    from megatron_spot.models.qwen3.provider import transformer_engine_available
+    from megatron_spot.training.plan import validate_packing
+
+    validate_packing(cfg, dataset, te_available=transformer_engine_available())
     identity = reference_identity(weights, dataset.tokenizer_hash)
     done = None if force else existing_sidecar(cfg.data.pack, dataset.fingerprint, weights, cfg.data.ref_logprobs,
                                                identity=identity)

@@ -67,8 +67,8 @@ def remove_stale_temps(final: str) -> list[str]:
     return removed
 
 
-def fsync_dir(path: str) -> None:
-    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+def _fsync_path(path: str) -> None:
+    """fsync a file or a folder by path; silently a no-op where it cannot be opened or synced."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -81,19 +81,15 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def fsync_dir(path: str) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    _fsync_path(path)
+
+
 def _fsync_tree(path: str) -> None:
     for root, _dirs, files in os.walk(path):
         for name in files:
-            try:
-                fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
+            _fsync_path(os.path.join(root, name))
         fsync_dir(root)
 
 

@@ -165,7 +165,7 @@ def test_context_parallel_layout_and_packing_checks(workspace):
     from megatron_spot.config import ConfigError, TrainConfig, load_config
     from megatron_spot.data import PairDataset
     from megatron_spot.data.packing import collate_packed, context_parallel_indices
-    from megatron_spot.train import validate_packing
+    from megatron_spot.training.plan import validate_packing
 
     ds = PairDataset(workspace["pack"])
     row = collate_packed(ds, [[0, 1], [2]], ds.pad_token_id, pad_to_multiple_of=8, sequence_multiple=4)
