@@ -26,21 +26,17 @@ import numpy as np
 from .reader import PairDataset, collate_pairs
 
 
-def pair_token_counts(dataset: PairDataset, max_length: Optional[int] = None) -> np.ndarray:
-    """[num_pairs] tokens each pair occupies when packed: len(prompt+chosen) + len(prompt+rejected), after
-    the same truncation to `max_length` that collation applies."""
+def pair_token_counts(dataset: PairDataset, max_length: Optional[int] = None, indices=None) -> np.ndarray:
+    """Tokens each pair occupies when packed: len(prompt+chosen) + len(prompt+rejected), after the same
+    truncation to `max_length` that collation applies. For all pairs, or for the pair indices `indices`
+    (any shape; the result has that shape), so a step reads only its own pairs' lengths."""
     seq = dataset.sequence_lengths()
-    chosen, rejected = seq[:, 0] + seq[:, 1], seq[:, 0] + seq[:, 2]
+    if indices is not None:
+        seq = seq[np.asarray(indices, dtype=np.int64)]
+    chosen, rejected = seq[..., 0] + seq[..., 1], seq[..., 0] + seq[..., 2]
     if max_length:
         chosen, rejected = np.minimum(chosen, max_length), np.minimum(rejected, max_length)
     return chosen + rejected
-
-
-def group_token_counts(dataset: PairDataset, groups: Sequence[Sequence[int]],
-                       max_length: Optional[int] = None) -> np.ndarray:
-    """Tokens each group occupies when packed (the sum of its pairs' `pair_token_counts`)."""
-    per_pair = pair_token_counts(dataset, max_length)
-    return np.array([int(per_pair[np.asarray(idx, dtype=np.int64)].sum()) for idx in groups], dtype=np.int64)
 
 
 def plan_packed_micro_batches(tokens_per_group: np.ndarray, max_tokens: int) -> list[range]:

@@ -64,14 +64,13 @@ def make_packed_micro_batches(dataset: PairDataset, step_plan, dp_rank: int, dev
     from megatron_spot.data.packing import (
         collate_packed,
         context_parallel_indices,
-        group_token_counts,
+        pair_token_counts,
         plan_packed_micro_batches,
         split_runs_to_multiple,
     )
 
     plan = np.asarray(step_plan)
-    num_groups, dp = plan.shape[0], plan.shape[1]
-    counts = np.stack([group_token_counts(dataset, plan[:, r], max_length) for r in range(dp)], axis=1)
+    counts = pair_token_counts(dataset, max_length, indices=plan).sum(axis=-1)  # [groups, dp] tokens
     runs = split_runs_to_multiple(plan_packed_micro_batches(counts, max_tokens), max(1, count_multiple))
     out = []
     for run in runs:
