@@ -142,7 +142,9 @@ def test_packed_training_equals_padded(packing_results, key):
     runs = packing_results["runs"]
     padded = runs[key + "/padded"]
     assert len(padded) == STEPS
-    assert abs(padded[-1]["rewards/margin"]) > 1e-3  # the policy moved, so equality below is not trivial
+    # the policy moved (last-step margins measured -0.049 to -0.082 here, float noise ~1e-7), so the
+    # equality below is not trivial
+    assert abs(padded[-1]["rewards/margin"]) > 1e-3
     for name in [k for k in runs if k.startswith(key + "/packed")]:
         packed = runs[name]
         for field in ("loss", "rewards/margin", "delta"):
