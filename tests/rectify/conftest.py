@@ -94,18 +94,26 @@ class FaultServer:
 
 
 @pytest.fixture
-def fault_server():
-    servers = []
+def serve():
+    """``serve(server)`` starts a LoopbackServer, or a test server holding one at ``.server``, and returns
+    it; every server started this way is closed when the test ends, passed or failed."""
+    started = []
 
-    def make(**kw):
-        s = FaultServer(**kw)
-        s.server.start()
-        servers.append(s)
-        return s
+    def start(server):
+        loopback = server if isinstance(server, LoopbackServer) else server.server
+        loopback.start()
+        started.append(loopback)
+        return server
 
-    yield make
-    for s in servers:
-        s.server.close()
+    yield start
+    for loopback in started:
+        loopback.close()
+
+
+@pytest.fixture
+def fault_server(serve):
+    """``fault_server(**FaultServer kwargs)``: a started FaultServer, closed after the test."""
+    return lambda **kw: serve(FaultServer(**kw))
 
 
 def scan_for_secret(root, secret=SECRET):

@@ -36,9 +36,7 @@ def _server(huge_bytes=3 * 2**20, always_500=False):
                 "=== CORRECTED ENDED ===", "x" * huge_bytes + "\n=== CORRECTED ENDED ===")
         return status, {"Content-Type": "application/json"}, json.dumps(obj).encode()
 
-    srv = LoopbackServer(respond)
-    srv.start()
-    return srv
+    return LoopbackServer(respond)
 
 
 def _dir_bytes(root):
@@ -50,14 +48,11 @@ def _argv(errors, out, url, *extra):
             "--max-retries", "0", "--no-progress", "--concurrency", "2", *extra]
 
 
-def test_oversized_answers_are_refused_counted_and_never_written(tmp_path, capsys):
+def test_oversized_answers_are_refused_counted_and_never_written(tmp_path, serve, capsys):
     errors, n_huge, n = _errors(tmp_path)
-    srv = _server()
-    try:
-        out = tmp_path / "out"
-        code = main(_argv(errors, out, srv.url, "--max-answer-bytes", str(CAP)))
-    finally:
-        srv.close()
+    srv = serve(_server())
+    out = tmp_path / "out"
+    code = main(_argv(errors, out, srv.url, "--max-answer-bytes", str(CAP)))
     assert code == 0  # some requests succeeded
     stats = json.load(open(out / "stats.rectify.json"))
     assert stats["client"]["capped"] == n_huge >= 2
@@ -68,14 +63,11 @@ def test_oversized_answers_are_refused_counted_and_never_written(tmp_path, capsy
     assert f"capped: {n_huge}" in capsys.readouterr().out
 
 
-def test_every_request_failed_exits_1_with_one_line(tmp_path, capsys):
+def test_every_request_failed_exits_1_with_one_line(tmp_path, serve, capsys):
     errors, _, n = _errors(tmp_path)
-    srv = _server(always_500=True)
-    try:
-        out = tmp_path / "out"
-        code = main(_argv(errors, out, srv.url))
-    finally:
-        srv.close()
+    srv = serve(_server(always_500=True))
+    out = tmp_path / "out"
+    code = main(_argv(errors, out, srv.url))
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     assert len(err) == 1 and err[0].startswith("error: rectify: all") and "http_500" in err[0], err

@@ -65,18 +65,9 @@ class PlantedServer:
 
 
 @pytest.fixture
-def planted():
-    servers = []
-
-    def make(**kw):
-        s = PlantedServer(**kw)
-        s.server.start()
-        servers.append(s)
-        return s
-
-    yield make
-    for s in servers:
-        s.server.close()
+def planted(serve):
+    """``planted(**PlantedServer kwargs)``: a started PlantedServer, closed after the test."""
+    return lambda **kw: serve(PlantedServer(**kw))
 
 
 def write(path, records):

@@ -35,17 +35,13 @@ def test_refused_endpoint_is_bad_input_with_one_line(tmp_path, fault_server, cap
     assert len(err) == 1 and "HTTP 401" in err[0], err
 
 
-def test_failed_requests_exit_1(tmp_path):
-    srv = PlantedServer()
-    srv.server.start()
+def test_failed_requests_exit_1(tmp_path, serve):
+    srv = serve(PlantedServer())
     bench = write(tmp_path / "aime24.jsonl", AIME[:1])
-    try:
-        # a budget of one request for two trials: one answer comes back, one request fails
-        code = evaluate_cli.main(["--benchmark", f"aime24={bench}", "--model-base-url", srv.server.url,
-                                  "--model-name", "m", "--trials", "2", "--max-requests", "1", "--concurrency", "1",
-                                  "--output", str(tmp_path / "e"), "--quiet"])
-    finally:
-        srv.server.close()
+    # a budget of one request for two trials: one answer comes back, one request fails
+    code = evaluate_cli.main(["--benchmark", f"aime24={bench}", "--model-base-url", srv.server.url,
+                              "--model-name", "m", "--trials", "2", "--max-requests", "1", "--concurrency", "1",
+                              "--output", str(tmp_path / "e"), "--quiet"])
     assert code == 1
     assert json.load(open(tmp_path / "e" / "results.json"))["failed_requests"] == 1
 
