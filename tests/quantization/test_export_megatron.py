@@ -2,7 +2,6 @@
 be recognised by spot_checkpoint.json / torch_dist metadata), and the checks export makes on its inputs."""
 import json
 import os
-import random
 import shutil
 
 import pytest
@@ -12,28 +11,13 @@ from megatron_spot.quantization import QuantizationError, calibration_prompts, q
 
 
 @pytest.fixture(scope="module")
-def sources(tmp_path_factory):
-    """A tiny HF Qwen3 with its tokenizer, its Megatron conversion, and a pack made with that tokenizer."""
+def sources(tiny_hf_and_pack):
+    """The folder's tiny HF Qwen3 (tokenizer and pack included) plus its Megatron conversion."""
     from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
-    from megatron_spot.data import build_tiny_tokenizer, pack_pairs
-    from tests.tiny import hf_model
 
-    root = tmp_path_factory.mktemp("quant_mcore")
-    rng = random.Random(0)
-    words = "solve the equation first we add subtract both sides so x equals answer boxed check step".split()
-    recs = [{"prompt": f"Problem {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 20))) + "?",
-             "chosen": " ".join(rng.choice(words) for _ in range(6)), "rejected": " ".join(rng.choice(words) for _ in range(6))}
-            for i in range(16)]
-    src = root / "pairs.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    hf = str(root / "hf")
-    build_tiny_tokenizer(hf, [r["prompt"] + " " + r["chosen"] for r in recs], vocab_size=400)
-    _, model = hf_model("qwen3-tiny")
-    model.save_pretrained(hf)
-    pack_pairs([str(src)], hf, str(root / "pack"))
-    mcore = str(root / "mcore")
-    convert_hf_to_mcore(hf, mcore, progress=False)
-    return {"root": root, "hf": hf, "mcore": mcore, "pack": str(root / "pack")}
+    mcore = str(tiny_hf_and_pack["root"] / "mcore")
+    convert_hf_to_mcore(tiny_hf_and_pack["hf"], mcore, progress=False)
+    return dict(tiny_hf_and_pack, mcore=mcore)
 
 
 def _tensors(folder):

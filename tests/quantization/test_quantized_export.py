@@ -1,7 +1,6 @@
 """Quantized export on a tiny transformers Qwen3: FP8 on CPU, loads back, outputs near the original."""
 import json
 import os
-import random
 
 import pytest
 import torch
@@ -9,31 +8,12 @@ import torch
 from megatron_spot.quantization import QuantizationError, calibration_prompts, load_fp8_reference, quantize_and_export
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt_and_pack(tmp_path_factory):
-    from megatron_spot.data import build_tiny_tokenizer, pack_pairs
-    from tests.tiny import hf_model
-
-    root = tmp_path_factory.mktemp("quant")
-    rng = random.Random(0)
-    words = "solve the equation first we add subtract both sides so x equals answer boxed check step".split()
-    recs = [{"prompt": f"Problem {i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 30))) + "?",
-             "chosen": " ".join(rng.choice(words) for _ in range(8)), "rejected": " ".join(rng.choice(words) for _ in range(8))}
-            for i in range(40)]
-    src = root / "pairs.jsonl"
-    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    tok = build_tiny_tokenizer(str(root / "tok"), [r["prompt"] + " " + r["chosen"] for r in recs], vocab_size=400)
-    pack_pairs([str(src)], tok, str(root / "pack"))
-    _, model = hf_model("qwen3-tiny")
-    model.save_pretrained(str(root / "hf"))
-    return str(root / "hf"), str(root / "pack"), model, root
-
-
-def test_fp8_export_loads_back_and_stays_close(tiny_ckpt_and_pack):
+def test_fp8_export_loads_back_and_stays_close(tiny_hf_and_pack):
     """FP8 E4M3 per-tensor weights and activations (3 mantissa bits: ~6% relative step) on a random
     4-layer model: logits stay within 20% of the largest |logit| (max abs) and cosine >= 0.99 of the
     unquantized model's on the calibration prompts."""
-    hf, pack, model, root = tiny_ckpt_and_pack
+    src = tiny_hf_and_pack
+    hf, pack, model, root = src["hf"], src["pack"], src["model"], src["root"]
     prompts = calibration_prompts(pack, 16, max_length=64)
     assert len(prompts) == 16
     out = root / "fp8"
@@ -64,8 +44,8 @@ def test_fp8_export_loads_back_and_stays_close(tiny_ckpt_and_pack):
     assert worst_cos > 0.99, worst_cos
 
 
-def test_bad_inputs(tiny_ckpt_and_pack, tmp_path):
-    hf, pack, _, root = tiny_ckpt_and_pack
+def test_bad_inputs(tiny_hf_and_pack, tmp_path):
+    hf, pack = tiny_hf_and_pack["hf"], tiny_hf_and_pack["pack"]
     prompts = calibration_prompts(pack, 4)
     with pytest.raises(QuantizationError, match="nvfp4 needs a CUDA GPU"):
         quantize_and_export(hf, str(tmp_path / "a"), prompts, fmt="nvfp4")
@@ -89,12 +69,12 @@ def test_bad_inputs(tiny_ckpt_and_pack, tmp_path):
 
 
 @pytest.mark.gpu
-def test_nvfp4_export_on_gpu(tiny_ckpt_and_pack, tmp_path):
+def test_nvfp4_export_on_gpu(tiny_hf_and_pack, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("NVFP4 fake quantization needs a CUDA GPU")
     # the GPU acceptance machine carries no modelopt (its wheels and scipy/pulp exceed the kit's budget)
     pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed")
-    hf, pack, _, _ = tiny_ckpt_and_pack
+    hf, pack = tiny_hf_and_pack["hf"], tiny_hf_and_pack["pack"]
     s = quantize_and_export(hf, str(tmp_path / "nvfp4"), calibration_prompts(pack, 8), fmt="nvfp4")
     cfg = json.load(open(os.path.join(s["out"], "config.json")))
     assert cfg["quantization_config"]["quant_algo"] == "NVFP4"
