@@ -38,9 +38,7 @@ setup(
     install_requires=[],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    # Every console script points at a package-level `main` (tools/*.py are shims or, for the tools
-    # whose logic still lives in tools/, not installed yet: pack_pairs, convert_checkpoint,
-    # score_logprobs, profile_throughput, export_quantized, gpu_check).
+    # Every console script points at a package-level `main`; tools/*.py are shims of the same.
     entry_points={
         "console_scripts": [
             "spot-train=megatron_spot.train:main",
@@ -51,6 +49,7 @@ setup(
             "spot-score=megatron_spot.cli.score_logprobs:main",
             "spot-profile=megatron_spot.cli.profile_throughput:main",
             "spot-export-quantized=megatron_spot.cli.export_quantized:main",
+            "spot-gpu-check=megatron_spot.cli.gpu_check:main",
         ]
     },
 )

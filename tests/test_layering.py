@@ -27,7 +27,7 @@ PACKAGE = "megatron_spot"
 
 # rank 0 is the top; a module may import modules of its own rank or a larger one
 LAYERS = {
-    0: ("megatron_spot.train", "megatron_spot.cli"),
+    0: ("megatron_spot.train", "megatron_spot.cli", "megatron_spot.gpu_check"),  # gpu_check drives cli tools
     1: ("megatron_spot.training", "megatron_spot.profiling", "megatron_spot.rectify"),
     2: ("megatron_spot.checkpoint", "megatron_spot.models", "megatron_spot.data", "megatron_spot.quantization"),
     3: ("megatron_spot.ops", "megatron_spot.losses", "megatron_spot.platform", "megatron_spot.config",

@@ -1,7 +1,8 @@
-"""`make gpu-check DRY_RUN=1` inside `make test`: the GPU acceptance kit runs end to end on this CPU
-machine at tiny sizes (so it cannot rot before a GPU comes), and one failing step does not stop the
-others. Not gpu-marked: this is the CPU half. The dry run's children see only the packages the GPU
-machine has (tools/gpu_check.py build_machine_site), so a new import the wheels do not carry fails here.
+"""`make gpu-check DRY_RUN=1` inside `make test`: the GPU acceptance kit (megatron_spot/gpu_check/, run
+through the tools/gpu_check.py shim) runs end to end on this CPU machine at tiny sizes (so it cannot rot
+before a GPU comes), and one failing step does not stop the others. Not gpu-marked: this is the CPU half.
+The dry run's children see only the packages the GPU machine has (orchestrate.build_machine_site), so a
+new import the wheels do not carry fails here.
 """
 import json
 import math
@@ -11,16 +12,14 @@ import sys
 
 import pytest
 
+from megatron_spot.gpu_check import plan, report, wheels
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "gpu_check.py")
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-import gpu_check  # noqa: E402
-
-sys.path.pop(0)
 
 
 def _run(out, *extra, timeout=480):
-    env = {k: v for k, v in os.environ.items() if k not in ("OUT", gpu_check.INJECT_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", plan.INJECT_ENV)}
     proc = subprocess.run([sys.executable, TOOL, "--dry-run", "--out", str(out), *extra], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
     with open(os.path.join(out, "gpu_results.json")) as f:
@@ -37,14 +36,14 @@ def test_dry_run_is_green_and_writes_results(dry):
     out, proc, res = dry
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     steps = {s["name"]: s for s in res["steps"]}
-    assert list(steps) == list(gpu_check.STEP_NAMES)
+    assert list(steps) == list(plan.STEP_NAMES)
     assert res["dry_run"] is True and res["ok"] is True
     assert steps["build"]["status"] == "skipped" and "dry run" in steps["build"]["reason"]
     assert all(steps[n]["status"] == "ok" for n in ("wheels", "pytest", "bench-ops", "profile")), steps
     assert res["wall_s"] < res["budget_s"]
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check: PASSED (DRY RUN") and summary in proc.stdout
-    for name in gpu_check.STEP_NAMES:
+    for name in plan.STEP_NAMES:
         assert f"| {name} |" in summary
 
 
@@ -77,7 +76,7 @@ def test_dry_run_benchmark_agrees_with_fp64_and_profile_reports(dry):
     cases = steps["bench-ops"]["result"]["cases"]
     assert {(c["impl"], c["dtype"], c["tokens"]) for c in cases} == {
         (i, d, t) for i in ("fused", "naive", "megatron") for d in ("float32", "bfloat16")
-        for t in gpu_check.BENCH_DRY["tokens"]}
+        for t in plan.BENCH_DRY["tokens"]}
     for c in cases:
         assert "error" not in c, c
         assert c["time_s"] > 0 and c["bytes_moved"] > 0
@@ -111,26 +110,26 @@ def test_a_hanging_step_is_killed_and_a_step_that_would_not_fit_is_skipped(tmp_p
 
 
 def test_the_wheel_list_fits_the_budget_and_names_pinned_versions():
-    assert {d for d, _, _ in gpu_check.WHEELS} >= {"megatron-core", "psutil"}
-    assert all(v.count(".") >= 1 for _, v, _ in gpu_check.WHEELS)
+    assert {d for d, _, _ in plan.WHEELS} >= {"megatron-core", "psutil"}
+    assert all(v.count(".") >= 1 for _, v, _ in plan.WHEELS)
     folder = os.path.join(ROOT, ".gpu-wheels")
-    files = gpu_check._wheel_files(folder)
+    files = wheels.wheel_files(folder)
     if not files:
         pytest.skip("no .gpu-wheels/ here (run `make gpu-wheels`)")
-    assert sum(os.path.getsize(p) for p in files.values()) <= gpu_check.WHEELS_BUDGET_BYTES
+    assert sum(os.path.getsize(p) for p in files.values()) <= plan.WHEELS_BUDGET_BYTES
 
 
 def test_wheels_install_without_pip_by_extraction(tmp_path):
     """The fallback for a GPU machine without pip: extracted wheels import (and ninja runs)."""
     site = tmp_path / "site"
-    gpu_check.extract_wheel(gpu_check.make_probe_wheel(str(tmp_path / "w")), str(site))
+    wheels.extract_wheel(wheels.make_probe_wheel(str(tmp_path / "w")), str(site))
     env = dict(os.environ, PYTHONPATH=str(site))
     out = subprocess.run([sys.executable, "-c", "import gpu_check_probe; print(gpu_check_probe.ANSWER)"],
                          capture_output=True, text=True, env=env)
     assert out.stdout.strip() == "42", out.stderr
-    ninja = gpu_check._wheel_files(os.path.join(ROOT, ".gpu-wheels")).get("ninja")
+    ninja = wheels.wheel_files(os.path.join(ROOT, ".gpu-wheels")).get("ninja")
     if ninja:  # the real wheel, when `make gpu-wheels` has run here
-        gpu_check.extract_wheel(ninja, str(site))
+        wheels.extract_wheel(ninja, str(site))
         version = subprocess.run([str(site / "bin" / "ninja"), "--version"], capture_output=True, text=True)
         assert version.stdout.startswith("1.13"), version
 
@@ -140,12 +139,56 @@ def test_gpu_results_go_into_benchmarks_as_one_replaceable_section(dry, tmp_path
     bench = tmp_path / "BENCHMARKS.md"
     original = open(os.path.join(ROOT, "BENCHMARKS.md")).read()
     bench.write_text(original)
-    assert gpu_check.write_benchmarks_section(str(out / "gpu_results.json"), str(bench)) == 2  # a dry run: refused
+    assert report.write_benchmarks_section(str(out / "gpu_results.json"), str(bench)) == 2  # a dry run: refused
     as_gpu = tmp_path / "gpu_results.json"
     as_gpu.write_text(json.dumps({**res, "dry_run": False, "machine": {**res["machine"], "gpu_name": "TEST GPU"}}))
     for _ in range(2):  # a rerun replaces the section
-        assert gpu_check.write_benchmarks_section(str(as_gpu), str(bench)) == 0
+        assert report.write_benchmarks_section(str(as_gpu), str(bench)) == 0
     text = bench.read_text()
     assert text.count("<!-- bench:gpu -->") == 1 and text.startswith(original.rstrip())
     section = text[text.index("<!-- bench:gpu -->"):]
     assert "Machine: TEST GPU" in section and "| bench-ops | ok |" in section and "## fused log-prob op" in section
+
+
+# what the parent must not import: the GPU machine lacks megatron-core before the wheels step, and the
+# parent must report even when torch itself is broken there
+HEAVY = ("torch", "numpy", "megatron", "transformers", "packaging", "yaml")
+BLOCKER = f"""
+import sys
+attempts = []
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {HEAVY!r}:
+            attempts.append(name)
+            raise ModuleNotFoundError(f"blocked: {{name}}")
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_parent_imports_without_torch(dry):
+    out, _, _ = dry
+    probe = BLOCKER + f"""
+import json
+from megatron_spot.cli import gpu_check
+from megatron_spot.gpu_check import orchestrate, plan, report, wheels
+args = gpu_check.parse_args(["--dry-run", "--out", "x"])
+text = report.render_summary(json.load(open({str(out / "gpu_results.json")!r})))
+assert text.startswith("# GPU check: PASSED"), text[:200]
+print("attempts", attempts)
+"""
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().endswith("attempts []"), r.stdout  # not even tried
+    # no site-packages at all (torch not importable): the shim finds the checkout, the parent's paths run
+    help_ = subprocess.run([sys.executable, "-S", TOOL, "--help"], capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "--to-benchmarks" in help_.stdout, help_.stderr[-2000:]
+    refused = subprocess.run([sys.executable, "-S", TOOL, "--to-benchmarks", str(out / "gpu_results.json")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "is a dry run on a CPU" in refused.stderr, refused.stderr[-2000:]
+
+
+def test_a_folder_without_the_sources_is_refused_in_one_line(tmp_path):
+    problem = plan.checkout_problem(str(tmp_path))
+    assert "not a megatron_spot source checkout" in problem and "setup.py" in problem and "\n" not in problem
+    assert plan.checkout_problem() is None
