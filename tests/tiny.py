@@ -1,5 +1,9 @@
-"""Tiny Qwen3 models and batches shared by tests (random weights, fp32, nothing downloaded)."""
+"""Tiny Qwen3 models, batches and a training workspace shared by tests (random weights, fp32, nothing
+downloaded)."""
 from __future__ import annotations
+
+import json
+import os
 
 import torch
 
@@ -44,3 +48,38 @@ def random_pairs_batch(num_pairs: int, prompt_len: int, resp_len: int, vocab: in
         "attention_tokens": int(lengths.sum()),
         "ref_logps": -torch.rand(rows, generator=g) * 5 - 20.0,
     }
+
+
+def build_train_workspace(root: str, num_pairs: int = 32) -> dict:
+    """What training and scoring read, built under `root`: a tiny HF Qwen3 (seed 0) with a byte-level BPE
+    tokenizer trained on the pairs, `num_pairs` random pairs packed with the "trl" preset, and the fp32
+    Megatron conversion. A plain function (no pytest), so child scripts can build the same workspace.
+    Returns dict(root, hf=HF folder, pack=pack prefix, mcore=Megatron checkpoint)."""
+    import numpy as np
+    import transformers
+
+    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
+    from megatron_spot.data import build_tiny_tokenizer, pack_pairs
+
+    rng = np.random.default_rng(0)
+    words = "the a one two three plus minus equals total so answer is step then we add take".split()
+    pairs = [{"prompt": f"Problem {i}: " + " ".join(rng.choice(words, 6)),
+              "chosen": " ".join(rng.choice(words, int(rng.integers(4, 12)))) + f" answer {i}",
+              "rejected": " ".join(rng.choice(words, int(rng.integers(4, 12)))) + f" answer {i + 1}"}
+             for i in range(num_pairs)]
+    ws = {"root": str(root), "hf": os.path.join(root, "hf"), "pack": os.path.join(root, "pack", "pairs"),
+          "mcore": os.path.join(root, "mcore")}
+    os.makedirs(os.path.dirname(ws["pack"]), exist_ok=True)
+    jsonl = os.path.join(root, "pairs.jsonl")
+    with open(jsonl, "w") as f:
+        f.write("".join(json.dumps(p) + "\n" for p in pairs))
+    build_tiny_tokenizer(ws["hf"], [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs],
+                         vocab_size=512)
+    tok = transformers.AutoTokenizer.from_pretrained(ws["hf"])
+    cfg = load_qwen3_config("qwen3-tiny").to_hf_dict()
+    cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32")
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(ws["hf"])
+    pack_pairs([jsonl], ws["hf"], ws["pack"], preset="trl")
+    convert_hf_to_mcore(ws["hf"], ws["mcore"], dtype="fp32", progress=False)
+    return ws

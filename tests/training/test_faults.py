@@ -57,29 +57,11 @@ def _cfg(ws, out, *extra):
 def ws(tmp_path_factory):
     """Tiny HF Qwen3 + tokenizer, 32 packed pairs, its Megatron checkpoint, a copy of it with other
     weight bytes, and the first model's reference log-probs."""
-    import transformers
+    from tests.tiny import build_train_workspace
 
-    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
-    from megatron_spot.data import build_tiny_tokenizer, pack_pairs
-    from megatron_spot.models.qwen3 import load_qwen3_config
-
-    root = tmp_path_factory.mktemp("faults")
-    rng = np.random.default_rng(0)
-    words = "the a one two three plus minus equals total so answer is step then we add take".split()
-    pairs = [{"prompt": f"Problem {i}: " + " ".join(rng.choice(words, 6)),
-              "chosen": " ".join(rng.choice(words, 6)) + f" answer {i}",
-              "rejected": " ".join(rng.choice(words, 6)) + f" answer {i + 1}"} for i in range(32)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
-    ws = {"root": str(root), "hf": str(root / "hf"), "pack": str(root / "pack" / "pairs"),
-          "mcore": str(root / "mcore"), "mcore_other": str(root / "mcore_other")}
-    build_tiny_tokenizer(ws["hf"], [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs],
-                         vocab_size=512)
-    tok = transformers.AutoTokenizer.from_pretrained(ws["hf"])
-    cfg = load_qwen3_config("qwen3-tiny").to_hf_dict()
-    cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32")
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(ws["hf"])
-    convert_hf_to_mcore(ws["hf"], ws["mcore"], progress=False)
+    # its own workspace, not the session's: the reference sidecar written below sits beside the pack
+    ws = build_train_workspace(str(tmp_path_factory.mktemp("faults")))
+    ws["mcore_other"] = os.path.join(ws["root"], "mcore_other")
     # "the checkpoint replaced in place": same files, names, sizes and tokenizer, other weight bytes
     shutil.copytree(ws["mcore"], ws["mcore_other"])
     shard = os.path.join(ws["mcore_other"], "__0_0.distcp")
@@ -87,8 +69,6 @@ def ws(tmp_path_factory):
         data = bytearray(f.read())
         f.seek(0)
         f.write(bytes(b ^ 0x55 for b in data))
-    os.makedirs(os.path.dirname(ws["pack"]))
-    pack_pairs([str(root / "pairs.jsonl")], ws["hf"], ws["pack"], preset="trl")
     _write_reference_sidecar(ws)
     return ws
 
