@@ -19,10 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
+
+from measure import available_bytes, init_single_process_megatron, peak_rss_bytes, print_result, reset_peak_rss, \
+    rss_bytes, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -35,9 +37,6 @@ LABEL = {
 # rough peak-extra (x fp32 logits bytes) used only to check free memory before starting a case
 EXTRA_FACTOR = {"linear": 0.05, "today": 1.05, "megatron": 1.1}
 GIB = 2**30
-
-sys.path.insert(0, HERE)
-from bench_ops import _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # noqa: E402  (one RSS probe for both)
 
 
 def _head(impl: str):
@@ -56,16 +55,10 @@ def _head(impl: str):
             return ops.token_logprobs(logits, t, inplace_backward=True)
 
         return today, ops.active_backend("cpu")
-    import torch.distributed as dist
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 500))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    from megatron.core import parallel_state as ps
     from megatron.core.model_parallel_config import ModelParallelConfig
     from megatron.core.tensor_parallel import ColumnParallelLinear, vocab_parallel_cross_entropy
 
-    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    init_single_process_megatron()
     layers = {}
 
     def megatron(h, w, t):
@@ -123,11 +116,11 @@ def run_case(impl: str, dtype_name: str, tokens: int, hidden: int, vocab: int, r
               "backend": backend, "threads": torch.get_num_threads(), "times": times}
     if not measure_memory:
         return result
-    _reset_peak_rss()
-    rss0 = _rss_bytes()
+    reset_peak_rss()
+    rss0 = rss_bytes()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         gh, gw = torch.autograd.grad(fn(h, w, t), (h, w), go)
-    rss_peak = _peak_rss_bytes() - rss0
+    rss_peak = peak_rss_bytes() - rss0
     peak = _peak_allocated(prof)
     result.update(peak_alloc_bytes=peak, extra_bytes=max(0, peak - grads_bytes),
                   rss_extra_bytes=max(0, rss_peak - grads_bytes), grads_bytes=grads_bytes,
@@ -174,19 +167,7 @@ def _spawn(impl, dtype_name, tokens, hidden, vocab, reps, timed, measure_memory=
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, dtype_name, "--tokens", str(tokens),
            "--hidden", str(hidden), "--vocab", str(vocab), "--reps", str(reps)] + ([] if timed else ["--mem-only"])
     cmd += [] if measure_memory else ["--no-mem"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"impl": impl, "dtype": dtype_name, "tokens": tokens, "error": (proc.stderr or proc.stdout)[-2000:]}
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
+    return run_child(cmd, ROOT, on_error={"impl": impl, "dtype": dtype_name, "tokens": tokens})
 
 
 def _load() -> str:
@@ -245,9 +226,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, ROOT)
-        res = run_case(args.child[0], args.child[1], args.tokens, args.hidden, args.vocab, args.reps,
-                       timed=not args.mem_only, measure_memory=not args.no_mem)
-        print("RESULT " + json.dumps(res), flush=True)
+        print_result(run_case(args.child[0], args.child[1], args.tokens, args.hidden, args.vocab, args.reps,
+                              timed=not args.mem_only, measure_memory=not args.no_mem))
         return
 
     sys.path.insert(0, ROOT)
@@ -272,8 +252,8 @@ def main() -> None:
     mem = {}
     for impl in IMPLS:
         need = args.mem_tokens * args.vocab * 4 * EXTRA_FACTOR[impl] * 1.1 + GIB  # + inputs, grads, slack
-        if need > _available_bytes():
-            mem[impl] = {"impl": impl, "skipped": f"needs ~{need / GIB:.0f} GiB, {_available_bytes() / GIB:.0f} GiB free"}
+        if need > available_bytes():
+            mem[impl] = {"impl": impl, "skipped": f"needs ~{need / GIB:.0f} GiB, {available_bytes() / GIB:.0f} GiB free"}
         else:
             mem[impl] = spawn(impl, "float32", args.mem_tokens, args.hidden, args.vocab, 1, False)
         print(json.dumps(mem[impl])[:400], flush=True)

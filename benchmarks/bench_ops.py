@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import time
+
+from measure import available_bytes, init_single_process_megatron, peak_rss_bytes, print_result, reset_peak_rss, \
+    rss_bytes, run_child
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -34,32 +35,6 @@ EXTRA_FACTOR = {  # rough peak-extra estimate (x logits bytes) used only to chec
     ("naive", "float32"): 3.5, ("naive", "bfloat16"): 7.0,
     ("megatron", "float32"): 1.5, ("megatron", "bfloat16"): 4.0,
 }
-
-
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (VmHWM); Linux >= 4.0. False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_bytes() -> int:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def run_case(impl: str, dtype_name: str, tokens: int, vocab: int, reps: int) -> dict:
@@ -84,15 +59,9 @@ def run_case(impl: str, dtype_name: str, tokens: int, vocab: int, reps: int) -> 
             return torch.log_softmax(x.float(), dim=-1).gather(-1, t[..., None]).squeeze(-1)
 
     else:
-        import torch.distributed as dist
-
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29400 + os.getpid() % 500))
-        dist.init_process_group("gloo", rank=0, world_size=1)
-        from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        ps.initialize_model_parallel(tensor_model_parallel_size=1)
+        init_single_process_megatron()
         backend = "megatron.core"
 
         def fn(x, t):
@@ -107,8 +76,8 @@ def run_case(impl: str, dtype_name: str, tokens: int, vocab: int, reps: int) -> 
         logits[r0:r0 + 16] = torch.randn(min(16, tokens - r0), 1, vocab) * 2
     targets = torch.randint(0, vocab, (tokens, 1))
     go = torch.ones(tokens, 1)
-    _reset_peak_rss()  # the high-water mark now restarts from the current RSS
-    base = _rss_bytes()
+    reset_peak_rss()  # the high-water mark now restarts from the current RSS
+    base = rss_bytes()
     times = []
     for _ in range(reps):
         x = logits.requires_grad_(True)
@@ -117,7 +86,7 @@ def run_case(impl: str, dtype_name: str, tokens: int, vocab: int, reps: int) -> 
         (g,) = torch.autograd.grad(y, x, go)
         times.append(time.perf_counter() - t0)
         del y, g
-    peak = _peak_rss_bytes()
+    peak = peak_rss_bytes()
     return {
         "impl": impl, "dtype": dtype_name, "tokens": tokens, "vocab": vocab, "backend": backend,
         "threads": torch.get_num_threads(), "times": times, "logits_bytes": logits.numel() * logits.element_size(),
@@ -128,19 +97,7 @@ def run_case(impl: str, dtype_name: str, tokens: int, vocab: int, reps: int) -> 
 def spawn(impl, dtype_name, tokens, vocab, reps) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, dtype_name, "--tokens", str(tokens),
            "--vocab", str(vocab), "--reps", str(reps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    return {"impl": impl, "dtype": dtype_name, "error": (proc.stderr or proc.stdout)[-2000:]}
-
-
-def _available_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 62
+    return run_child(cmd, ROOT, on_error={"impl": impl, "dtype": dtype_name})
 
 
 def gpu_paper_estimate(tokens: int, vocab: int) -> str:
@@ -187,8 +144,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         sys.path.insert(0, ROOT)
-        res = run_case(args.child[0], args.child[1], args.tokens, args.vocab, args.reps)
-        print("RESULT " + json.dumps(res), flush=True)
+        print_result(run_case(args.child[0], args.child[1], args.tokens, args.vocab, args.reps))
         return
 
     results = []
@@ -198,7 +154,7 @@ def main() -> None:
             tokens = args.tokens
             bpe = 4 if dtype_name == "float32" else 2
             need = tokens * args.vocab * bpe * (1 + EXTRA_FACTOR[(impl, dtype_name)]) * 1.15
-            while need > _available_bytes() and tokens > 256:
+            while need > available_bytes() and tokens > 256:
                 tokens //= 2
                 need /= 2
             if tokens != args.tokens:
