@@ -1,4 +1,5 @@
-"""Tiny Qwen3 models built by transformers from a config (random weights, fp32, no downloads)."""
+"""Tiny Qwen3 models built by transformers from a config (random weights, fp32, no downloads), and the
+planted or damaged checkpoint files the fault tests (checkpoint, training, quantization) feed in."""
 from __future__ import annotations
 
 import os
@@ -66,3 +67,19 @@ def read_hf_tensors(folder: str) -> dict[str, torch.Tensor]:
         if name.endswith(".safetensors"):
             out.update(load_file(os.path.join(folder, name)))
     return out
+
+
+class PlantedPickle:
+    """Unpickling this calls os.mkdir(marker): what a planted checkpoint file would do. The marker folder
+    existing afterwards is the proof that a loader ran the payload."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def first_distcp(folder: str) -> str:
+    """The first torch_dist shard (``*.distcp``) of a Megatron checkpoint folder, by name."""
+    return os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith(".distcp"))[0])

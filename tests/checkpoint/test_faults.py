@@ -17,23 +17,9 @@ from tests.checkpoint import helpers
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class _MakeDir:
-    """Unpickling this calls os.mkdir(marker): what a planted checkpoint file would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
 def _copy(src, dst):
     shutil.copytree(src, dst)
     return str(dst)
-
-
-def _distcp(folder):
-    return os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith(".distcp"))[0])
 
 
 def test_planted_metadata_pickle_never_runs(ckpts, tmp_path):
@@ -42,8 +28,8 @@ def test_planted_metadata_pickle_never_runs(ckpts, tmp_path):
     bad = _copy(ckpts["untied"]["mcore"], tmp_path / "planted")
     marker = str(tmp_path / "PWNED")
     with open(os.path.join(bad, ".metadata"), "wb") as f:
-        pickle.dump(_MakeDir(marker), f)
-    assert pickle.loads(pickle.dumps(_MakeDir(str(tmp_path / "selfcheck")))) is None  # the payload is live
+        pickle.dump(helpers.PlantedPickle(marker), f)
+    assert pickle.loads(pickle.dumps(helpers.PlantedPickle(str(tmp_path / "selfcheck")))) is None  # the payload is live
     assert os.path.isdir(tmp_path / "selfcheck")
     out = str(tmp_path / "hf")
     with pytest.raises(CheckpointError, match=r"planted/\.metadata: refused to load.*posix\.mkdir"):
@@ -62,7 +48,7 @@ def test_planted_object_in_a_shard_never_runs(tmp_path):
 
     marker = str(tmp_path / "PWNED")
     folder = str(tmp_path / "ckpt")
-    dcp.save({"w": torch.ones(3), "obj": _MakeDir(marker)}, checkpoint_id=folder, no_dist=True)
+    dcp.save({"w": torch.ones(3), "obj": helpers.PlantedPickle(marker)}, checkpoint_id=folder, no_dist=True)
     target = {"w": torch.zeros(3), "obj": None}
     with pytest.raises(BaseException) as exc:  # torch's CheckpointException is a BaseException
         dcp.load(target, checkpoint_id=folder, no_dist=True)
@@ -85,7 +71,7 @@ def _cli(*args):
 def test_corrupt_checkpoints_are_one_line_errors_naming_the_file(ckpts, tmp_path):
     src = ckpts["untied"]["mcore"]
     trunc = _copy(src, tmp_path / "trunc")
-    shard = _distcp(trunc)
+    shard = helpers.first_distcp(trunc)
     with open(shard, "r+b") as f:
         f.truncate(os.path.getsize(shard) // 2)
     garbage = _copy(src, tmp_path / "garbage")
@@ -164,7 +150,7 @@ def test_weights_fingerprint_follows_content_not_path(ckpts, tmp_path):
     assert weights_fingerprint(_copy(ckpts["untied"]["mcore"], tmp_path / "moved")) == a
     assert weights_fingerprint(ckpts["tied"]["mcore"]) != a
     edited = _copy(ckpts["untied"]["mcore"], tmp_path / "edited")
-    shard = _distcp(edited)
+    shard = helpers.first_distcp(edited)
     with open(shard, "r+b") as f:  # another model at the same size: every byte differs
         data = bytearray(f.read())
         f.seek(0)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from megatron_spot.quantization import QuantizationError, calibration_prompts, quantize_and_export
+from tests.checkpoint.helpers import first_distcp
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_export_checks_its_inputs(sources, tmp_path):
             quantize_and_export(mc, out, prompts, overwrite=True)
     assert os.path.isfile(os.path.join(mc, "spot_checkpoint.json"))
     # a damaged Megatron checkpoint: one error naming the file, no output
-    shard = os.path.join(mc, sorted(n for n in os.listdir(mc) if n.endswith(".distcp"))[0])
+    shard = first_distcp(mc)
     with open(shard, "r+b") as f:
         f.truncate(100)
     assert main(["--checkpoint", mc, "--pack", sources["pack"], "--out", str(tmp_path / "q")]) == 2

@@ -15,18 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from tests.checkpoint.helpers import PlantedPickle, first_distcp
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-class _MakeDir:
-    """Unpickling this calls os.mkdir(marker): what a planted checkpoint file would do."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
 
 
 def _env():
@@ -136,7 +128,7 @@ def trained(ws, tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-3000:]
     step2 = os.path.join(out, "checkpoints", "step_0000002")
     marker = os.path.join(os.path.dirname(out), "PWNED")
-    torch.save(_MakeDir(marker), os.path.join(step2, "rng", "rank_00000.pt"))
+    torch.save(PlantedPickle(marker), os.path.join(step2, "rng", "rank_00000.pt"))
     resumed = _train(ws, out, "run.train_steps=4", "run.save_interval=1", f"run.load={step2}")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return {"out": out, "marker": marker, "ckpt": os.path.join(out, "checkpoints", "step_0000003")}
@@ -166,13 +158,9 @@ def _truncate(path):
     return path
 
 
-def _first_distcp(folder):
-    return os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith(".distcp"))[0])
-
-
 def _plant(path, marker):
     with open(path, "wb") as f:
-        pickle.dump(_MakeDir(marker), f)
+        pickle.dump(PlantedPickle(marker), f)
     return path
 
 
@@ -182,8 +170,8 @@ def test_damaged_or_planted_checkpoints_are_refused_before_anything_starts(ws, t
 
     marker = str(tmp_path / "PWNED")
     cases = {
-        "model_shard": lambda c: _truncate(_first_distcp(os.path.join(c, "model"))),
-        "optimizer_shard": lambda c: _truncate(_first_distcp(os.path.join(c, "optimizer"))),
+        "model_shard": lambda c: _truncate(first_distcp(os.path.join(c, "model"))),
+        "optimizer_shard": lambda c: _truncate(first_distcp(os.path.join(c, "optimizer"))),
         "metadata": lambda c: _truncate(os.path.join(c, "model", ".metadata")),
         "trainer_state": lambda c: open(os.path.join(c, "trainer_state.json"), "w").write("{garbage") and
         os.path.join(c, "trainer_state.json"),
