@@ -7,14 +7,14 @@ import os
 
 import torch
 
-from megatron_spot.models.qwen3 import load_qwen3_config
+from megatron_spot.models.qwen3 import Qwen3Config, load_qwen3_config
+from megatron_spot.models.qwen3.presets import replace
 
 
-def hf_model(preset: str = "qwen3-tiny", seed: int = 0):
-    """A transformers Qwen3ForCausalLM with the preset's shapes and seeded random weights."""
+def hf_model_of(cfg: Qwen3Config, seed: int = 0):
+    """A transformers Qwen3ForCausalLM of `cfg` (eager attention, fp32) with seeded random weights."""
     import transformers
 
-    cfg = load_qwen3_config(preset)
     torch.manual_seed(seed)
     hf_cfg = transformers.Qwen3Config(**cfg.to_hf_dict(), attn_implementation="eager")
     model = transformers.Qwen3ForCausalLM(hf_cfg).eval()
@@ -22,7 +22,14 @@ def hf_model(preset: str = "qwen3-tiny", seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
-    return cfg, model
+    return model
+
+
+def hf_model(preset: str = "qwen3-tiny", seed: int = 0, **changes):
+    """(cfg, model): the preset's config with `changes` (Qwen3Config fields, e.g. vocab_size=300) and
+    hf_model_of(cfg, seed)."""
+    cfg = replace(load_qwen3_config(preset), **changes) if changes else load_qwen3_config(preset)
+    return cfg, hf_model_of(cfg, seed)
 
 
 def random_pairs_batch(num_pairs: int, prompt_len: int, resp_len: int, vocab: int, seed: int,

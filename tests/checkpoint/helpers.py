@@ -1,35 +1,14 @@
-"""Tiny Qwen3 models built by transformers from a config (random weights, fp32, no downloads), and the
-planted or damaged checkpoint files the fault tests (checkpoint, training, quantization) feed in."""
+"""Tiny HF checkpoints on disk (tests/tiny.py's models, tokenizer files, logits), and the planted or damaged
+checkpoint files the fault tests (checkpoint, training, quantization) feed in."""
 from __future__ import annotations
 
 import os
 
 import torch
 
-from megatron_spot.models.qwen3.presets import PRESETS
+from tests.tiny import hf_model
 
 SEQ, BATCH = 16, 2
-
-
-def hf_config_dict(preset: str, **changes) -> dict:
-    d = dict(PRESETS[preset])
-    d.update(changes)
-    return d
-
-
-def build_hf_model(preset: str, seed: int = 0, **changes):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    d = hf_config_dict(preset, **changes)
-    d.pop("architectures", None)
-    cfg = Qwen3Config(**d, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).float().eval()
-    with torch.no_grad():  # norms start at exactly 1.0; randomise them so the mapping is really tested
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
 
 
 def write_tokenizer_files(folder: str) -> None:
@@ -52,7 +31,7 @@ def hf_logits(model, tok) -> torch.Tensor:
 
 
 def make_hf_checkpoint(folder: str, preset: str, seed: int = 0, max_shard_size=None, **changes):
-    model = build_hf_model(preset, seed, **changes)
+    _, model = hf_model(preset, seed, **changes)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(folder, safe_serialization=True, **kwargs)
     write_tokenizer_files(folder)

@@ -83,20 +83,6 @@ def shrunk(preset: str) -> Qwen3Config:
                    max_position_embeddings=256)
 
 
-def _hf_of(cfg: Qwen3Config, seed: int):
-    """transformers' Qwen3ForCausalLM of `cfg` with seeded random weights (norms too, so every tensor's
-    mapping matters)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.to_hf_dict(), attn_implementation="eager"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model.eval()
-
-
 def test_shrunk_presets_keep_the_architecture_flags():
     for name in RELEASED:
         full, tiny = load_qwen3_config(name), shrunk(name)
@@ -112,7 +98,7 @@ def _single_rank(rank, world_size):
     from megatron_spot.models.qwen3 import build_model_chunks, build_transformer_config, meta_parameter_count
     from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict, load_full_state_dict
     from megatron_spot.platform import cpu_compat, initialize
-    from tests.tiny import hf_model
+    from tests.tiny import hf_model, hf_model_of
 
     initialize(ParallelConfig(), seed=3)
     out = {"compat": cpu_compat.is_applied(), "cuda_factory": torch.empty(2, device="cuda").device.type,
@@ -120,7 +106,7 @@ def _single_rank(rank, world_size):
     models = {preset: hf_model(preset, seed=1) for preset in ("qwen3-tiny", "qwen3-tiny-tied")}
     models.update({preset: (shrunk(preset), None) for preset in RELEASED})
     for preset, (cfg, hf) in models.items():
-        hf = hf if hf is not None else _hf_of(cfg, seed=1)
+        hf = hf if hf is not None else hf_model_of(cfg, seed=1)
         chunks = build_model_chunks(cfg, build_transformer_config(cfg, ParallelConfig(), PrecisionConfig()))
         load_full_state_dict(chunks, hf_to_mcore_state_dict(hf.state_dict(), cfg))
         tokens = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
