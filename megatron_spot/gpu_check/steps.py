@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -21,6 +22,9 @@ from megatron_spot.gpu_check.wheels import PROBE_WHEEL, extract_wheel, wheel_fil
 # The GPU image carries pytest plugins (xdist, timeout, cov, benchmark, mock, hypothesis) that this
 # project never installs; loading none of them keeps the GPU run's pytest the one the dry run tested.
 PLUGIN_AUTOLOAD_ENV = "PYTEST_DISABLE_PLUGIN_AUTOLOAD"
+# pytest is interrupted this long before the step's hard limit, and then has this long to write its results
+PYTEST_INTERRUPT_AT_S = 20
+PYTEST_INTERRUPT_GRACE_S = 15
 
 
 def _find_cuda_home() -> str | None:
@@ -124,9 +128,15 @@ def child_build(p: dict) -> dict:
     env = dict(os.environ, MEGATRON_SPOT_EXT="cuda", TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", arch),
                MAX_JOBS=str(os.cpu_count() or 4))
     shown = f"MEGATRON_SPOT_EXT=cuda TORCH_CUDA_ARCH_LIST={env['TORCH_CUDA_ARCH_LIST']} {' '.join(cmd)}"
-    if not os.environ.get("CUDA_HOME") and _find_cuda_home() is None:
+    cuda_home = os.environ.get("CUDA_HOME") or _find_cuda_home()
+    if cuda_home is None:
         raise RuntimeError("no CUDA toolkit (include/cuda_runtime.h + bin/nvcc) on this machine: the CUDA kernels "
                            "cannot be built and the ops fall back to the PyTorch reference; set CUDA_HOME if one exists")
+    # the toolkit the build uses, in the log and the results: torch refuses an nvcc whose CUDA version
+    # differs from torch.version.cuda, and that is the first thing to read when the build fails
+    nvcc = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True)
+    nvcc_version = (nvcc.stdout.strip().splitlines() or ["?"])[-1]
+    print(f"CUDA_HOME={cuda_home}: {nvcc_version}; torch {torch.__version__} (CUDA {torch.version.cuda})", flush=True)
     print("+ " + shown, flush=True)
     build = subprocess.run(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     print(build.stdout, flush=True)
@@ -142,7 +152,7 @@ def child_build(p: dict) -> dict:
     backend = probe.stdout.strip().splitlines()[-1]
     if backend != "cuda":
         raise RuntimeError(f"built, but megatron_spot.ops uses the {backend!r} implementation for CUDA tensors")
-    return {"command": shown, "ops_backend_on_cuda": backend}
+    return {"command": shown, "ops_backend_on_cuda": backend, "cuda_home": cuda_home, "nvcc": nvcc_version}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,21 +197,49 @@ def _junit_outcomes(junit: str) -> tuple[list[dict], dict]:
     return tests, counts
 
 
-def child_pytest(p: dict) -> dict:
-    os.environ[PLUGIN_AUTOLOAD_ENV] = "1"  # read when pytest.main builds its config, below
-    import pytest
+def _run_pytest(argv: list[str], deadline_s: float) -> tuple[int, bool]:
+    """pytest in its own process group; at `deadline_s` it gets SIGINT, which ends it like Ctrl-C: the
+    running test is interrupted and the junit XML of every test that finished is still written (the
+    parent's hard kill at the step's limit would lose them all). Whatever the tests started (training
+    children on the GPU) is killed with the group afterwards, so it cannot hold the GPU in later steps.
+    Returns (exit code, interrupted)."""
+    python = [sys.executable, "-S"] if sys.flags.no_site else [sys.executable]  # the dry run's machine site
+    env = dict(os.environ, **{PLUGIN_AUTOLOAD_ENV: "1"})
+    proc = subprocess.Popen([*python, "-m", "pytest", *argv], cwd=ROOT, env=env, start_new_session=True)
+    interrupted = False
+    try:
+        code = proc.wait(timeout=max(1.0, deadline_s))
+    except subprocess.TimeoutExpired:
+        interrupted = True
+        os.kill(proc.pid, signal.SIGINT)
+        try:
+            code = proc.wait(timeout=PYTEST_INTERRUPT_GRACE_S)
+        except subprocess.TimeoutExpired:  # stuck inside a CUDA call that SIGINT cannot interrupt
+            kill_group(proc)
+            code = proc.wait()
+    kill_group(proc)  # stragglers of a finished pytest too
+    return code, interrupted
 
+
+def child_pytest(p: dict) -> dict:
     files = gpu_test_files()
     junit = os.path.join(p["out"], "logs", "pytest_gpu.xml")
+    if os.path.exists(junit):  # a previous run's results must not be read as this one's
+        os.remove(junit)
     argv = ["-m", "gpu", "-q", "-p", "no:cacheprovider", "--continue-on-collection-errors", "--junitxml", junit,
             "-o", "junit_family=xunit1", *files]
-    print(f"+ {PLUGIN_AUTOLOAD_ENV}=1 pytest " + " ".join(argv), flush=True)
-    code = int(pytest.main(argv))
+    deadline = p["limit_s"] - PYTEST_INTERRUPT_AT_S
+    print(f"+ {PLUGIN_AUTOLOAD_ENV}=1 pytest " + " ".join(argv) + f"  (interrupted after {deadline:.0f} s)", flush=True)
+    code, interrupted = _run_pytest(argv, deadline)
     tests, counts = _junit_outcomes(junit)
     # 0 all passed, 5 nothing selected: both fine when nothing failed; anything else is a failure
-    status = "ok" if code in (0, 5) and counts["failed"] == counts["error"] == 0 else "failed"
+    status = "ok" if code in (0, 5) and counts["failed"] == counts["error"] == 0 and not interrupted else "failed"
     res = {"status": status, "exit_code": code, "files": files, "counts": counts, "tests": tests}
-    if status == "failed":
+    if interrupted:
+        res["error"] = (f"pytest interrupted at its {deadline:.0f} s deadline (a test hung or ran long; the log's "
+                        f"KeyboardInterrupt line names it): {counts['passed']} passed, {counts['failed']} failed "
+                        f"before that")
+    elif status == "failed":
         res["error"] = f"pytest exit code {code}: {counts['failed']} failed, {counts['error']} errors (see the table)"
     return res
 

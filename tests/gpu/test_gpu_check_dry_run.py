@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TOOL = os.path.join(ROOT, "tools", "gpu_check.py")
 
 
-def _run(out, *extra, timeout=480):
+def _run(out, *extra, timeout=480, env_extra=None):
     env = {k: v for k, v in os.environ.items() if k not in ("OUT", plan.INJECT_ENV)}
+    env.update(env_extra or {})
     proc = subprocess.run([sys.executable, TOOL, "--dry-run", "--out", str(out), *extra], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
     with open(os.path.join(out, "gpu_results.json")) as f:
@@ -107,6 +108,37 @@ def test_a_hanging_step_is_killed_and_a_step_that_would_not_fit_is_skipped(tmp_p
     assert steps["wheels"]["status"] == "timeout" and 5 <= steps["wheels"]["seconds"] < 30, steps["wheels"]
     assert steps["profile"]["status"] == "skipped" and "would not fit" in steps["profile"]["reason"]
     assert proc.returncode == 1
+
+
+def test_a_hanging_test_interrupts_pytest_and_keeps_its_results(tmp_path):
+    """A GPU test that hangs (a stuck NCCL start-up) gets SIGINT before the step's hard limit, so pytest
+    still writes its results and the step reports the interruption instead of a bare timeout."""
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "hang_every_test.py").write_text(
+        "import time\nimport pytest\n\n\n@pytest.hookimpl(tryfirst=True)\n"
+        "def pytest_runtest_setup(item):\n    time.sleep(3600)\n")
+    # about the smallest budget pytest starts with (its 30 s minimum): interrupted after about 12 s
+    proc, res = _run(tmp_path / "out", "--only", "pytest", "--budget-s", "32",
+                     env_extra={"PYTHONPATH": str(plugin), "PYTEST_ADDOPTS": "-p hang_every_test"})
+    step = {s["name"]: s for s in res["steps"]}["pytest"]
+    assert proc.returncode == 1
+    assert step["status"] == "failed" and "interrupted at its 12 s deadline" in step["error"], step
+    assert step["seconds"] < 30, step  # ended by the interrupt, not by the parent's 30 s kill
+    assert "KeyboardInterrupt" in (tmp_path / "out" / "logs" / "pytest.log").read_text()
+
+
+def test_the_cuda_build_step_names_why_it_cannot_build_here():
+    """The GPU run's build path (the dry run skips it) up to the build itself: toolkit found, nvcc asked
+    for its version, setup.py started with MEGATRON_SPOT_EXT=cuda, which this CPU torch refuses."""
+    from megatron_spot.gpu_check import steps
+
+    with pytest.raises(RuntimeError) as err:
+        steps.child_build({"dry_run": False})
+    if steps._find_cuda_home() is None:
+        assert "no CUDA toolkit" in str(err.value)
+    else:
+        assert "build failed (exit 1)" in str(err.value) and "has no CUDA support" in str(err.value), err.value
 
 
 def test_the_wheel_list_fits_the_budget_and_names_pinned_versions():
