@@ -23,9 +23,9 @@ import sys
 
 from megatron_spot.cli import BAD_INPUT
 from megatron_spot.gpu_check.orchestrate import orchestrate
-from megatron_spot.gpu_check.plan import DEFAULT_BUDGET_S, INJECT_ENV, STEPS, checkout_problem
+from megatron_spot.gpu_check.plan import DEFAULT_BUDGET_S, INJECT_ENV, ROOT, STEPS, checkout_problem
 from megatron_spot.gpu_check.report import write_benchmarks_section
-from megatron_spot.gpu_check.wheels import download_wheels
+from megatron_spot.gpu_check.wheels import download_wheels, missing_wheels
 
 
 def parse_args(argv=None):
@@ -67,6 +67,14 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return BAD_INPUT
+    if not args.dry_run or args.wheels:  # the real wheels (the dry run's probe wheel is made on the spot)
+        folder = os.path.abspath(args.wheels or os.path.join(ROOT, ".gpu-wheels"))
+        missing = missing_wheels(folder)
+        if missing:
+            print(f"error: {folder}: no wheel for {', '.join(missing)}, which this machine lacks; run `make gpu-wheels` "
+                  "where the package registry is reachable and carry .gpu-wheels/ (git-ignored) with the checkout",
+                  file=sys.stderr)
+            return BAD_INPUT
     return orchestrate(args)
 
 

@@ -27,6 +27,22 @@ def wheel_files(folder: str) -> dict[str, str]:
     return found
 
 
+def missing_wheels(folder: str) -> list[str]:
+    """`dist==version` of every pinned wheel this interpreter lacks and `folder` does not hold: the GPU
+    run cannot pass without them, so the parent refuses to start (a wasted run costs the GPU lease)."""
+    import importlib.metadata as md
+
+    files = wheel_files(folder)
+    missing = []
+    for dist, version, _ in WHEELS:
+        try:
+            md.version(dist)
+        except md.PackageNotFoundError:
+            if dist not in files:
+                missing.append(f"{dist}=={version}")
+    return missing
+
+
 def download_wheels(dest: str) -> int:
     """`make gpu-wheels`: fetch the cp312 manylinux wheels of WHEELS (no dependencies) into `dest`."""
     os.makedirs(dest, exist_ok=True)

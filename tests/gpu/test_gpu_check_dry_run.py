@@ -220,6 +220,15 @@ print("attempts", attempts)
     assert refused.returncode == 2 and "is a dry run on a CPU" in refused.stderr, refused.stderr[-2000:]
 
 
+def test_a_gpu_run_without_the_wheels_it_needs_is_refused_before_any_step(tmp_path):
+    # `python -S`: none of the pinned distributions is installed, as on the bare GPU machine
+    r = subprocess.run([sys.executable, "-S", TOOL, "--out", str(tmp_path / "out"), "--wheels", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and not (tmp_path / "out").exists(), r.stdout + r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and f"{tmp_path}: no wheel for megatron-core==0.19.2" in line and "make gpu-wheels" in line
+
+
 def test_a_folder_without_the_sources_is_refused_in_one_line(tmp_path):
     problem = plan.checkout_problem(str(tmp_path))
     assert "not a megatron_spot source checkout" in problem and "setup.py" in problem and "\n" not in problem
