@@ -115,17 +115,19 @@ def test_a_hanging_test_interrupts_pytest_and_keeps_its_results(tmp_path):
     still writes its results and the step reports the interruption instead of a bare timeout."""
     plugin = tmp_path / "plugin"
     plugin.mkdir()
-    (plugin / "hang_every_test.py").write_text(
-        "import time\nimport pytest\n\n\n@pytest.hookimpl(tryfirst=True)\n"
-        "def pytest_runtest_setup(item):\n    time.sleep(3600)\n")
+    (plugin / "hang_third_test.py").write_text(  # the first two finish (skipped on CPU), the third hangs
+        "import time\nimport pytest\nstarted = []\n\n\n@pytest.hookimpl(tryfirst=True)\n"
+        "def pytest_runtest_setup(item):\n    started.append(item)\n    if len(started) == 3:\n"
+        "        time.sleep(3600)\n")
     # about the smallest budget pytest starts with (its 30 s minimum): interrupted after about 12 s
     proc, res = _run(tmp_path / "out", "--only", "pytest", "--budget-s", "32",
-                     env_extra={"PYTHONPATH": str(plugin), "PYTEST_ADDOPTS": "-p hang_every_test"})
+                     env_extra={"PYTHONPATH": str(plugin), "PYTEST_ADDOPTS": "-p hang_third_test"})
     step = {s["name"]: s for s in res["steps"]}["pytest"]
     assert proc.returncode == 1
     assert step["status"] == "failed" and "interrupted at its 12 s deadline" in step["error"], step
     assert step["seconds"] < 30, step  # ended by the interrupt, not by the parent's 30 s kill
     assert "KeyboardInterrupt" in (tmp_path / "out" / "logs" / "pytest.log").read_text()
+    assert step["result"]["counts"] == {"passed": 0, "failed": 0, "error": 0, "skipped": 2}, step["result"]["counts"]
 
 
 def test_the_cuda_build_step_names_why_it_cannot_build_here():
