@@ -23,7 +23,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from typing import TYPE_CHECKING, Optional
@@ -37,11 +36,10 @@ from megatron_spot.checkpoint.model_checkpoint import (
     _copy_side_files,
     _list,
     _params_by_name,
-    _prepare_out,
-    _publish,
     _sharded_state_dict,
     _write_json,
     _write_side_and_metadata,
+    check_output_dir,
     check_output_not_input,
     load_model_checkpoint,  # noqa: F401 (also the training side's import path)
     read_checkpoint_metadata,
@@ -60,6 +58,7 @@ from megatron_spot.config.dtypes import TORCH_DTYPES, dtype_name
 from megatron_spot.config.dtypes import normalize_dtype as _normalize
 from megatron_spot.config.loader import ConfigError, read_json
 from megatron_spot.models.qwen3 import state_dict_adapter as adapter
+from megatron_spot.utils.atomic import atomic_dir
 
 if TYPE_CHECKING:
     from megatron_spot.models.qwen3.presets import Qwen3Config
@@ -292,14 +291,9 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
 def _save_chunks_single(chunks, out_dir, cfg, dtype, side_files_from, overwrite, source, row_chunks) -> None:
     from megatron.core import dist_checkpointing
 
-    tmp = _prepare_out(out_dir, overwrite, inputs=[side_files_from, source])
-    try:
+    with atomic_dir(check_output_dir(out_dir, overwrite, inputs=[side_files_from, source])) as tmp:
         dist_checkpointing.save(_substitute_chunks(_sharded_state_dict(chunks), row_chunks), tmp)
         _write_side_and_metadata(tmp, cfg, dtype, side_files_from, source, {"tp": 1, "pp": 1, "vpp": None})
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,9 +346,8 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
             raise CheckpointError(f"internal: {name} has shape {list(tensor.shape)}, expected {list(shapes[name])}")
         return row_blocks(tensor, tdtype)
 
-    tmp = _prepare_out(out_dir, overwrite, inputs=[ckpt_dir])
     total = 0
-    try:
+    with atomic_dir(check_output_dir(out_dir, overwrite, inputs=[ckpt_dir])) as tmp:
         with _progress(len(items), "mcore->hf", progress) as bar, torch.no_grad():
             weight_map = {}
             for fname, shard in zip(names, shards):
@@ -366,10 +359,6 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
             _write_json(os.path.join(tmp, INDEX_NAME), {"metadata": {"total_size": total}, "weight_map": weight_map})
         _copy_side_files(ckpt_dir, tmp, cfg)
         _write_json(os.path.join(tmp, "config.json"), adapter.hf_config_dict(cfg, dtype))
-        _publish(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     del chunks, params
     gc.collect()
     summary = dict(tensors=len(items), bytes=total, seconds=round(time.perf_counter() - t0, 3),

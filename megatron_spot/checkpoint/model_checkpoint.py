@@ -84,15 +84,22 @@ def _list(names: Iterable[str], limit: int = 8) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def _prepare_out(out_dir: str, overwrite: bool, inputs: Iterable[str] = ()) -> str:
-    """Check the destination and create a sibling temporary folder `<out>.tmp-<pid>-<hex>`."""
+def check_output_dir(out_dir: str, overwrite: bool, inputs: Iterable[str] = ()) -> str:
+    """Refuse a destination that is or holds an input, is a file, or is a non-empty folder without
+    `overwrite`; returns its absolute path (what utils/atomic.atomic_dir then publishes into)."""
     out_dir = os.path.abspath(out_dir)
     check_output_not_input(out_dir, inputs)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CheckpointError(f"output {out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise CheckpointError(f"output {out_dir} already exists and is not empty (pass --force / overwrite=True)")
-    return make_temp_dir(out_dir)
+    return out_dir
+
+
+def _prepare_out(out_dir: str, overwrite: bool, inputs: Iterable[str] = ()) -> str:
+    """Check the destination and create a sibling temporary folder `<out>.tmp-<pid>-<hex>` (the multi-rank
+    save: rank 0 makes it and broadcasts it, so it cannot be one `with atomic_dir` block)."""
+    return make_temp_dir(check_output_dir(out_dir, overwrite, inputs))
 
 
 def check_output_not_input(out_dir: str, inputs: Iterable[str]) -> None:
