@@ -2,10 +2,13 @@
 
 (a) `ops.linear_token_logprobs` (chunked GEMM, logits never materialised, recompute in backward)
 (b) today's path: logits = hidden @ weight.T, then the fused `ops.token_logprobs` (in-place backward)
+plus a breakdown of (b) into its GEMMs and kernels (CPU seconds), which shows what (a)'s one extra
+GEMM costs on this machine
 (c) Megatron-Core: `ColumnParallelLinear` output layer + `vocab_parallel_cross_entropy` (negated)
 
 Each case runs in a fresh subprocess. Time: wall clock of forward+backward after a warm-up, best of
-`--reps`. Memory: torch's profiler with `profile_memory=True` records every CPU allocation and free
+`--reps`, and the process's CPU time over the same pass (all threads; it moves less than wall clock when
+other work shares the cores). Memory: torch's profiler with `profile_memory=True` records every CPU allocation and free
 with the running "Total Allocated" counter (the CPU allocator is otherwise invisible to tracemalloc);
 the peak of that counter during one profiled forward+backward, minus the gradients it returns
 (grad_hidden + grad_weight), is the memory beyond the inputs and their gradients. The process's RSS
@@ -105,15 +108,16 @@ def run_case(impl: str, dtype_name: str, tokens: int, hidden: int, vocab: int, r
     w = (torch.randn(vocab, hidden) * (2.0 / hidden**0.5)).to(dtype).requires_grad_(True)  # logits ~ N(0, 4)
     t = torch.randint(0, vocab, (tokens, 1))
     go = torch.ones(tokens, 1)
-    times = []
+    times, cpu_times = [], []
     for _ in range(reps if timed else 0):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         gh, gw = torch.autograd.grad(fn(h, w, t), (h, w), go)
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)  # CPU seconds of all threads: steadier under load
         del gh, gw
     grads_bytes = (h.numel() + w.numel()) * h.element_size()
     result = {"impl": impl, "dtype": dtype_name, "tokens": tokens, "hidden": hidden, "vocab": vocab,
-              "backend": backend, "threads": torch.get_num_threads(), "times": times}
+              "backend": backend, "threads": torch.get_num_threads(), "times": times, "cpu_times": cpu_times}
     if not measure_memory:
         return result
     reset_peak_rss()
@@ -126,6 +130,43 @@ def run_case(impl: str, dtype_name: str, tokens: int, hidden: int, vocab: int, r
                   rss_extra_bytes=max(0, rss_peak - grads_bytes), grads_bytes=grads_bytes,
                   logits_bytes=tokens * vocab * h.element_size())
     return result
+
+
+def run_breakdown(tokens: int, hidden: int, vocab: int, reps: int = 2) -> dict:
+    """Child process: CPU seconds of each piece of the unchunked head at T tokens (fp32), to show what
+    the recompute GEMM costs on this machine: (b) = forward GEMM + stats + gradient kernel + the two
+    backward GEMMs; (a) adds one more forward-shaped GEMM [T, H] x [H, V]."""
+    import torch
+
+    from megatron_spot.ops import _backend
+
+    _, impl = _backend.impl_for(torch.device("cpu"), None)
+    torch.manual_seed(0)
+    h = torch.randn(tokens, hidden)
+    w = torch.randn(vocab, hidden) * (2.0 / hidden**0.5)
+    t = torch.randint(0, vocab, (tokens,))
+    g = torch.ones(tokens)
+
+    def best(f):
+        out = []
+        for _ in range(reps):
+            c0 = time.process_time()
+            f()
+            out.append(time.process_time() - c0)
+        return min(out)
+
+    logits = torch.mm(h, w.t())
+    stats = impl.token_logprobs_stats(logits, t, 0, vocab, -100)
+    m, logs = stats[0].contiguous(), torch.log(stats[1]).contiguous()
+    pieces = {
+        "forward GEMM [T,H]x[H,V]": best(lambda: torch.mm(h, w.t(), out=logits)),
+        "statistics kernel": best(lambda: impl.token_logprobs_stats(logits, t, 0, vocab, -100)),
+        "gradient kernel (in place)": best(lambda: impl.token_logprobs_grad_(logits, t, g, m, logs, 0, vocab, -100)),
+        "grad_hidden GEMM [T,V]x[V,H]": best(lambda: torch.mm(logits, w)),
+        "grad_weight GEMM [V,T]x[T,H]": best(lambda: torch.mm(logits.t(), h)),
+    }
+    return {"impl": "breakdown", "tokens": tokens, "hidden": hidden, "vocab": vocab,
+            "threads": torch.get_num_threads(), "cpu_seconds": pieces}
 
 
 _CACHE: dict = {}
@@ -224,6 +265,10 @@ def main() -> None:
     # measures what is missing
     ap.add_argument("--cache", default=None)
     args = ap.parse_args()
+    if args.child and args.child[0] == "breakdown":
+        sys.path.insert(0, ROOT)
+        print_result(run_breakdown(args.tokens, args.hidden, args.vocab))
+        return
     if args.child:
         sys.path.insert(0, ROOT)
         print_result(run_case(args.child[0], args.child[1], args.tokens, args.hidden, args.vocab, args.reps,
@@ -231,7 +276,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, ROOT)
-    from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES, default_chunk_size
+    from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES, plan_chunks
 
     if args.cache:
         _load_cache(args.cache)
@@ -249,6 +294,8 @@ def main() -> None:
                       1 if bf16 else args.reps, True, measure_memory=not bf16)
             timed[(impl, dtype_name)] = r
             print(json.dumps(r)[:400], flush=True)
+    breakdown = spawn("breakdown", "float32", args.tokens, args.hidden, args.vocab, 2, True, measure_memory=False)
+    print(json.dumps(breakdown)[:400], flush=True)
     mem = {}
     for impl in IMPLS:
         need = args.mem_tokens * args.vocab * 4 * EXTRA_FACTOR[impl] * 1.1 + GIB  # + inputs, grads, slack
@@ -266,21 +313,33 @@ def main() -> None:
             return "2-10, earlier run"
         return f"{r['load_avg']:.1f}" if r.get("load_avg") is not None else "-"
 
-    rows = ["| head | dtype | T | backend | fwd+bwd time (s) | vs (b) | extra memory (GiB) | load |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| head | dtype | T | backend | fwd+bwd time (s) | vs (b) | CPU time (s) | vs (b), CPU | "
+            "extra memory (GiB) | load |", "|---|---|---|---|---|---|---|---|---|---|"]
     for dtype_name in ("float32", "bfloat16"):
         base = timed[("today", dtype_name)]
         for impl in IMPLS:
             r = timed[(impl, dtype_name)]
             if "error" in r:
                 rows.append(f"| {LABEL[impl]} | {dtype_name} | {r['tokens']} | - | failed: "
-                            f"{r['error'].splitlines()[-1][:120]} | | | |")
+                            f"{r['error'].splitlines()[-1][:120]} | | | | | |")
                 continue
             best = min(r["times"])
             rel = f"{best / min(base['times']):.2f}x" if "times" in base else "-"
+            cpu = f"{min(r['cpu_times']):.2f}" if r.get("cpu_times") else "-"
+            rel_cpu = (f"{min(r['cpu_times']) / min(base['cpu_times']):.2f}x"
+                       if r.get("cpu_times") and base.get("cpu_times") else "-")
             extra = f"{r['extra_bytes'] / GIB:.3f}" if "extra_bytes" in r else "not measured"
             rows.append(f"| {LABEL[impl]} | {dtype_name} | {r['tokens']} | {r['backend']} | {best:.2f} | {rel} | "
-                        f"{extra} | {load_of(r)} |")
+                        f"{cpu} | {rel_cpu} | {extra} | {load_of(r)} |")
+    # what the recompute costs here: (b) is the sum of its pieces, (a) adds one forward-shaped GEMM
+    brows, floor = [], None
+    if "cpu_seconds" in breakdown:
+        pieces = breakdown["cpu_seconds"]
+        today_sum = sum(pieces.values())
+        floor = (today_sum + pieces["forward GEMM [T,H]x[H,V]"]) / today_sum
+        brows = ["| piece of (b), fp32, T=" + str(args.tokens) + " | CPU seconds | share of (b) |", "|---|---|---|"]
+        brows += [f"| {k} | {v:.2f} | {100 * v / today_sum:.0f}% |" for k, v in pieces.items()]
+        brows.append(f"| sum = (b) without autograd | {today_sum:.2f} | 100% |")
     logits_gib = Tm * V * 4 / GIB
     mrows = [f"| head | extra memory, profiler (GiB) | % of the fp32 logits ({logits_gib:.2f} GiB) | "
              "RSS high-water cross-check (GiB) |", "|---|---|---|---|"]  # memory does not depend on load
@@ -303,7 +362,7 @@ def main() -> None:
             fixed = fixed_extra + 2 * V * H * 4
             n = _largest_tokens(per_token, fixed, args.budget_gib * GIB)
             fits.append(f"| {LABEL[impl]} | {per_token / 1024:.1f} KiB | {fixed / GIB:.2f} GiB | {n:,} |")
-    chunk_rows = default_chunk_size(V, torch.float32)
+    plans = {n: plan_chunks(n, V, torch.float32) for n in (T, Tm)}
     tgt_mem = mem["linear"].get("extra_bytes")
     tgt_time = None
     if "times" in timed[("linear", "float32")] and "times" in timed[("today", "float32")]:
@@ -314,11 +373,20 @@ def main() -> None:
                        f"logits (target <= 5%)")
     if tgt_time is not None:
         verdict.append(f"fp32 time is {tgt_time:.2f}x of (b) (target <= 1.35x)")
+    if floor is not None:
+        pieces = breakdown["cpu_seconds"]
+        gemms = {k: v for k, v in pieces.items() if "GEMM" in k}
+        slowest = max(gemms, key=gemms.get) == "forward GEMM [T,H]x[H,V]"
+        verdict.append(f"the one extra forward-shaped GEMM alone puts the floor at {floor:.2f}x on this CPU"
+                       + (" (the slowest of the three GEMM shapes here: K = H is small and the whole [T, V] output "
+                          "is written)" if slowest else "")
+                       + "; on a GPU, where these GEMMs are FLOP-bound, the floor is 8/6 = 1.33x")
     body = "\n".join([
         f"V={V:,}, H={H}, one sequence of T tokens ([T, 1, H] hidden), TP=1, every target scored; "
         f"load average (1/5/15 min) {load_before} before and {load_after} after ({minutes:.0f} min). "
-        f"(a) runs with its default chunk: {DEFAULT_CHUNK_BYTES >> 20} MiB of logits = {chunk_rows} tokens "
-        "in fp32. Memory is torch's profiler allocation counter (see the script's docstring); "
+        f"(a) runs with its default plan (`plan_chunks`, {DEFAULT_CHUNK_BYTES >> 20} MiB of fp32 logits per chunk): "
+        + "; ".join(f"T={n}: {k} chunks of {c}" + (" columns" if k == "vocab" else " tokens") for n, (k, c) in plans.items())
+        + ". Memory is torch's profiler allocation counter (see the script's docstring); "
         "'extra' = peak beyond the inputs and their gradients.",
         "",
         f"**Time (best of {args.reps} fp32, 1 bf16) and memory:**"
@@ -327,6 +395,9 @@ def main() -> None:
            "T=4096 would take hours for every head; all three do the same bf16 GEMMs, so the ratios still "
            "compare the heads."),
         "", *rows, "",
+        *(["**Where (b)'s time goes** (CPU seconds of both threads, best of 2, unchunked, outside autograd): "
+            "(a) does all of it plus one more forward GEMM, to recompute the logits in backward.", "", *brows, ""]
+          if brows else []),
         f"**Memory at T={Tm}, fp32:**", "", *mrows, "",
         f"**Largest T whose head fits in {args.budget_gib:.0f} GiB (fp32)**, computed (not run) from the measured "
         f"extra memory at T={T} and T={Tm} (a line through both) plus inputs and gradients "

@@ -10,6 +10,15 @@ into the softmax gradient in place with our gradient kernel, and accumulates gra
 grad_weight from that buffer; grad_hidden is all-reduced over TP once (a column-parallel linear's
 input gradient), or reduce-scattered along the sequence under sequence parallelism.
 
+Chunks run along the tokens or along this rank's vocabulary, whichever re-reads less: every chunk
+re-reads (and in backward re-writes, as an accumulator) the operand that is NOT chunked, which is the
+[V_local, H] weight and its gradient for token chunks but only the [T, H] hidden states and their
+gradient for vocabulary chunks. With the same logits budget both make T x V_local / budget chunks, so
+vocabulary chunks move less memory whenever T < V_local (16k tokens against 151,936 columns at TP1:
+9x less), and token chunks win beyond it. A vocabulary chunk is handled exactly like a tensor-parallel
+shard (its own column offset); its statistics are merged into the running per-token ones in place
+(online softmax), so the TP all-reduces stay two in all.
+
 Tokens whose target is ignored or outside the vocabulary are dropped before the first GEMM (their
 log-prob is 0 and their gradient zero by definition), so prompt tokens in preference batches cost
 nothing; vocabulary padding rows of `weight` are never multiplied either.
@@ -35,6 +44,28 @@ def default_chunk_size(vocab_local: int, dtype: torch.dtype, budget_bytes: int =
     row_bytes = max(1, vocab_local) * torch.empty((), dtype=dtype).element_size()
     rows = max(1, budget_bytes // row_bytes)
     return rows - rows % 8 if rows >= 16 else rows  # multiples of 8 keep GEMM tiles whole
+
+
+def default_vocab_chunk_size(tokens: int, dtype: torch.dtype, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Vocabulary columns per chunk so that one chunk of logits [tokens, columns] fits `budget_bytes`."""
+    return default_chunk_size(tokens, dtype, budget_bytes)  # same arithmetic with the roles swapped
+
+
+def plan_chunks(tokens: int, vocab_local: int, dtype: torch.dtype, chunk_size: int | None = None,
+                vocab_chunk_size: int | None = None) -> tuple[str, int]:
+    """('tokens', rows) or ('vocab', columns) for `tokens` scored tokens against `vocab_local` columns.
+
+    An explicit size picks its layout; with neither, the one that re-reads less memory (see the module
+    docstring): vocabulary chunks when tokens < vocab_local, token chunks otherwise, sized from the
+    DEFAULT_CHUNK_BYTES logits budget.
+    """
+    if chunk_size is not None:
+        return "tokens", chunk_size
+    if vocab_chunk_size is not None:
+        return "vocab", vocab_chunk_size
+    if tokens < vocab_local:
+        return "vocab", default_vocab_chunk_size(tokens, dtype)
+    return "tokens", default_chunk_size(vocab_local, dtype)
 
 
 def _validate(hidden, weight, targets, tp_size: int, sequence_parallel: bool) -> None:
@@ -90,20 +121,32 @@ def _chunk_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch.mm(h, w.t())  # [chunk, valid_local], contiguous, in the inputs' dtype
 
 
-def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
-    """acc [valid_local, H] += grad_logits.T @ h, with acc in fp32 for 16-bit inputs."""
-    if acc.dtype == grad_logits.dtype:
-        acc.addmm_(grad_logits.t(), h)
-    elif grad_logits.is_cuda:  # cuBLAS accumulates 16-bit inputs into an fp32 output without a temporary
-        acc.add_(torch.mm(grad_logits.t(), h, out_dtype=acc.dtype))
+def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, with acc in fp32 for 16-bit inputs (a gradient summed over chunks)."""
+    if acc.dtype == a.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:  # cuBLAS accumulates 16-bit inputs into an fp32 output without a temporary
+        acc.add_(torch.mm(a, b, out_dtype=acc.dtype))
     else:  # the CPU mm has no fp32 output for bf16 inputs: round each chunk's partial sum once
-        acc.add_(torch.mm(grad_logits.t(), h))
+        acc.add_(torch.mm(a, b))
+
+
+def _merge_stats_(stats: torch.Tensor, chunk: torch.Tensor) -> None:
+    """Fold one vocabulary chunk's per-token (max, sum-exp, target logit) into the running `stats`
+    [3, n] in place: the online-softmax merge (a chunk never holding the target contributes 0)."""
+    m, c_m = stats[0], chunk[0]
+    new_m = torch.maximum(m, c_m)
+    # a side whose max is -inf (nothing seen yet, or every column -inf) adds nothing, without NaNs
+    safe = torch.where(torch.isinf(new_m) & (new_m < 0), torch.zeros_like(new_m), new_m)
+    stats[1].mul_(torch.exp(m - safe)).add_(chunk[1] * torch.exp(c_m - safe))
+    stats[2].add_(chunk[2])
+    stats[0].copy_(new_m)
 
 
 class _LinearTokenLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, impl, tp_group, tp_size, tp_rank, vocab_start, valid_local,
-                valid_vocab, ignore_index, chunk_rows, sequence_parallel):
+                valid_vocab, ignore_index, chunk_rows, chunk_cols, sequence_parallel):
         H = hidden.shape[-1]
         full = _gather_sequence(hidden, tp_group, tp_size) if sequence_parallel else hidden
         h_all = full.reshape(-1, H)
@@ -121,11 +164,18 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         stats = torch.empty(3, nv, dtype=acc, device=hidden.device)
         stats[0].fill_(float("-inf"))
         stats[1:].zero_()
-        if valid_local > 0:
-            for r0 in range(0, nv, chunk_rows):
-                r1 = min(nv, r0 + chunk_rows)
+        layout, size = plan_chunks(nv, valid_local, hidden.dtype, chunk_rows, chunk_cols)
+        if valid_local > 0 and nv > 0 and layout == "tokens":
+            for r0 in range(0, nv, size):
+                r1 = min(nv, r0 + size)
                 logits = _chunk_logits(h[r0:r1], w)
                 stats[:, r0:r1] = impl.token_logprobs_stats(logits, t[r0:r1], vocab_start, valid_local, ignore_index)
+                del logits
+        elif valid_local > 0 and nv > 0:
+            for c0 in range(0, valid_local, size):
+                c1 = min(valid_local, c0 + size)
+                logits = _chunk_logits(h, w[c0:c1])
+                _merge_stats_(stats, impl.token_logprobs_stats(logits, t, vocab_start + c0, c1 - c0, ignore_index))
                 del logits
         m, s, tgt = combine_vocab_parallel_stats(stats[0], stats[1], stats[2], tp_group, tp_size)
         logs = torch.log(s)
@@ -137,14 +187,14 @@ class _LinearTokenLogprobs(torch.autograd.Function):
             logp.index_copy_(0, rows, logp_valid)
         # the gathered sequence is dropped and re-gathered in backward, as Megatron's output layer does
         ctx.save_for_backward(hidden, weight, t, rows, m.contiguous(), logs.contiguous())
-        ctx.cfg = (impl, tp_group, tp_size, tp_rank, vocab_start, valid_local, ignore_index, chunk_rows,
+        ctx.cfg = (impl, tp_group, tp_size, tp_rank, vocab_start, valid_local, ignore_index, layout, size,
                    sequence_parallel, all_valid, n)
         return logp.view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, t, rows, m, logs = ctx.saved_tensors
-        (impl, tp_group, tp_size, tp_rank, vocab_start, valid_local, ignore_index, chunk_rows, sequence_parallel,
+        (impl, tp_group, tp_size, tp_rank, vocab_start, valid_local, ignore_index, layout, size, sequence_parallel,
          all_valid, n) = ctx.cfg
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         H = hidden.shape[-1]
@@ -160,27 +210,52 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         if need_h:  # rows of dropped (ignored) tokens stay zero
             alloc = torch.empty if all_valid else torch.zeros
             grad_h = alloc(n, H, dtype=hidden.dtype, device=hidden.device)
-        grad_h_valid = None
-        if need_h:
-            grad_h_valid = grad_h if all_valid else torch.empty(nv, H, dtype=hidden.dtype, device=hidden.device)
-        grad_w_acc = torch.zeros(valid_local, H, dtype=acc, device=weight.device) if need_w else None
-        if valid_local > 0:
-            for r0 in range(0, nv, chunk_rows):
-                r1 = min(nv, r0 + chunk_rows)
+        work = valid_local > 0 and nv > 0
+        grad_h_valid = grad_w_valid = None
+        if layout == "tokens":
+            # each token chunk's grad_hidden rows are final at once; grad_weight sums over all chunks
+            if need_h:
+                grad_h_valid = grad_h if all_valid else torch.empty(nv, H, dtype=hidden.dtype, device=hidden.device)
+                if not work:
+                    grad_h_valid.zero_()
+            if need_w:
+                grad_w_valid = torch.zeros(valid_local, H, dtype=acc, device=weight.device)
+            for r0 in range(0, nv if work else 0, size):
+                r1 = min(nv, r0 + size)
                 grad_logits = _chunk_logits(h[r0:r1], w)  # recomputed: the forward kept no logits
                 impl.token_logprobs_grad_(grad_logits, t[r0:r1], g[r0:r1], m[r0:r1], logs[r0:r1], vocab_start,
                                           valid_local, ignore_index)
                 if need_h:
                     torch.mm(grad_logits, w, out=grad_h_valid[r0:r1])
                 if need_w:
-                    _accumulate_weight_grad(grad_w_acc, grad_logits, h[r0:r1])
+                    _accumulate_mm(grad_w_valid, grad_logits.t(), h[r0:r1])
                 del grad_logits
-        elif need_h:
-            grad_h_valid.zero_()
+        else:
+            # each vocabulary chunk's grad_weight rows are final at once; grad_hidden sums over all chunks
+            if need_h:  # fp32 accumulator for 16-bit inputs; grad_h itself when nothing is dropped
+                in_place = all_valid and hidden.dtype == acc
+                grad_h_valid = grad_h.zero_() if in_place else torch.zeros(nv, H, dtype=acc, device=hidden.device)
+            if need_w:
+                grad_w_valid = torch.empty(valid_local, H, dtype=weight.dtype, device=weight.device)
+            for c0 in range(0, valid_local if work else 0, size):
+                c1 = min(valid_local, c0 + size)
+                grad_logits = _chunk_logits(h, w[c0:c1])  # recomputed: the forward kept no logits
+                impl.token_logprobs_grad_(grad_logits, t, g, m, logs, vocab_start + c0, c1 - c0, ignore_index)
+                if need_h:
+                    _accumulate_mm(grad_h_valid, grad_logits, w[c0:c1])
+                if need_w:
+                    torch.mm(grad_logits.t(), h, out=grad_w_valid[c0:c1])
+                del grad_logits
+            if need_w and not work:
+                grad_w_valid.zero_()
+            if need_h and not all_valid:
+                grad_h_valid = grad_h_valid.to(hidden.dtype)  # index_copy_ below needs matching dtypes
         grad_hidden = grad_weight = None
         if need_h:
             if not all_valid:
                 grad_h.index_copy_(0, rows, grad_h_valid)
+            elif grad_h_valid is not grad_h:
+                grad_h.copy_(grad_h_valid)  # the fp32 accumulator, rounded once
             grad_h = grad_h.view(full.shape)
             if sequence_parallel:
                 grad_hidden = _reduce_scatter_sequence(grad_h, tp_group, tp_size, tp_rank)
@@ -189,12 +264,12 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     dist.all_reduce(grad_h, group=tp_group)
                 grad_hidden = grad_h
         if need_w:
-            if valid_local == weight.shape[0] and grad_w_acc.dtype == weight.dtype:
-                grad_weight = grad_w_acc
+            if valid_local == weight.shape[0] and grad_w_valid.dtype == weight.dtype:
+                grad_weight = grad_w_valid
             else:
                 grad_weight = torch.zeros_like(weight)
-                grad_weight[:valid_local] = grad_w_acc
-        return (grad_hidden, grad_weight) + (None,) * 11
+                grad_weight[:valid_local] = grad_w_valid
+        return (grad_hidden, grad_weight) + (None,) * 12
 
 
 def linear_token_logprobs(
@@ -207,6 +282,7 @@ def linear_token_logprobs(
     chunk_size: int | None = None,
     sequence_parallel: bool = False,
     backend: str | None = None,
+    vocab_chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Log-probability of each target under softmax(hidden @ weight.T) over the full (TP-sharded)
     vocabulary, without materialising the logits.
@@ -224,8 +300,11 @@ def linear_token_logprobs(
             and contribute no gradient.
         valid_vocab_size: global vocabulary without padding; weight rows >= it are excluded from the
             softmax and get zero gradient (default: V/tp x tp).
-        chunk_size: tokens per GEMM chunk; None picks it from a 256 MiB logits budget
-            (`default_chunk_size`).
+        chunk_size: tokens per GEMM chunk (chunks along the tokens).
+        vocab_chunk_size: vocabulary columns per GEMM chunk (chunks along this rank's vocabulary).
+            Give at most one of the two; with neither, `plan_chunks` picks the layout that re-reads
+            less memory (vocabulary chunks when the scored tokens are fewer than V/tp) and sizes it
+            from a 256 MiB logits budget.
         sequence_parallel: hidden arrives split along the sequence over `tp_group`: all-gather it
             (re-gathered in backward) and reduce-scatter its gradient, as Megatron's output layer does.
         backend: 'auto' | 'cuda' | 'cpu' | 'reference' for the chunk kernels (default:
@@ -249,16 +328,19 @@ def linear_token_logprobs(
             f"linear_token_logprobs: valid_vocab_size={valid_vocab_size} must lie in [1, {global_V}] "
             f"(weight rows V/tp={V_local} x tp={tp_size})"
         )
-    if chunk_size is None:
-        chunk_size = default_chunk_size(V_local, hidden.dtype)
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"linear_token_logprobs: chunk_size must be a positive int or None, got {chunk_size!r}")
+    for name, size in (("chunk_size", chunk_size), ("vocab_chunk_size", vocab_chunk_size)):
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ValueError(f"linear_token_logprobs: {name} must be a positive int or None, got {size!r}")
+    if chunk_size is not None and vocab_chunk_size is not None:
+        raise ValueError("linear_token_logprobs: give chunk_size (token chunks) or vocab_chunk_size "
+                         "(vocabulary chunks), not both")
     vocab_start = tp_rank * V_local
     valid_local = max(0, min(V_local, valid_vocab_size - vocab_start))
     return _LinearTokenLogprobs.apply(
         hidden, weight, targets, impl, tp_group, tp_size, tp_rank, vocab_start, valid_local, valid_vocab_size,
-        int(ignore_index), int(chunk_size), sequence_parallel,
+        int(ignore_index), chunk_size, vocab_chunk_size, sequence_parallel,
     )
 
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "default_chunk_size", "linear_token_logprobs"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "default_chunk_size", "default_vocab_chunk_size", "linear_token_logprobs",
+           "plan_chunks"]

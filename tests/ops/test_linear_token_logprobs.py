@@ -1,12 +1,13 @@
 """megatron_spot.ops.linear_token_logprobs against a naive PyTorch computation
 (logits = hidden @ weight.T, log_softmax over the unpadded vocabulary, gather): values and both
-gradients in fp64 and fp32, bf16 inputs, extreme logits, ignored / out-of-range targets, chunk sizes
-that do not divide the tokens, bad input; TP=2 (and sequence parallel) over gloo equals TP=1 in one spawn."""
+gradients in fp64 and fp32, bf16 inputs, extreme logits, ignored / out-of-range targets, token and
+vocabulary chunks that do not divide the tokens / columns, bad input; TP=2 (and sequence parallel) over gloo
+equals TP=1 in one spawn."""
 import pytest
 import torch
 
 from megatron_spot import ops
-from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES, default_chunk_size
+from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES, default_chunk_size, plan_chunks
 from tests.multiprocess import run_on_ranks
 
 BACKENDS = [b for b in ("cpu", "reference") if b in ops.available_backends()]
@@ -52,13 +53,20 @@ def make_case(s=9, b=3, H=24, V=700, dtype=torch.float64, seed=0, scale=1.0, val
     return hidden, weight, targets, grad_out
 
 
+# 27 tokens, 23 scored: token chunks of 4 and 10 leave a remainder; 650 real columns: vocabulary chunks of
+# 64 and 300 leave one; {} = the automatic plan (here vocabulary chunks: 23 tokens < 650 columns)
+CHUNKINGS = [dict(chunk_size=1), dict(chunk_size=4), dict(chunk_size=10), dict(vocab_chunk_size=1),
+             dict(vocab_chunk_size=64), dict(vocab_chunk_size=300), dict(vocab_chunk_size=5000), {}]
+CHUNK_IDS = ["tok1", "tok4", "tok10", "voc1", "voc64", "voc300", "voc_all", "auto"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-11), (torch.float32, 2e-5)])
-@pytest.mark.parametrize("chunk_size", [1, 4, 10, None])  # 27 tokens, 23 scored: 4 and 10 leave a remainder
-def test_matches_naive_values_and_grads(backend, dtype, tol, chunk_size):
+@pytest.mark.parametrize("chunking", CHUNKINGS, ids=CHUNK_IDS)
+def test_matches_naive_values_and_grads(backend, dtype, tol, chunking):
     V, vv = 700, 650  # 50 padding rows in the weight
     hidden, weight, targets, go = make_case(dtype=dtype, V=V, valid_vocab=vv)
-    y, gh, gw = fused(hidden, weight, targets, go, backend, valid_vocab_size=vv, chunk_size=chunk_size)
+    y, gh, gw = fused(hidden, weight, targets, go, backend, valid_vocab_size=vv, **chunking)
     yr, ghr, gwr = naive_grads(hidden.double(), weight.double(), targets, go, valid_vocab=vv)
     assert y.shape == targets.shape and y.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert gh.dtype == dtype and gh.shape == hidden.shape and gw.dtype == dtype and gw.shape == weight.shape
@@ -72,9 +80,10 @@ def test_matches_naive_values_and_grads(backend, dtype, tol, chunk_size):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_inputs(backend):
+@pytest.mark.parametrize("chunking", [dict(chunk_size=8), dict(vocab_chunk_size=96)], ids=["tokens", "vocab"])
+def test_bf16_inputs(backend, chunking):
     hidden, weight, targets, go = make_case(dtype=torch.bfloat16, V=1000, H=64, seed=3)
-    y, gh, gw = fused(hidden, weight, targets, go, backend, chunk_size=8)
+    y, gh, gw = fused(hidden, weight, targets, go, backend, **chunking)
     # oracle on the same bf16 numbers in fp64: the remaining error is the bf16 rounding of the logits
     yr, ghr, gwr = naive_grads(hidden.double(), weight.double(), targets, go)
     assert y.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
@@ -89,10 +98,11 @@ def test_bf16_inputs(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_extreme_logits(backend):
-    """|logits| ~ 1e4: the max-shifted statistics keep log-probs and gradients exact in fp32."""
+@pytest.mark.parametrize("chunking", [dict(chunk_size=7), dict(vocab_chunk_size=33)], ids=["tokens", "vocab"])
+def test_extreme_logits(backend, chunking):
+    """|logits| ~ 1e4: the max-shifted statistics (merged across vocabulary chunks) stay exact in fp32."""
     hidden, weight, targets, go = make_case(dtype=torch.float32, V=500, H=16, seed=5, scale=600.0)
-    y, gh, gw = fused(hidden, weight, targets, go, backend, chunk_size=7)
+    y, gh, gw = fused(hidden, weight, targets, go, backend, **chunking)
     yr, ghr, gwr = naive_grads(hidden.double(), weight.double(), targets, go)
     assert (hidden.double() @ weight.double().t()).abs().max() > 5e3
     assert torch.isfinite(y).all() and torch.isfinite(gh).all() and torch.isfinite(gw).all()
@@ -102,18 +112,20 @@ def test_extreme_logits(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_all_targets_ignored_gives_zeros(backend):
+@pytest.mark.parametrize("chunking", [dict(chunk_size=4), dict(vocab_chunk_size=64), {}], ids=["tokens", "vocab", "auto"])
+def test_all_targets_ignored_gives_zeros(backend, chunking):
     hidden, weight, _, go = make_case(dtype=torch.float32)
     targets = torch.full(hidden.shape[:-1], -100)
-    y, gh, gw = fused(hidden, weight, targets, go, backend)
+    y, gh, gw = fused(hidden, weight, targets, go, backend, **chunking)
     assert torch.all(y == 0) and torch.all(gh == 0) and torch.all(gw == 0)
 
 
-def test_gradcheck_fp64():
+@pytest.mark.parametrize("chunking", [dict(chunk_size=2), dict(vocab_chunk_size=5)], ids=["tokens", "vocab"])
+def test_gradcheck_fp64(chunking):
     hidden, weight, targets, _ = make_case(s=3, b=2, H=5, V=37, seed=1)
     h, w = hidden.requires_grad_(True), weight.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda a, b: ops.linear_token_logprobs(a, b, targets, chunk_size=2, valid_vocab_size=33), (h, w)
+        lambda a, b: ops.linear_token_logprobs(a, b, targets, valid_vocab_size=33, **chunking), (h, w)
     )
 
 
@@ -123,6 +135,16 @@ def test_default_chunk_fits_budget():
     rows_tp8_bf16 = default_chunk_size(151_936 // 8, torch.bfloat16)  # a TP=8 shard in bf16: 16x the rows
     assert rows_tp8_bf16 * 18_992 * 2 <= DEFAULT_CHUNK_BYTES and rows_tp8_bf16 >= 15 * rows
     assert default_chunk_size(10**9, torch.float64) == 1  # a row larger than the budget still runs
+
+
+def test_plan_chunks_picks_the_layout_that_rereads_less():
+    # fewer tokens than columns: vocabulary chunks of the budget's width; more tokens: token chunks
+    assert plan_chunks(16_384, 151_936, torch.float32) == ("vocab", default_chunk_size(16_384, torch.float32))
+    assert plan_chunks(200_000, 151_936, torch.float32) == ("tokens", default_chunk_size(151_936, torch.float32))
+    assert plan_chunks(16_384, 151_936 // 8, torch.bfloat16)[0] == "vocab"
+    assert plan_chunks(32_768, 151_936 // 8, torch.bfloat16)[0] == "tokens"  # TP8 shard: 18,992 columns
+    assert plan_chunks(10, 10, torch.float32, chunk_size=3) == ("tokens", 3)  # an explicit size wins
+    assert plan_chunks(10, 10, torch.float32, vocab_chunk_size=4) == ("vocab", 4)
 
 
 def test_bad_inputs_are_clear_errors():
@@ -144,6 +166,10 @@ def test_bad_inputs_are_clear_errors():
         f(h, w, t, valid_vocab_size=701)
     with pytest.raises(ValueError, match="chunk_size must be a positive int"):
         f(h, w, t, chunk_size=0)
+    with pytest.raises(ValueError, match="vocab_chunk_size must be a positive int"):
+        f(h, w, t, vocab_chunk_size=-1)
+    with pytest.raises(ValueError, match="not both"):
+        f(h, w, t, chunk_size=4, vocab_chunk_size=4)
     with pytest.raises(ValueError, match="targets is on meta but hidden is on cpu"):
         f(h, w, t.to("meta"))
     with pytest.raises(ValueError, match="sequence_parallel=True needs"):
@@ -171,7 +197,8 @@ def _tp_worker(rank, world_size, backends):
     for backend in backends:
         for dtype in (torch.float32, torch.bfloat16):
             for valid_vocab in (V, V - 13, V_local - 40):  # none / part of rank 1 / all of rank 1 padded
-                for sp in (False, True):
+                for sp, chunking in ((False, dict(chunk_size=5)), (True, dict(chunk_size=5)),
+                                     (False, dict(vocab_chunk_size=70)), (True, dict(vocab_chunk_size=70))):
                     gen = torch.Generator().manual_seed(11)
                     hidden = torch.randn(s, b, H, generator=gen).to(dtype)
                     weight = (torch.randn(V, H, generator=gen) / 2).to(dtype)
@@ -185,7 +212,7 @@ def _tp_worker(rank, world_size, backends):
                     w = weight[rank * V_local:(rank + 1) * V_local].clone().requires_grad_(True)
                     before = len(calls)
                     y = ops.linear_token_logprobs(h, w, targets, tp_group=group, valid_vocab_size=valid_vocab,
-                                                  chunk_size=5, sequence_parallel=sp, backend=backend)
+                                                  sequence_parallel=sp, backend=backend, **chunking)
                     n_fwd = len(calls) - before
                     gh, gw = torch.autograd.grad(y, (h, w), go)
                     n_bwd = len(calls) - before - n_fwd
@@ -197,7 +224,7 @@ def _tp_worker(rank, world_size, backends):
                     gh1 = gh1[rows] if sp else gh1
                     gw1 = gw1[rank * V_local:(rank + 1) * V_local]
                     report.append(dict(
-                        case=(backend, str(dtype), valid_vocab, sp), n_fwd=n_fwd, n_bwd=n_bwd,
+                        case=(backend, str(dtype), valid_vocab, sp, tuple(chunking)), n_fwd=n_fwd, n_bwd=n_bwd,
                         dy=(y - y1).abs().max().item(), ymax=y1.abs().max().item(),
                         dgh=(gh.float() - gh1.float()).abs().max().item(), ghmax=gh1.float().abs().max().item(),
                         dgw=(gw.float() - gw1.float()).abs().max().item(), gwmax=gw1.float().abs().max().item(),
@@ -212,7 +239,8 @@ def test_tp2_equals_tp1():
     for rank, report in enumerate(reports):
         for r in report:
             bf16 = "bfloat16" in r["case"][1]
-            # forward: MAX + SUM for all tokens (5 chunks); backward: one all-reduce of grad_hidden
+            # forward: MAX + SUM for all tokens (token chunks of 5 or vocabulary chunks of 70, both several
+            # per rank); backward: one all-reduce of grad_hidden
             # (under sequence parallel gloo's stand-in for reduce-scatter is that same one all-reduce)
             assert r["n_fwd"] == 2 and r["n_bwd"] == 1, (rank, r)
             assert r["ignored_zero"], r
@@ -222,7 +250,8 @@ def test_tp2_equals_tp1():
             assert r["dgw"] <= rel * r["gwmax"], (rank, r)
             shard_all_padding = r["case"][2] <= rank * 300
             assert r["ghmax"] > 0.01 and (r["gwmax"] == 0 if shard_all_padding else r["gwmax"] > 0.01), (rank, r)
-        assert len(report) == len(BACKENDS) * 2 * 3 * 2 and any(r["case"][3] for r in report)
+        assert len(report) == len(BACKENDS) * 2 * 3 * 4 and any(r["case"][3] for r in report)
+        assert {r["case"][4] for r in report} == {("chunk_size",), ("vocab_chunk_size",)}
 
 
 # ---- CUDA ----------------------------------------------------------------------------------------
@@ -237,8 +266,9 @@ def test_cuda_matches_reference_and_naive(dtype):
     hidden, weight, targets, go = hidden.cuda(), weight.cuda(), targets.cuda(), go.cuda()
     yr, ghr, gwr = naive_grads(hidden.double(), weight.double(), targets, go, valid_vocab=4000)
     for backend in backends:
-        y, gh, gw = fused(hidden, weight, targets, go, backend, valid_vocab_size=4000, chunk_size=24)
-        rel = 2e-2 if dtype == torch.bfloat16 else 1e-4
-        for got, want in ((y, yr), (gh, ghr), (gw, gwr)):
-            err = (got.double() - want).abs().max().item()
-            assert err <= rel * want.abs().max().item(), (backend, dtype, err)
+        for chunking in (dict(chunk_size=24), dict(vocab_chunk_size=700), {}):
+            y, gh, gw = fused(hidden, weight, targets, go, backend, valid_vocab_size=4000, **chunking)
+            rel = 2e-2 if dtype == torch.bfloat16 else 1e-4
+            for got, want in ((y, yr), (gh, ghr), (gw, gwr)):
+                err = (got.double() - want).abs().max().item()
+                assert err <= rel * want.abs().max().item(), (backend, dtype, chunking, err)
