@@ -8,6 +8,16 @@
   # prediction only (no processes started): Qwen3-8B on 8x H100
   spot-profile --preset qwen3-8b --gpu H100 --nodes 1 --gpus-per-node 8 --tp 1 --pp 1 \
       --precision bf16 --seq-length 2048 --micro-batch-size 1 --num-micro-batches 4 --predict-only
+  # a training recipe as it stands (model, layout, precision, recompute, batch), with key=value overrides
+  spot-profile --config examples/qwen3_8b_spot.yaml --gpu H100 --predict-only data.micro_batch_size=2
+
+With --config, the recipe supplies every setting the model, layout and batch flags describe
+(model.preset / hf_config or the architecture of model.init_checkpoint when that folder exists, parallel.*, precision.*,
+recompute.*, data.seq_length, data.micro_batch_size, model.fused_linear_loss, and the micro-batches
+per step = data.global_batch_size / (micro_batch_size x DP)); key=value overrides apply on top, the
+same dotted keys training takes, and a flag given explicitly wins over both. Profiling always uses
+random weights and synthetic full-length pairs: the recipe's data.pack, reference log-probs and
+checkpoint weights are not read.
 
 `tools/profile_throughput.py` is the same command. The layout and micro-batch counts come from
 training/plan.py's plan_run (the same checks as training); formatting is profiling/report.py's.
@@ -33,21 +43,32 @@ PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(megatron_spot.__f
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="qwen3-tiny", help="model preset or HF config.json/folder")
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--pp", type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, metavar="RECIPE.yaml",
+                   help="a training recipe: its model, layout, precision, recompute and batch are profiled "
+                        "(see below); flags given explicitly override it")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides of the recipe, as for training (needs --config), e.g. "
+                        "parallel.tensor_parallel=4 data.micro_batch_size=2")
+    p.add_argument("--preset", default=None, help="model preset or HF config.json/folder (default qwen3-tiny)")
+    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default 1)")
+    p.add_argument("--pp", type=int, default=None, help="pipeline parallel size (default 1)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
     p.add_argument("--dp", type=int, default=None, help="data parallel size (default: world / (tp*pp))")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup-steps", type=int, default=1)
-    p.add_argument("--seq-length", type=int, default=128, help="tokens per sequence (chosen and rejected each)")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per micro-batch (2 sequences each)")
+    p.add_argument("--steps", type=int, default=5, help="measured training steps (default 5)")
+    p.add_argument("--warmup-steps", type=int, default=1, help="steps run first and not measured (default 1)")
+    p.add_argument("--seq-length", type=int, default=None,
+                   help="tokens per sequence (chosen and rejected each; default 128)")
+    p.add_argument("--micro-batch-size", type=int, default=None, help="pairs per micro-batch (2 sequences each; "
+                                                                       "default 1)")
     p.add_argument("--num-micro-batches", type=int, default=None, help="per DP rank and step (default: max(pp, 2))")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "fp8"],
                    help="default: fp32 on CPU, bf16 on GPU; fp8 = bf16 + Transformer Engine FP8 GEMMs")
-    p.add_argument("--recompute", default=None, choices=["none", "selective", "full"])
-    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--recompute", default=None, choices=["none", "selective", "full"],
+                   help="activation recompute (default none): selective = core attention, full = whole layers")
+    p.add_argument("--sequence-parallel", action="store_true", default=None,
+                   help="Megatron sequence parallelism (Transformer Engine, TP > 1)")
     p.add_argument("--json", default=None, help="write the aggregate report here")
     p.add_argument("--trace", default=None, metavar="DIR", help="torch.profiler Chrome traces (one per rank)")
     p.add_argument("--trace-steps", default="0:2", metavar="A:B", help="measured steps [A, B) to trace")
@@ -55,18 +76,56 @@ def parse_args(argv=None):
     p.add_argument("--sweep-mbs", default=None, help="micro-batch sizes to sweep, comma separated")
     p.add_argument("--out-dir", default="profile_sweep", help="sweep outputs (table.md, table.csv, plot.png)")
     p.add_argument("--gpu", default=None, help="GPU for MFU/prediction (H100, H200, A100, B200, ...)")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1, help="predict-only: nodes in the cluster (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="predict-only: GPUs per node (default 8)")
     p.add_argument("--assumed-mfu", type=float, default=None,
                    help="predict-only: fraction of peak the matmuls reach (default 0.40 BF16, 0.30 of FP8 peak)")
     p.add_argument("--predict-only", action="store_true", help="print the analytical prediction, run nothing")
     p.add_argument("--no-flop-count", action="store_true", help="skip the FlopCounterMode step")
-    p.add_argument("--unfused-loss-head", action="store_true",
+    p.add_argument("--unfused-loss-head", action="store_true", default=None,
                    help="model.fused_linear_loss=false: Megatron's output layer + token_logprobs. The measured "
                         "FLOPs then equal the analytical count; the fused head (default) runs its GEMMs only on "
                         "response tokens and one of them inside a custom op FlopCounterMode cannot see")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="seed of the random weights and synthetic pairs")
     return p.parse_args(argv)
+
+
+# flag -> (the recipe's value, the default without a recipe)
+_RECIPE_FIELDS = {
+    "tp": (lambda c: c.parallel.tensor_parallel, 1),
+    "pp": (lambda c: c.parallel.pipeline_parallel, 1),
+    "vpp": (lambda c: c.parallel.virtual_pipeline, None),
+    "sequence_parallel": (lambda c: c.parallel.sequence_parallel, False),
+    "seq_length": (lambda c: c.data.seq_length, 128),
+    "micro_batch_size": (lambda c: c.data.micro_batch_size, 1),
+    "precision": (lambda c: "fp8" if c.precision.fp8 else c.precision.dtype, None),
+    "recompute": (lambda c: c.recompute.granularity or "none", None),
+    "unfused_loss_head": (lambda c: not c.model.fused_linear_loss, False),
+}
+
+
+def resolve_recipe(args):
+    """Fill every flag left unset from the recipe (--config + overrides) or the defaults; returns the
+    recipe (a TrainConfig, the base of the profiled run's config) or None."""
+    from megatron_spot.config import ConfigError, TrainConfig, load_config
+
+    if args.overrides and not args.config:
+        raise ConfigError(f"key=value overrides ({args.overrides[0]}) need --config RECIPE.yaml")
+    recipe = load_config(TrainConfig, args.config, args.overrides) if args.config else None
+    for name, (from_recipe, default) in _RECIPE_FIELDS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, from_recipe(recipe) if recipe is not None else default)
+    if args.preset is None:
+        args.preset = "qwen3-tiny"
+        if recipe is not None:
+            ckpt = recipe.model.init_checkpoint
+            # the architecture the recipe trains: its checkpoint's when that folder is here (a converted
+            # checkpoint carries the HF config.json beside its shards)
+            args.preset = ckpt if ckpt and os.path.isdir(ckpt) else (recipe.model.hf_config or recipe.model.preset)
+    if recipe is not None and recipe.parallel.context_parallel > 1 and not args.predict_only:
+        raise ConfigError(f"parallel.context_parallel={recipe.parallel.context_parallel}: profiling runs use padded "
+                          "synthetic rows, not packed ones; use --predict-only or parallel.context_parallel=1")
+    return recipe
 
 
 def fail(msg: str, code: int = BAD_INPUT):
@@ -79,48 +138,60 @@ def _precision(args, on_gpu: bool):
     return ("bf16", True) if prec == "fp8" else (prec, False)
 
 
-def _layout(args, qwen3, world: int, on_gpu: bool):
-    """(TrainConfig, analytical StepShape) of the run the arguments describe, checked by plan_run."""
+def _layout(args, qwen3, world: int, on_gpu: bool, recipe=None):
+    """(TrainConfig, analytical StepShape) of the run the arguments describe (on top of `recipe` when
+    given), checked by plan_run."""
+    import copy
+
     from megatron_spot.config.loader import ConfigError
-    from megatron_spot.config.schema import ParallelConfig, PrecisionConfig, RecomputeConfig, TrainConfig
+    from megatron_spot.config.schema import TrainConfig
+    from megatron_spot.platform import Layout
     from megatron_spot.profiling.analytical import StepShape
     from megatron_spot.training.plan import plan_run
 
     dtype, fp8 = _precision(args, on_gpu)
-    m = args.num_micro_batches or max(args.pp, 2)
-    cfg = TrainConfig()
-    cfg.model.preset = args.preset
-    cfg.model.max_sequence_length = max(args.seq_length, 128)
-    cfg.parallel = ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp, virtual_pipeline=args.vpp,
-                                  sequence_parallel=args.sequence_parallel)
-    cfg.recompute = RecomputeConfig(granularity=None if args.recompute in (None, "none") else args.recompute)
-    cfg.precision = PrecisionConfig(dtype=dtype)
+    cfg = copy.deepcopy(recipe) if recipe is not None else TrainConfig()
+    cfg.model.preset, cfg.model.hf_config, cfg.model.init_checkpoint = args.preset, None, None  # random weights
+    cfg.model.max_sequence_length = max(args.seq_length, 128, cfg.model.max_sequence_length if recipe else 0)
+    par = cfg.parallel
+    par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline = args.tp, args.pp, args.vpp
+    par.sequence_parallel = bool(args.sequence_parallel)
+    if not args.predict_only:
+        par.context_parallel = 1  # resolve_recipe refused CP > 1 for runs
+    cfg.recompute.granularity = None if args.recompute in (None, "none") else args.recompute
+    cfg.precision.dtype = dtype
     cfg.data.micro_batch_size, cfg.data.seq_length = args.micro_batch_size, args.seq_length
+    cfg.data.packing = False  # synthetic full-length rows: no padding to remove
     cfg.model.fused_linear_loss = not args.unfused_loss_head
-    if not args.predict_only:  # FP8/SP need TE here; a prediction for a GPU cluster must not check this box
-        cfg.precision.fp8 = "hybrid" if fp8 else None
-        checked = cfg
-    else:
-        checked = TrainConfig(parallel=ParallelConfig(tensor_parallel=args.tp, pipeline_parallel=args.pp,
-                                                      virtual_pipeline=args.vpp),
-                              precision=PrecisionConfig(dtype=dtype), recompute=cfg.recompute, data=cfg.data)
-    from megatron_spot.platform import Layout
-
-    dp = Layout.from_config(checked.parallel, world, allow_context_parallel=on_gpu).dp
-    if args.dp is not None and args.dp != dp:
-        raise ConfigError(f"--dp {args.dp} does not match world size {world} / (tp x pp = {args.tp * args.pp}) = {dp}")
-    cfg.data.global_batch_size = args.micro_batch_size * dp * m
+    cfg.precision.fp8 = "hybrid" if fp8 else None
+    checked = cfg
+    if args.predict_only:  # FP8/SP/CP need TE here; a prediction for a GPU cluster must not check this box
+        checked = copy.deepcopy(cfg)
+        checked.parallel.sequence_parallel, checked.precision.fp8 = False, None
+    lay = Layout.from_config(checked.parallel, world, allow_context_parallel=on_gpu or args.predict_only)
+    if args.dp is not None and args.dp != lay.dp:
+        raise ConfigError(f"--dp {args.dp} does not match world size {world} / (tp x pp x cp = "
+                          f"{args.tp * args.pp * lay.cp}) = {lay.dp}")
+    if args.num_micro_batches:
+        cfg.data.global_batch_size = args.micro_batch_size * lay.dp * args.num_micro_batches
+    elif recipe is None:
+        cfg.data.global_batch_size = args.micro_batch_size * lay.dp * max(args.pp, 2)
+    # else: the recipe's global batch, so its micro-batches per step = global / (micro-batch x DP)
+    checked.data.global_batch_size = cfg.data.global_batch_size
     plan = plan_run(checked, world, model=qwen3)
+    m = plan.micro_batches_per_step
     if args.vpp and args.vpp > 1 and m % args.pp:
         raise ConfigError(f"interleaved pipelines need --num-micro-batches ({m}) divisible by --pp ({args.pp})")
-    layout = StepShape(tp=plan.layout.tp, pp=plan.layout.pp, vpp=args.vpp, dp=plan.layout.dp,
-                        micro_batch_size=plan.micro_batch_size, num_micro_batches=plan.micro_batches_per_step,
-                        seq_length=args.seq_length, dtype=dtype, fp8=fp8, recompute=cfg.recompute.granularity,
-                        sequence_parallel=args.sequence_parallel, flash_attention=on_gpu)
+    layout = StepShape(tp=plan.layout.tp, pp=plan.layout.pp, vpp=args.vpp, dp=plan.layout.dp, cp=plan.layout.cp,
+                       micro_batch_size=plan.micro_batch_size, num_micro_batches=m, seq_length=args.seq_length,
+                       dtype=dtype, fp8=fp8, recompute=cfg.recompute.granularity,
+                       sequence_parallel=bool(args.sequence_parallel),
+                       distributed_optimizer=cfg.parallel.use_distributed_optimizer, flash_attention=on_gpu,
+                       fused_linear_loss=cfg.model.fused_linear_loss)
     return cfg, layout
 
 
-def predict_only(args, qwen3) -> dict:
+def predict_only(args, qwen3, recipe=None) -> dict:
     from megatron_spot.profiling.analytical import predict
     from megatron_spot.profiling.hardware import gpu_spec, peak_tflops
 
@@ -129,7 +200,7 @@ def predict_only(args, qwen3) -> dict:
     spec = gpu_spec(args.gpu)
     world = args.nodes * args.gpus_per_node
     args.predict_only = True
-    _, layout = _layout(args, qwen3, world, on_gpu=True)
+    _, layout = _layout(args, qwen3, world, on_gpu=True, recipe=recipe)
     peak = peak_tflops(args.gpu, layout.fp8)
     mfu = args.assumed_mfu or (0.30 if layout.fp8 else 0.40)
     pred = predict(qwen3, layout, peak_tflops=peak, assumed_mfu=mfu)
@@ -158,10 +229,14 @@ def _passthrough(args) -> list[str]:
         out.append("--no-flop-count")
     if args.unfused_loss_head:
         out.append("--unfused-loss-head")
+    if args.sequence_parallel:
+        out.append("--sequence-parallel")
+    if args.config:  # the rest of the recipe (optimizer sharding, recompute method, ...) reaches the ranks too
+        out += ["--config", args.config, *args.overrides]
     return out
 
 
-def sweep(args, qwen3) -> list[dict]:
+def sweep(args, qwen3, recipe=None) -> list[dict]:
     from megatron_spot.config.loader import ConfigError
 
     layouts = []
@@ -176,7 +251,7 @@ def sweep(args, qwen3) -> list[dict]:
     # check every layout before starting anything
     for tp, pp, dp in layouts:
         a = argparse.Namespace(**{**vars(args), "tp": tp, "pp": pp, "dp": dp, "predict_only": False})
-        _layout(a, qwen3, tp * pp * dp, on_gpu=False)
+        _layout(a, qwen3, tp * pp * dp, on_gpu=False, recipe=recipe)
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
     for tp, pp, dp in layouts:
@@ -205,13 +280,14 @@ def main(argv=None) -> int:
     from megatron_spot.models.qwen3 import load_qwen3_config
 
     try:
+        recipe = resolve_recipe(args)
         qwen3 = load_qwen3_config(args.preset)
         if args.gpu:
             from megatron_spot.profiling.hardware import gpu_spec
 
             gpu_spec(args.gpu)
         if args.predict_only:
-            d = predict_only(args, qwen3)
+            d = predict_only(args, qwen3, recipe)
             print_prediction(d, qwen3)
             if args.json:
                 _write_json(args.json, d)
@@ -221,7 +297,7 @@ def main(argv=None) -> int:
                      f"--seq-length, or use --recompute full/selective")
             return OK
         if args.sweep:
-            rows = sweep(args, qwen3)
+            rows = sweep(args, qwen3, recipe)
             print(markdown_table(rows))
             print(f"wrote {args.out_dir}/table.md, table.csv, plot.png")
             return FAILURE if any("error" in r for r in rows) else OK
@@ -235,7 +311,7 @@ def main(argv=None) -> int:
                                               "--micro-batch-size", str(args.micro_batch_size)]
             if args.trace:
                 argv_rest += ["--trace", args.trace, "--trace-steps", args.trace_steps]
-            _layout(args, qwen3, want, on_gpu=has_cuda())
+            _layout(args, qwen3, want, on_gpu=has_cuda(), recipe=recipe)
             proc = _torchrun(args, want, argv_rest, jpath)
             sys.stdout.write(proc.stdout)
             if proc.returncode != 0:
@@ -243,7 +319,7 @@ def main(argv=None) -> int:
                 return FAILURE
             return OK
         world = world or 1
-        cfg, layout = _layout(args, qwen3, world, on_gpu=has_cuda())
+        cfg, layout = _layout(args, qwen3, world, on_gpu=has_cuda(), recipe=recipe)
     except ConfigError as exc:
         fail(str(exc))
     except KeyboardInterrupt:

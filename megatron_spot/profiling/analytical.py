@@ -57,6 +57,9 @@ class StepShape:
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
     flash_attention: bool = True  # GPU/TE: fused attention, no s x s activations saved
+    # model.fused_linear_loss: the loss head keeps 12 bytes of statistics per token instead of the logits
+    # (ops.linear_token_logprobs), plus one logits chunk while it runs
+    fused_linear_loss: bool = True
 
     @property
     def world_size(self) -> int:
@@ -183,10 +186,18 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: StepShape, softmax_fp32: bo
 
 
 def head_activation_bytes(cfg: Qwen3Config, layout: StepShape) -> float:
-    """Last stage extra: final-norm input, output-layer input, and the logits the fused log-prob keeps."""
+    """Last stage extra: final-norm input, output-layer input, and what the loss head holds: the logits
+    the fused log-prob keeps, or with the fused linear head its per-token statistics and one chunk."""
     p = BYTES_PER_ELEMENT[layout.dtype]
     s, b = -(-layout.seq_length // layout.cp), layout.rows
-    return p * s * b * 2 * cfg.hidden_size + p * s * b * cfg.padded_vocab_size / layout.tp
+    logits = p * s * b * cfg.padded_vocab_size / layout.tp
+    if layout.fused_linear_loss:
+        from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES
+
+        head = 12.0 * s * b + min(float(DEFAULT_CHUNK_BYTES), logits)
+    else:
+        head = logits
+    return p * s * b * 2 * cfg.hidden_size + head
 
 
 def in_flight_micro_batches(layout: StepShape, stage: int) -> float:

@@ -187,6 +187,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
         recompute=cfg.recompute.granularity, sequence_parallel=cfg.parallel.sequence_parallel,
         distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         flash_attention=False,  # local spec: unfused attention (TE on GPU would use fused attention)
+        fused_linear_loss=cfg.model.fused_linear_loss,
     )
     from megatron_spot.models.qwen3.provider import transformer_engine_available
 

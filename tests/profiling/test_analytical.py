@@ -1,6 +1,10 @@
 """The analytical model against formulas and known numbers (no processes, fast)."""
+import json
+import os
+
 import pytest
 import torch
+import yaml
 
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.models.qwen3 import load_qwen3_config
@@ -17,6 +21,8 @@ from megatron_spot.profiling import (
     step_flops,
 )
 from megatron_spot.profiling.hardware import gpu_spec, peak_tflops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_bubble_fraction_formula():
@@ -143,3 +149,55 @@ def test_context_parallel_splits_activations_and_shards_optimizer():
     assert activation_bytes(cfg, cp4) == activation_bytes(cfg, StepShape(**base, seq_length=8192))
     assert model_state_bytes(cfg, cp4)["optimizer"] == model_state_bytes(cfg, StepShape(**{**base, "dp": 4}))["optimizer"]
     assert step_flops(cfg, cp4) == step_flops(cfg, StepShape(**base, seq_length=32768))
+
+
+def test_cli_profiles_a_training_recipe_with_overrides(capsys, tmp_path):
+    """--config: the recipe's model, layout, precision, recompute and batch are what is predicted;
+    key=value overrides apply on top and an explicit flag wins over both."""
+    from tools.profile_throughput import main
+
+    recipe = os.path.join(ROOT, "examples", "qwen3_8b_spot.yaml")
+    with open(recipe) as f:
+        spec = yaml.safe_load(f)
+    d, par = spec["data"], spec["parallel"]
+    json_path = str(tmp_path / "prediction.json")
+    assert main(["--config", recipe, "--gpu", "H100", "--predict-only", "--json", json_path]) == 0
+    with open(json_path) as f:
+        pred = json.load(f)
+    lay = pred["layout"]
+    assert (lay["tp"], lay["pp"], lay["dp"]) == (par["tensor_parallel"], par["pipeline_parallel"],
+                                                 8 // par["tensor_parallel"])
+    assert lay["micro_batch_size"] == d["micro_batch_size"] and lay["seq_length"] == d["seq_length"]
+    assert lay["num_micro_batches"] == d["global_batch_size"] // (d["micro_batch_size"] * lay["dp"])
+    assert lay["recompute"] == spec["recompute"]["granularity"] and lay["dtype"] == spec["precision"]["dtype"]
+    assert lay["sequence_parallel"] is par["sequence_parallel"] and lay["fused_linear_loss"] is True
+    capsys.readouterr()
+    # an override changes the layout; a flag beats the same key's override
+    assert main(["--config", recipe, "--gpu", "H100", "--predict-only", "parallel.tensor_parallel=4"]) == 0
+    assert "TP4 PP1 DP2" in capsys.readouterr().out
+    assert main(["--config", recipe, "--gpu", "H100", "--predict-only", "--tp", "8",
+                 "parallel.tensor_parallel=4"]) == 0
+    assert "TP8 PP1 DP1" in capsys.readouterr().out
+    for argv, msg in (
+        (["--config", recipe, "--gpu", "H100", "--predict-only", "parallel.tensor_parallel=3"], "not divisible"),
+        (["--config", recipe, "--gpu", "H100", "--predict-only", "data.micro_batch_sise=2"], "micro_batch_size"),
+        (["--gpu", "H100", "--predict-only", "data.micro_batch_size=2"], "need --config"),
+        (["--config", recipe + ".missing", "--gpu", "H100", "--predict-only"], "config file not found"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2
+        assert msg in capsys.readouterr().err, argv
+
+
+def test_fused_loss_head_holds_no_logits_in_the_prediction():
+    from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES
+    from megatron_spot.profiling.analytical import head_activation_bytes
+
+    cfg = load_qwen3_config("qwen3-8b")
+    fused = StepShape(seq_length=8192, dtype="bf16", tp=2)
+    unfused = StepShape(seq_length=8192, dtype="bf16", tp=2, fused_linear_loss=False)
+    tokens = 8192 * fused.rows
+    logits = 2 * tokens * cfg.padded_vocab_size / 2
+    assert head_activation_bytes(cfg, unfused) - head_activation_bytes(cfg, fused) == pytest.approx(
+        logits - DEFAULT_CHUNK_BYTES - 12 * tokens)

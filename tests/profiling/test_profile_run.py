@@ -66,3 +66,21 @@ def test_bad_layout_is_refused_before_start(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "profile_throughput.py"), "--preset",
                            "qwen3-tiny", "--tp", "3"], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert proc.returncode == 2 and "tensor_parallel=3" in proc.stderr
+
+
+def test_a_recipe_profiles_with_its_batch_and_overrides(tmp_path):
+    """--config runs the recipe's micro-batch and micro-batches per step (global / (mbs x DP)); the
+    overrides bring it to one process and 64 tokens; its data.pack is never read (synthetic pairs)."""
+    out = tmp_path / "prof.json"
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "profile_throughput.py"), "--config",
+           os.path.join(ROOT, "examples", "tiny_cpu_spot.yaml"), "parallel.tensor_parallel=1",
+           "parallel.pipeline_parallel=1", "data.seq_length=64", "data.global_batch_size=4",
+           "data.pack=/nonexistent/pairs", "--steps", "1", "--warmup-steps", "0", "--no-flop-count",
+           "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, PYTHONPATH=ROOT))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.load(open(out))
+    assert (r["layout"]["tp"], r["layout"]["pp"], r["layout"]["seq_length"]) == (1, 1, 64)
+    assert r["layout"]["micro_batch_size"] == 2 and r["layout"]["num_micro_batches"] == 2  # 4 / (2 x 1)
+    assert r["tokens_per_s"] > 0
