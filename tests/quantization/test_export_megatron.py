@@ -11,16 +11,6 @@ from megatron_spot.quantization import QuantizationError, calibration_prompts, q
 from tests.checkpoint.helpers import first_distcp
 
 
-@pytest.fixture(scope="module")
-def sources(tiny_hf_and_pack):
-    """The folder's tiny HF Qwen3 (tokenizer and pack included) plus its Megatron conversion."""
-    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
-
-    mcore = str(tiny_hf_and_pack["root"] / "mcore")
-    convert_hf_to_mcore(tiny_hf_and_pack["hf"], mcore, progress=False)
-    return dict(tiny_hf_and_pack, mcore=mcore)
-
-
 def _tensors(folder):
     from safetensors.torch import load_file
 
@@ -56,7 +46,7 @@ def test_export_checks_its_inputs(sources, tmp_path):
     # a pack made with another tokenizer is refused, for HF and Megatron sources alike
     other_tok = str(tmp_path / "other_tok")
     build_tiny_tokenizer(other_tok, ["different words entirely for a different vocabulary"], vocab_size=300)
-    pack_pairs([str(sources["root"] / "pairs.jsonl")], other_tok, str(tmp_path / "other_pack"))
+    pack_pairs([os.path.join(sources["root"], "pairs.jsonl")], other_tok, str(tmp_path / "other_pack"))
     for ckpt in (sources["hf"], sources["mcore"]):
         with pytest.raises(QuantizationError, match="packed with tokenizer"):
             calibration_prompts(str(tmp_path / "other_pack"), 4, expected_tokenizer_hash=checkpoint_tokenizer_hash(ckpt))

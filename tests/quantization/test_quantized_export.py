@@ -8,15 +8,14 @@ import torch
 from megatron_spot.quantization import QuantizationError, calibration_prompts, load_fp8_reference, quantize_and_export
 
 
-def test_fp8_export_loads_back_and_stays_close(tiny_hf_and_pack):
+def test_fp8_export_loads_back_and_stays_close(sources, tmp_path):
     """FP8 E4M3 per-tensor weights and activations (3 mantissa bits: ~6% relative step) on a random
     4-layer model: logits stay within 20% of the largest |logit| (max abs) and cosine >= 0.99 of the
     unquantized model's on the calibration prompts."""
-    src = tiny_hf_and_pack
-    hf, pack, model, root = src["hf"], src["pack"], src["model"], src["root"]
+    hf, pack, model = sources["hf"], sources["pack"], sources["model"]
     prompts = calibration_prompts(pack, 16, max_length=64)
     assert len(prompts) == 16
-    out = root / "fp8"
+    out = tmp_path / "fp8"
     summary = quantize_and_export(hf, str(out), prompts, fmt="fp8")
     assert summary["calibration_prompts"] == 16
     cfg = json.load(open(out / "config.json"))
@@ -28,7 +27,7 @@ def test_fp8_export_loads_back_and_stays_close(tiny_hf_and_pack):
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_slice("model.layers.0.mlp.down_proj.weight").get_dtype() == "F8_E4M3"
         assert "model.layers.0.self_attn.q_proj.input_scale" in f.keys()
-    assert not [n for n in os.listdir(root) if ".tmp-" in n]  # atomic: no temp folder left behind
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # atomic: no temp folder left behind
     q = load_fp8_reference(str(out))
     assert len(q.quantized_modules) == 4 * 7
     worst_cos, worst_rel = 1.0, 0.0
@@ -44,8 +43,8 @@ def test_fp8_export_loads_back_and_stays_close(tiny_hf_and_pack):
     assert worst_cos > 0.99, worst_cos
 
 
-def test_bad_inputs(tiny_hf_and_pack, tmp_path):
-    hf, pack = tiny_hf_and_pack["hf"], tiny_hf_and_pack["pack"]
+def test_bad_inputs(sources, tmp_path):
+    hf, pack = sources["hf"], sources["pack"]
     prompts = calibration_prompts(pack, 4)
     with pytest.raises(QuantizationError, match="nvfp4 needs a CUDA GPU"):
         quantize_and_export(hf, str(tmp_path / "a"), prompts, fmt="nvfp4")
@@ -69,12 +68,12 @@ def test_bad_inputs(tiny_hf_and_pack, tmp_path):
 
 
 @pytest.mark.gpu
-def test_nvfp4_export_on_gpu(tiny_hf_and_pack, tmp_path):
+def test_nvfp4_export_on_gpu(sources, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("NVFP4 fake quantization needs a CUDA GPU")
     # the GPU acceptance machine carries no modelopt (its wheels and scipy/pulp exceed the kit's budget)
     pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed")
-    hf, pack = tiny_hf_and_pack["hf"], tiny_hf_and_pack["pack"]
+    hf, pack = sources["hf"], sources["pack"]
     s = quantize_and_export(hf, str(tmp_path / "nvfp4"), calibration_prompts(pack, 8), fmt="nvfp4")
     cfg = json.load(open(os.path.join(s["out"], "config.json")))
     assert cfg["quantization_config"]["quant_algo"] == "NVFP4"
