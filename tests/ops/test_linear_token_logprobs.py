@@ -181,15 +181,9 @@ def _tp_worker(rank, world_size, backends):
     import torch.distributed as dist
 
     from megatron_spot import ops
+    from tests.ops.tp_cases import plant_edge_targets, record_all_reduces
 
-    calls = []
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *a, **kw):
-        calls.append(tuple(tensor.shape))
-        return real_all_reduce(tensor, *a, **kw)
-
-    dist.all_reduce = counting_all_reduce
+    calls = record_all_reduces()
     group = dist.group.WORLD
     s, b, H, V_local = 6, 2, 16, 300
     V = V_local * world_size
@@ -202,10 +196,8 @@ def _tp_worker(rank, world_size, backends):
                     gen = torch.Generator().manual_seed(11)
                     hidden = torch.randn(s, b, H, generator=gen).to(dtype)
                     weight = (torch.randn(V, H, generator=gen) / 2).to(dtype)
-                    targets = torch.randint(0, valid_vocab, (s, b), generator=gen)
-                    targets[0, 0] = -100
-                    targets[1, 1] = valid_vocab  # padding / out of the vocabulary: ignored
-                    targets[2, 0] = V_local + 3 if valid_vocab > V_local + 3 else 3  # on rank 1 when it can be
+                    targets = plant_edge_targets(torch.randint(0, valid_vocab, (s, b), generator=gen),
+                                                 valid_vocab, V_local)
                     go = torch.randn(s, b, generator=gen)
                     rows = slice(rank * (s // world_size), (rank + 1) * (s // world_size))
                     h = (hidden[rows] if sp else hidden).clone().requires_grad_(True)

@@ -13,15 +13,9 @@ def _worker(rank, world_size, backends):
     import torch.distributed as dist
 
     from megatron_spot import ops
+    from tests.ops.tp_cases import plant_edge_targets, record_all_reduces
 
-    calls = []
-    real_all_reduce = dist.all_reduce
-
-    def counting_all_reduce(tensor, *a, **kw):
-        calls.append(kw.get("op", a[0] if a else None))
-        return real_all_reduce(tensor, *a, **kw)
-
-    dist.all_reduce = counting_all_reduce
+    calls = record_all_reduces()
     group = dist.group.WORLD
     s, b, V_local = 5, 2, 1100  # V_local not a multiple of the 2048-column CPU chunk
     V = V_local * world_size
@@ -32,10 +26,8 @@ def _worker(rank, world_size, backends):
                 for inplace in (False, True):
                     gen = torch.Generator().manual_seed(7)
                     full = (torch.randn(s, b, V, generator=gen) * 4).to(dtype)
-                    targets = torch.randint(0, valid_vocab, (s, b), generator=gen)
-                    targets[0, 0] = -100
-                    targets[1, 1] = valid_vocab  # out of the valid vocabulary: ignored
-                    targets[2, 0] = V_local + 3 if valid_vocab > V_local + 3 else 3  # on rank 1 when it can be
+                    targets = plant_edge_targets(torch.randint(0, valid_vocab, (s, b), generator=gen),
+                                                 valid_vocab, V_local)
                     go = torch.randn(s, b, generator=gen)
                     shard = full[..., rank * V_local:(rank + 1) * V_local].clone().requires_grad_(True)
                     before = len(calls)
