@@ -408,13 +408,18 @@ def _bench_linear_head(cfg, dev, cuda, meter: _Meter) -> dict:
 
     from megatron_spot import ops
 
-    if not hasattr(ops, "linear_token_logprobs"):
-        return {"note": "fused linear head: megatron_spot.ops.linear_token_logprobs does not exist yet; not benchmarked"}
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
+    from megatron_spot.ops.linear_token_logprobs import default_chunk_size, default_vocab_chunk_size
+
     H, V = cfg["hidden"], cfg["vocab"]
+    # both chunk layouts at the default budget: plan_chunks picks vocabulary chunks below V tokens on the
+    # argument that they re-read [T, H] instead of the [V, H] weight-gradient accumulator; this measures it
     impls = {
-        "linear_token_logprobs": lambda h, w, t: ops.linear_token_logprobs(h, w, t),
+        "linear_token_logprobs, vocabulary chunks": lambda h, w, t: ops.linear_token_logprobs(
+            h, w, t, vocab_chunk_size=default_vocab_chunk_size(t.numel(), h.dtype)),
+        "linear_token_logprobs, token chunks": lambda h, w, t: ops.linear_token_logprobs(
+            h, w, t, chunk_size=default_chunk_size(w.shape[0], h.dtype)),
         "GEMM + token_logprobs": lambda h, w, t: ops.token_logprobs(torch.matmul(h, w.t()), t, inplace_backward=True),
         "GEMM + Megatron-Core CE": lambda h, w, t: -vocab_parallel_cross_entropy(torch.matmul(h, w.t()), t),
     }
