@@ -4,9 +4,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_spot.losses import OBJECTIVES, SpotLoss, parse_objective, sequence_logps
+from tests.spot_formulas import pair_objectives
 
 BETA = 0.1
 
@@ -21,18 +21,13 @@ def batch(B=4, L=9, seed=0, ref_equals_policy=False):
 
 
 def formulas(lp, mask, ref, delta, eps=0.0):
-    """spot-method.md, written out: r = beta (log pi - log pi_ref), per-pair losses, SFT token mean."""
+    """The batch losses SpotLoss reports: the mean over pairs of each pairwise objective
+    (tests/spot_formulas.py), and the SFT token mean over the chosen rows."""
+    per_pair, _, r = pair_objectives(lp, mask, ref, BETA, delta, eps)
+    terms = {name: losses.mean() for name, losses in per_pair.items()}
     B = lp.shape[0] // 2
-    seq = (torch.where(mask.bool(), lp, 0)).sum(-1)
-    r = BETA * (seq - ref)
-    rc, rr = r[:B], r[B:]
-    return {
-        "spot-bco": (-F.logsigmoid(rc - delta) - F.logsigmoid(-(rr - delta))).mean(),
-        "spot-bce": (-F.logsigmoid(rc) - F.logsigmoid(-rr)).mean(),
-        "dpo": (-(1 - eps) * F.logsigmoid(rc - rr) - eps * F.logsigmoid(rr - rc)).mean(),
-        "reward-sft": (-F.logsigmoid(rc)).mean(),
-        "sft": -(lp[:B] * mask[:B]).sum() / mask[:B].sum(),
-    }, r
+    terms["sft"] = -(lp[:B] * mask[:B]).sum() / mask[:B].sum()
+    return terms, r
 
 
 @pytest.mark.parametrize("objective", ["spot-bco", "spot-bce", "dpo", "reward-sft", "sft", "spot-bco:1,sft:0.1",

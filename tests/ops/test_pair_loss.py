@@ -1,10 +1,10 @@
 """megatron_spot.ops.pair_loss (fused per-sequence sums + pairwise objectives) against autograd of
-direct PyTorch transcriptions of each formula."""
+direct PyTorch transcriptions of each formula (tests/spot_formulas.py)."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_spot import ops
+from tests.spot_formulas import pair_objectives
 
 BACKENDS = [b for b in ("cpu", "reference") if b in ops.available_backends()]
 BETA = 0.1
@@ -18,20 +18,6 @@ def make(B=3, L=11, seed=0, dtype=torch.float64):
     lp[0, ~mask[0].bool()] = float("-inf")  # masked-out -inf log-probs must not poison the sums
     ref = -torch.rand(2 * B, generator=gen, dtype=torch.float64) * 10
     return lp.to(dtype), mask, ref.to(dtype)
-
-
-def transcription(lp, mask, ref, delta, eps):
-    """Formulas of shared/notes/spot-method.md, written out directly."""
-    B = lp.shape[0] // 2
-    seq = torch.where(mask.bool(), lp, torch.zeros_like(lp)).sum(-1)
-    r = BETA * (seq - ref)
-    rc, rr = r[:B], r[B:]
-    return {
-        "spot-bco": -F.logsigmoid(rc - delta) - F.logsigmoid(-(rr - delta)),
-        "spot-bce": -F.logsigmoid(rc) - F.logsigmoid(-rr),
-        "dpo": -(1 - eps) * F.logsigmoid(rc - rr) - eps * F.logsigmoid(-(rc - rr)),
-        "reward-sft": -F.logsigmoid(rc),
-    }, seq, r
 
 
 WEIGHTS = [
@@ -55,7 +41,7 @@ def test_pair_loss_matches_formulas(backend, weights, dtype):
     (g,) = torch.autograd.grad(out.loss, x, go)
 
     xr = lp.double().clone().requires_grad_(True)
-    terms, seq, r = transcription(xr, mask.double(), ref.double(), delta, eps)
+    terms, seq, r = pair_objectives(xr, mask.double(), ref.double(), BETA, delta, eps)
     total = sum(w * terms[k] for k, w in weights.items())
     (gr,) = torch.autograd.grad(total, xr, go.double())
     tol = 1e-12 if dtype == torch.float64 else 2e-6
