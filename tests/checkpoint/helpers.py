@@ -3,6 +3,7 @@ checkpoint files the fault tests (checkpoint, training, quantization) feed in.""
 from __future__ import annotations
 
 import os
+import shutil
 
 import torch
 
@@ -62,3 +63,14 @@ class PlantedPickle:
 def first_distcp(folder: str) -> str:
     """The first torch_dist shard (``*.distcp``) of a Megatron checkpoint folder, by name."""
     return os.path.join(folder, sorted(n for n in os.listdir(folder) if n.endswith(".distcp"))[0])
+
+
+def copy_with_other_weights(src: str, dst: str) -> str:
+    """A copy of Megatron checkpoint `src` at `dst` whose first shard has every byte flipped: the same
+    files, names, sizes and tokenizer, other weights (a checkpoint replaced in place). Returns `dst`."""
+    shutil.copytree(src, dst)
+    with open(first_distcp(dst), "r+b") as f:
+        data = bytearray(f.read())
+        f.seek(0)
+        f.write(bytes(b ^ 0x55 for b in data))
+    return dst

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.checkpoint.helpers import PlantedPickle, first_distcp
+from tests.checkpoint.helpers import PlantedPickle, copy_with_other_weights, first_distcp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _LAUNCHER = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -53,14 +53,8 @@ def ws(tmp_path_factory):
 
     # its own workspace, not the session's: the reference sidecar written below sits beside the pack
     ws = build_train_workspace(str(tmp_path_factory.mktemp("faults")))
-    ws["mcore_other"] = os.path.join(ws["root"], "mcore_other")
     # "the checkpoint replaced in place": same files, names, sizes and tokenizer, other weight bytes
-    shutil.copytree(ws["mcore"], ws["mcore_other"])
-    shard = os.path.join(ws["mcore_other"], "__0_0.distcp")
-    with open(shard, "r+b") as f:
-        data = bytearray(f.read())
-        f.seek(0)
-        f.write(bytes(b ^ 0x55 for b in data))
+    ws["mcore_other"] = copy_with_other_weights(ws["mcore"], os.path.join(ws["root"], "mcore_other"))
     _write_reference_sidecar(ws)
     return ws
 
