@@ -77,17 +77,24 @@ class LocalGenerator:
         return out
 
 
-def _elicit_body(cfg: PipelineConfig, prompt: str, k: int) -> dict:
+def sampling_body(cfg, prompt: str, sample: int) -> dict:
+    """The chat request that samples the model once: elicitation's k-th sample and evaluation's trial t
+    alike. `cfg` is a PipelineConfig or an EvalConfig (system_prompt, temperature, top_p, max_tokens,
+    seed: sample s sends seed + s, thinking: on | off | unset)."""
     msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
         {"role": "user", "content": prompt}]
     body: dict = {"messages": msgs, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
     if cfg.seed is not None:
-        body["seed"] = cfg.seed + k
+        body["seed"] = cfg.seed + sample
     if cfg.thinking in ("on", "off"):
         body["chat_template_kwargs"] = {"enable_thinking": cfg.thinking == "on"}
-    if cfg.model_api == "completions":
-        body["prompt"] = "\n\n".join(m["content"] for m in msgs)
-        del body["messages"]
+    return body
+
+
+def _elicit_body(cfg: PipelineConfig, prompt: str, k: int) -> dict:
+    body = sampling_body(cfg, prompt, k)
+    if cfg.model_api == "completions":  # one plain-text prompt; a completions endpoint has no chat template
+        body["prompt"] = "\n\n".join(m["content"] for m in body.pop("messages"))
         body.pop("chat_template_kwargs", None)
     return body
 

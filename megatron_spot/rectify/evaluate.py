@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 from .cache import request_key
 from .client import ChatClient, Job, api_key_from_env
+from .elicit import sampling_body
 from .grading import answers_match, extract_boxed
 from .jsonl import read_json, read_records, write_json_atomic, write_jsonl_atomic
 
@@ -230,17 +231,6 @@ def trials_for(keys: Sequence[str], protocol: str = "paper", trials: Optional[in
     return out
 
 
-def _body(cfg: EvalConfig, prompt: str, trial: int) -> dict:
-    msgs = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []) + [
-        {"role": "user", "content": prompt}]
-    body = {"messages": msgs, "temperature": cfg.temperature, "top_p": cfg.top_p, "max_tokens": cfg.max_tokens}
-    if cfg.seed is not None:
-        body["seed"] = cfg.seed + trial
-    if cfg.thinking in ("on", "off"):
-        body["chat_template_kwargs"] = {"enable_thinking": cfg.thinking == "on"}
-    return body
-
-
 def _generate(cfg: EvalConfig, jobs: list, cache, model_label: str) -> tuple[dict, dict]:
     if cfg.local_model:
         from .config import PipelineConfig
@@ -280,7 +270,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     for key, probs in problems.items():
         for pr in probs:
             for t in range(cfg.trials[key]):
-                body = _body(cfg, pr.prompt, t)
+                body = sampling_body(cfg, pr.prompt, t)
                 jk = request_key(kind="eval", model=model_label, body=body, trial=t)
                 jobs.append(Job(jk, body))
                 slots.append((key, pr, t, jk))

@@ -175,7 +175,7 @@ def test_paper_protocol_prompt_on_the_real_qwen3_template():
 
     tok = AutoTokenizer.from_pretrained(os.path.join(spec.submodule_search_locations[0], "tokenizer_files"))
     cfg = E.EvalConfig(output_dir="unused", benchmarks={}, trials={})
-    body = E._body(cfg, "What is 2 + 3?\n\n" + E.MATH_INSTRUCTION, trial=3)
+    body = E.sampling_body(cfg, "What is 2 + 3?\n\n" + E.MATH_INSTRUCTION, 3)
     assert body["seed"] == 3 and body["chat_template_kwargs"] == {"enable_thinking": False}
     text = LocalGenerator._render(SimpleNamespace(tok=tok), body)
     assert text == ("<|im_start|>user\nWhat is 2 + 3?\n\n" + E.MATH_INSTRUCTION + "<|im_end|>\n"
