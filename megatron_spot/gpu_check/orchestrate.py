@@ -29,11 +29,15 @@ def _now() -> str:
 
 
 def _git_commit() -> str | None:
+    """The checkout's commit; a copy without .git (a GPU machine sent only the work tree) reports
+    $GPU_CHECK_COMMIT, which the launching command can set to the hash it sent."""
     try:
         out = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    return os.environ.get("GPU_CHECK_COMMIT") or None
 
 
 def kill_group(proc: subprocess.Popen) -> None:
