@@ -117,8 +117,18 @@ def _reduce_scatter_sequence(x: torch.Tensor, group, tp_size: int, tp_rank: int)
     return out
 
 
-def _chunk_logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return torch.mm(h, w.t())  # [chunk, valid_local], contiguous, in the inputs' dtype
+class _ChunkBuffer:
+    """One logits buffer reused by every chunk of a pass. Each chunk otherwise allocates afresh, and on
+    CPUs an allocation this large is a new mapping whose pages the kernel faults in and zeroes every
+    time (the CPU allocator caches nothing); the GPU's caching allocator would reuse the block anyway."""
+
+    def __init__(self, h: torch.Tensor, rows: int, cols: int):
+        self.flat = torch.empty(rows * cols, dtype=h.dtype, device=h.device)
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """h @ w.T into the buffer: [chunk rows, chunk columns], contiguous, in the inputs' dtype."""
+        out = self.flat[: h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+        return torch.mm(h, w.t(), out=out)
 
 
 def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -166,17 +176,17 @@ class _LinearTokenLogprobs(torch.autograd.Function):
         stats[1:].zero_()
         layout, size = plan_chunks(nv, valid_local, hidden.dtype, chunk_rows, chunk_cols)
         if valid_local > 0 and nv > 0 and layout == "tokens":
+            buf = _ChunkBuffer(h, min(size, nv), valid_local)
             for r0 in range(0, nv, size):
                 r1 = min(nv, r0 + size)
-                logits = _chunk_logits(h[r0:r1], w)
+                logits = buf.logits(h[r0:r1], w)
                 stats[:, r0:r1] = impl.token_logprobs_stats(logits, t[r0:r1], vocab_start, valid_local, ignore_index)
-                del logits
         elif valid_local > 0 and nv > 0:
+            buf = _ChunkBuffer(h, nv, min(size, valid_local))
             for c0 in range(0, valid_local, size):
                 c1 = min(valid_local, c0 + size)
-                logits = _chunk_logits(h, w[c0:c1])
+                logits = buf.logits(h, w[c0:c1])
                 _merge_stats_(stats, impl.token_logprobs_stats(logits, t, vocab_start + c0, c1 - c0, ignore_index))
-                del logits
         m, s, tgt = combine_vocab_parallel_stats(stats[0], stats[1], stats[2], tp_group, tp_size)
         logs = torch.log(s)
         logp = torch.zeros(n, dtype=acc, device=hidden.device)
@@ -220,16 +230,16 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                     grad_h_valid.zero_()
             if need_w:
                 grad_w_valid = torch.zeros(valid_local, H, dtype=acc, device=weight.device)
+            buf = _ChunkBuffer(h, min(size, nv), valid_local) if work else None
             for r0 in range(0, nv if work else 0, size):
                 r1 = min(nv, r0 + size)
-                grad_logits = _chunk_logits(h[r0:r1], w)  # recomputed: the forward kept no logits
+                grad_logits = buf.logits(h[r0:r1], w)  # recomputed: the forward kept no logits
                 impl.token_logprobs_grad_(grad_logits, t[r0:r1], g[r0:r1], m[r0:r1], logs[r0:r1], vocab_start,
                                           valid_local, ignore_index)
                 if need_h:
                     torch.mm(grad_logits, w, out=grad_h_valid[r0:r1])
                 if need_w:
                     _accumulate_mm(grad_w_valid, grad_logits.t(), h[r0:r1])
-                del grad_logits
         else:
             # each vocabulary chunk's grad_weight rows are final at once; grad_hidden sums over all chunks
             if need_h:  # fp32 accumulator for 16-bit inputs; grad_h itself when nothing is dropped
@@ -237,15 +247,15 @@ class _LinearTokenLogprobs(torch.autograd.Function):
                 grad_h_valid = grad_h.zero_() if in_place else torch.zeros(nv, H, dtype=acc, device=hidden.device)
             if need_w:
                 grad_w_valid = torch.empty(valid_local, H, dtype=weight.dtype, device=weight.device)
+            buf = _ChunkBuffer(h, nv, min(size, valid_local)) if work else None
             for c0 in range(0, valid_local if work else 0, size):
                 c1 = min(valid_local, c0 + size)
-                grad_logits = _chunk_logits(h, w[c0:c1])  # recomputed: the forward kept no logits
+                grad_logits = buf.logits(h, w[c0:c1])  # recomputed: the forward kept no logits
                 impl.token_logprobs_grad_(grad_logits, t, g, m, logs, vocab_start + c0, c1 - c0, ignore_index)
                 if need_h:
                     _accumulate_mm(grad_h_valid, grad_logits, w[c0:c1])
                 if need_w:
                     torch.mm(grad_logits.t(), h, out=grad_w_valid[c0:c1])
-                del grad_logits
             if need_w and not work:
                 grad_w_valid.zero_()
             if need_h and not all_valid:
