@@ -156,19 +156,13 @@ def _layout(args, qwen3, world: int, on_gpu: bool, recipe=None):
     par = cfg.parallel
     par.tensor_parallel, par.pipeline_parallel, par.virtual_pipeline = args.tp, args.pp, args.vpp
     par.sequence_parallel = bool(args.sequence_parallel)
-    if not args.predict_only:
-        par.context_parallel = 1  # resolve_recipe refused CP > 1 for runs
     cfg.recompute.granularity = None if args.recompute in (None, "none") else args.recompute
     cfg.precision.dtype = dtype
     cfg.data.micro_batch_size, cfg.data.seq_length = args.micro_batch_size, args.seq_length
     cfg.data.packing = False  # synthetic full-length rows: no padding to remove
     cfg.model.fused_linear_loss = not args.unfused_loss_head
     cfg.precision.fp8 = "hybrid" if fp8 else None
-    checked = cfg
-    if args.predict_only:  # FP8/SP/CP need TE here; a prediction for a GPU cluster must not check this box
-        checked = copy.deepcopy(cfg)
-        checked.parallel.sequence_parallel, checked.precision.fp8 = False, None
-    lay = Layout.from_config(checked.parallel, world, allow_context_parallel=on_gpu or args.predict_only)
+    lay = Layout.from_config(cfg.parallel, world, allow_context_parallel=on_gpu or args.predict_only)
     if args.dp is not None and args.dp != lay.dp:
         raise ConfigError(f"--dp {args.dp} does not match world size {world} / (tp x pp x cp = "
                           f"{args.tp * args.pp * lay.cp}) = {lay.dp}")
@@ -177,7 +171,10 @@ def _layout(args, qwen3, world: int, on_gpu: bool, recipe=None):
     elif recipe is None:
         cfg.data.global_batch_size = args.micro_batch_size * lay.dp * max(args.pp, 2)
     # else: the recipe's global batch, so its micro-batches per step = global / (micro-batch x DP)
-    checked.data.global_batch_size = cfg.data.global_batch_size
+    checked = cfg
+    if args.predict_only:  # FP8/SP need TE here; a prediction for a GPU cluster must not check this box
+        checked = copy.deepcopy(cfg)
+        checked.parallel.sequence_parallel, checked.precision.fp8 = False, None
     plan = plan_run(checked, world, model=qwen3)
     m = plan.micro_batches_per_step
     if args.vpp and args.vpp > 1 and m % args.pp:

@@ -49,6 +49,8 @@ def _loaded_distributions() -> list[str]:
 # ---------------------------------------------------------------------------------------------
 
 def _machine_info() -> dict:
+    # raw torch.cuda on purpose: this runs in the wheels step, before megatron_spot.platform (which
+    # imports Megatron-Core and the extension) can be imported on the GPU machine
     import torch
 
     info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
@@ -123,7 +125,8 @@ def child_build(p: dict) -> dict:
                           "extension already built here"}
     import torch
 
-    # this GPU's own architecture only (sm_90 on H100/H200): one target compiles fastest
+    # this GPU's own architecture only (sm_90 on H100/H200): one target compiles fastest. Raw torch.cuda:
+    # megatron_spot.platform imports the extension this step is about to build
     arch = "{}.{}".format(*torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else "9.0"
     env = dict(os.environ, MEGATRON_SPOT_EXT="cuda", TORCH_CUDA_ARCH_LIST=os.environ.get("TORCH_CUDA_ARCH_LIST", arch),
                MAX_JOBS=str(os.cpu_count() or 4))
@@ -261,38 +264,30 @@ def _bytes_moved(impl: str, tokens: int, vocab: int, elem: int) -> int:
 
 
 class _Meter:
-    """Time (CUDA events on a GPU, perf_counter on a CPU) and the peak memory beyond a baseline."""
+    """Time (CUDA events on a GPU, perf_counter on a CPU: platform.device.time_call) and the peak
+    accelerator memory beyond a baseline (None on a CPU, whose allocator keeps no count)."""
 
     def __init__(self, cuda: bool):
         self.cuda = cuda
 
     def timed(self, fn):
-        import torch
+        from megatron_spot.platform.device import time_call
 
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            out = fn()
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end) / 1e3, out
-        t = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - t, out
+        return time_call(fn)
 
     def mem_base(self):
-        import torch
+        from megatron_spot.platform.device import allocated_memory_bytes, reset_peak_memory, synchronize
 
         if not self.cuda:
             return None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
+        synchronize()
+        reset_peak_memory()
+        return allocated_memory_bytes()
 
     def mem_extra(self, base):
-        import torch
+        from megatron_spot.platform.device import peak_memory_bytes
 
-        return None if base is None else int(torch.cuda.max_memory_allocated() - base)
+        return None if base is None else peak_memory_bytes() - base
 
 
 def _error_text(exc: Exception) -> str:
@@ -345,7 +340,7 @@ def child_bench_ops(p: dict) -> dict:
     from megatron_spot import ops
     from megatron_spot.config.schema import ParallelConfig
     from megatron_spot.platform import initialize, shutdown
-    from megatron_spot.platform.device import has_cuda
+    from megatron_spot.platform.device import device_name, has_cuda, release_cached_memory
 
     cfg = BENCH_DRY if p["dry_run"] else BENCH_GPU
     info = initialize(ParallelConfig(), seed=0)  # Megatron's cross entropy needs its TP group
@@ -388,12 +383,11 @@ def child_bench_ops(p: dict) -> dict:
                 except Exception as exc:  # OOM or a kernel error: record it, keep benchmarking
                     rec["error"] = _error_text(exc)
                     logits.requires_grad_(False)
-                    if cuda:
-                        torch.cuda.empty_cache()
+                    release_cached_memory()
                 cases.append(rec)
                 print(json.dumps(rec), flush=True)
             logits = exact = None  # free this shape's buffers before the next, larger one
-    res = {"device": f"{dev} ({torch.cuda.get_device_name() if cuda else platform.processor() or 'CPU'})",
+    res = {"device": f"{dev} ({device_name() or platform.processor() or 'CPU'})",
            "timer": "CUDA events" if cuda else "perf_counter", "reps": cfg["reps"],
            "memory_source": "torch.cuda.max_memory_allocated" if cuda else "n/a on CPU",
            "copy_bandwidth_gbs": bandwidth / 1e9, "cases": cases,
@@ -405,10 +399,10 @@ def child_bench_ops(p: dict) -> dict:
 def _bench_linear_head(cfg, dev, cuda, meter: _Meter) -> dict:
     """The fused linear loss head (issue 12) against output GEMM + fused op and GEMM + Megatron CE."""
     import torch
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     from megatron_spot import ops
-
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    from megatron_spot.platform.device import release_cached_memory
 
     from megatron_spot.ops.linear_token_logprobs import default_chunk_size, default_vocab_chunk_size
 
@@ -444,8 +438,7 @@ def _bench_linear_head(cfg, dev, cuda, meter: _Meter) -> dict:
                 rec.update(time_s=min(times), peak_extra_bytes=extra)
             except Exception as exc:
                 rec["error"] = _error_text(exc)
-                if cuda:
-                    torch.cuda.empty_cache()
+                release_cached_memory()
             cases.append(rec)
             print(json.dumps(rec), flush=True)
     return {"note": f"fused linear head, bf16, hidden {H}: forward + backward (both GEMM gradients included); "
@@ -487,13 +480,13 @@ def rank_presets(cfg: dict, capacity_bytes: float, peak_tflops: float | None, ti
 
 def _device_capacity() -> tuple[float, float | None]:
     """(bytes the profiled run may use, the device's peak dense TFLOP/s or None)."""
-    import torch
-
+    from megatron_spot.platform.device import total_memory_bytes
     from megatron_spot.profiling.hardware import current_gpu_name, peak_tflops
 
-    if torch.cuda.is_available():
+    total = total_memory_bytes()
+    if total is not None:
         gpu = current_gpu_name()
-        return torch.cuda.get_device_properties(0).total_memory, (peak_tflops(gpu) if gpu else None)
+        return total, (peak_tflops(gpu) if gpu else None)
     with open("/proc/meminfo") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")), None
 

@@ -35,6 +35,44 @@ def compute_capability() -> Optional[tuple[int, int]]:
     return torch.cuda.get_device_capability() if has_cuda() else None
 
 
+def synchronize() -> None:
+    """Wait for the accelerator's queued work (timing, memory baselines); nothing to wait for on CPU."""
+    if has_cuda():
+        torch.cuda.synchronize()
+
+
+def time_call(fn):
+    """(seconds, fn()): CUDA events around the call on a GPU (its queued kernels counted), wall clock on CPU."""
+    if has_cuda():
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, out
+    import time
+
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def allocated_memory_bytes() -> Optional[int]:
+    """Accelerator memory held by tensors now; None on CPU (its allocator keeps no count)."""
+    return int(torch.cuda.memory_allocated()) if has_cuda() else None
+
+
+def total_memory_bytes() -> Optional[int]:
+    """The accelerator's memory; None on CPU."""
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory) if has_cuda() else None
+
+
+def release_cached_memory() -> None:
+    """Hand cached accelerator blocks back (after an OOM, before a larger case); CPU caches nothing."""
+    if has_cuda():
+        torch.cuda.empty_cache()
+
+
 def reset_peak_memory() -> None:
     if has_cuda():
         torch.cuda.reset_peak_memory_stats()
