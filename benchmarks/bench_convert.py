@@ -26,15 +26,15 @@ import torch  # noqa: E402
 
 from benchmarks.report import write_section  # noqa: E402
 from megatron_spot.checkpoint.safetensors_io import SafetensorsCheckpoint, write_safetensors  # noqa: E402
-from megatron_spot.models.qwen3.state_dict_adapter import hf_shapes  # noqa: E402
-from megatron_spot.models.qwen3.presets import PRESETS, Qwen3Config  # noqa: E402
+from megatron_spot.models.gpt.state_dict import hf_shapes  # noqa: E402
+from megatron_spot.models import all_presets, config_from_hf_dict  # noqa: E402
 
 GiB = 2**30
 
 
 def make_hf_checkpoint(folder: str, preset: str) -> int:
-    cfg_dict = dict(PRESETS[preset], torch_dtype="bfloat16")
-    cfg = Qwen3Config.from_hf_dict(cfg_dict)
+    cfg_dict = dict(all_presets()[preset], torch_dtype="bfloat16")
+    cfg = config_from_hf_dict(cfg_dict)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(cfg.to_hf_dict(), f, indent=2)

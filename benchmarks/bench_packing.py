@@ -46,7 +46,7 @@ def build_workspace(root: str, pairs: int) -> dict:
 
     from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
     from megatron_spot.data import build_tiny_tokenizer, pack_pairs
-    from megatron_spot.models.qwen3 import load_qwen3_config
+    from megatron_spot.models import load_model_config
 
     rng = np.random.default_rng(1)
     prompt, resp = synthetic_lengths(pairs)
@@ -58,7 +58,7 @@ def build_workspace(root: str, pairs: int) -> dict:
     hf = os.path.join(root, "hf")
     build_tiny_tokenizer(hf, [" ".join(LETTERS)] * 20, vocab_size=512)
     tok = transformers.AutoTokenizer.from_pretrained(hf)
-    cfg = load_qwen3_config("qwen3-tiny").to_hf_dict()
+    cfg = load_model_config("qwen3-tiny").to_hf_dict()
     cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32", max_position_embeddings=8192)
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(hf)
@@ -110,11 +110,11 @@ def measure(pairs: int, steps: int, max_tokens: int) -> dict:
 def predicted_recipe(max_tokens: int = 16384, pairs: int = 4000) -> dict:
     """Qwen3-8B recipe on 8x H100: executed FLOPs of padded vs packed micro-batches over 4,000 pairs."""
     from megatron_spot.data.packing import plan_packed_micro_batches
-    from megatron_spot.models.qwen3 import load_qwen3_config
+    from megatron_spot.models import load_model_config
     from megatron_spot.profiling.analytical import attention_flops_per_token
     from megatron_spot.profiling.flops import matmul_params_per_token
 
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     n = matmul_params_per_token(cfg)
     prompt, resp = synthetic_lengths(pairs, seed=7)
     seqs = np.stack([prompt + resp[:, 0], prompt + resp[:, 1]], axis=1)  # [pairs, 2]

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.report import write_section  # noqa: E402
-from megatron_spot.models.qwen3 import load_qwen3_config  # noqa: E402
+from megatron_spot.models import load_model_config  # noqa: E402
 from megatron_spot.profiling.analytical import StepShape, predict, step_flops  # noqa: E402
 from megatron_spot.profiling.hardware import peak_tflops  # noqa: E402
 
@@ -52,7 +52,7 @@ def choose_layout(cfg, seq: int, fp8: bool):
 
 
 def gpu_table() -> str:
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     steps = PAIRS * EPOCHS // PAIRS_PER_STEP
     rows = ["| precision | mean seq length | layout | pred. peak mem/GPU | model FLOPs/step | assumed MFU | "
             "step time | tokens/s (8 GPUs) | training (250 steps) | + reference scoring | total | "

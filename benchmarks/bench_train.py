@@ -16,7 +16,7 @@ sys.path.insert(0, HERE)
 
 from report import write_section  # noqa: E402
 
-from megatron_spot.models.qwen3 import load_qwen3_config  # noqa: E402
+from megatron_spot.models import load_model_config  # noqa: E402
 from megatron_spot.profiling.flops import forward_flops_per_token, train_flops_per_token  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def measured_demo(existing: str | None = None) -> tuple[str, dict]:
 
 def predicted_rows() -> list[str]:
     """Released recipe: 4,000 pairs x 2 epochs, chosen+rejected trained; reference scored once."""
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     peak = {"BF16": 989e12, "FP8": 1979e12}
     rows = []
     for mean_len in (2048, 4096):

@@ -115,13 +115,13 @@ def main() -> int:
     import transformers
 
     from megatron_spot.data import build_tiny_tokenizer
-    from megatron_spot.models.qwen3 import load_qwen3_config
+    from megatron_spot.models import load_model_config
 
     hf_dir = os.path.join(out, "hf_base")
     corpus = [t["prompt"] + "\n" + t["chosen"] + "\n" + t["rejected"] for t in texts]
     build_tiny_tokenizer(hf_dir, corpus, vocab_size=512)
     tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
-    qcfg = load_qwen3_config("qwen3-tiny")
+    qcfg = load_model_config("qwen3-tiny")
     hf_cfg = qcfg.to_hf_dict()
     hf_cfg.update(vocab_size=512, eos_token_id=tok.eos_token_id, bos_token_id=None, pad_token_id=tok.pad_token_id,
                   torch_dtype="float32")

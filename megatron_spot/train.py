@@ -81,7 +81,7 @@ def preflight(cfg: TrainConfig, world_size: int):
     """Every check that needs no process group: fail before any rank allocates anything."""
     from megatron_spot.checkpoint.training_state import latest_checkpoint, verify_training_checkpoint
     from megatron_spot.data import PairDataset
-    from megatron_spot.models.qwen3.provider import transformer_engine_available
+    from megatron_spot.platform.device import transformer_engine_available
     from megatron_spot.platform import Layout
     from megatron_spot.training.plan import plan_run, validate_packing
     from megatron_spot.training.reference import load_ref_logps, reference_identity
@@ -96,22 +96,22 @@ def preflight(cfg: TrainConfig, world_size: int):
         if resume is None:
             raise ConfigError(f"run.load={cfg.run.load}: no complete checkpoint there")
         verify_training_checkpoint(resume)  # corrupt files: one line naming the file, nothing written
-    qwen3, weights = resolve_model(cfg, resume)
-    plan = plan_run(cfg, world_size, model=qwen3)
+    model_cfg, weights = resolve_model(cfg, resume)
+    plan = plan_run(cfg, world_size, model=model_cfg)
     if not cfg.data.pack:
         raise ConfigError("data.pack is not set: pack pairs with tools/pack_pairs.py and pass data.pack=<prefix>")
     tok_dir = cfg.data.tokenizer or weights
     expected = expected_tokenizer_hash(cfg, weights)
     # verify_data: the .bin's sha256 against the manifest (a flipped byte), then every id < vocab
     dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected, verify_data=True)
-    dataset.check_token_ids(qwen3.vocab_size)
+    dataset.check_token_ids(model_cfg.vocab_size)
     longest = int(dataset.lengths().max())
     if longest > cfg.data.seq_length:
         raise ConfigError(f"{cfg.data.pack}: the longest pair has {longest} tokens > data.seq_length="
                           f"{cfg.data.seq_length}; raise data.seq_length or repack with a smaller --max-length")
-    if longest > qwen3.max_position_embeddings:
+    if longest > model_cfg.max_position_embeddings:
         raise ConfigError(f"pairs of {longest} tokens exceed the model's max_position_embeddings "
-                          f"{qwen3.max_position_embeddings}")
+                          f"{model_cfg.max_position_embeddings}")
     validate_packing(cfg, dataset, te_available=transformer_engine_available())
     if cfg.data.global_batch_size > len(dataset):
         raise ConfigError(f"data.global_batch_size={cfg.data.global_batch_size} is larger than the {len(dataset)} "
@@ -121,7 +121,7 @@ def preflight(cfg: TrainConfig, world_size: int):
         # references belong to the starting model (also when resuming), by weights content
         identity = reference_identity(cfg.model.init_checkpoint, dataset.tokenizer_hash)
         ref = load_ref_logps(cfg.data.pack, dataset.fingerprint, len(dataset), cfg.data.ref_logprobs, identity=identity)
-    return qwen3, weights, resume, dataset, ref, tok_dir, plan
+    return model_cfg, weights, resume, dataset, ref, tok_dir, plan
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -141,7 +141,7 @@ def run(cfg: TrainConfig) -> dict:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
-    qwen3, weights, resume, dataset, ref, tok_dir, plan = preflight(cfg, world_size)
+    model_cfg, weights, resume, dataset, ref, tok_dir, plan = preflight(cfg, world_size)
 
     info = initialize(cfg.parallel, seed=cfg.run.seed)
     run_dir = cfg.run.output_dir
@@ -162,10 +162,10 @@ def run(cfg: TrainConfig) -> dict:
     def loader(ckpt):
         return (lambda chunks: load_model_checkpoint(chunks, ckpt)) if ckpt else None
 
-    engine = Engine(cfg, qwen3, total, load_weights=loader(weights))
+    engine = Engine(cfg, model_cfg, total, load_weights=loader(weights))
     reference = None
     if cfg.loss.online_reference:  # a frozen copy of the starting model, not of the resumed policy
-        reference = Engine(cfg, qwen3, total, trainable=False, load_weights=loader(cfg.model.init_checkpoint))
+        reference = Engine(cfg, model_cfg, total, trainable=False, load_weights=loader(cfg.model.init_checkpoint))
     step = 0
     if resume:
         state = load_training_state(resume, engine)
@@ -174,11 +174,11 @@ def run(cfg: TrainConfig) -> dict:
         log.info("resumed from %s at step %d (epoch %d)", resume, step, sampler.epoch)
     full_recompute = cfg.recompute.granularity == "full"
     logger = MetricsLogger(run_dir, info.world_size, enabled=info.rank == 0, start_step=step,
-                           flops_per_token=lambda seq: train_flops_per_token(qwen3, seq, full_recompute),
+                           flops_per_token=lambda seq: train_flops_per_token(model_cfg, seq, full_recompute),
                            peak_tflops=gpu_peak_tflops(bool(cfg.precision.fp8)), tensorboard=cfg.run.tensorboard)
     if info.rank == 0:
         log.info("training %s: %d pairs, %d steps/epoch x %d epochs -> %d steps, %d micro-batches x %d pairs "
-                 "per rank per step, world %d (TP%d PP%d DP%d)", qwen3.num_parameters(), len(dataset),
+                 "per rank per step, world %d (TP%d PP%d DP%d)", model_cfg.num_parameters(), len(dataset),
                  steps_per_epoch, cfg.run.epochs, total, num_mb, cfg.data.micro_batch_size, info.world_size,
                  info.tp, info.pp, info.dp)
     last_ckpt, history, t0 = resume, [], time.time()
@@ -238,7 +238,7 @@ def run(cfg: TrainConfig) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_spot.train",
-        description="Train a Qwen3 policy with SPoT objectives on packed pairs (Megatron-Core TP/PP/DP). "
+        description="Train a policy (Qwen3, Llama 3.x) with SPoT objectives on packed pairs (Megatron-Core TP/PP/DP). "
                     "Launch with torchrun for several processes.",
         epilog="Overrides are dotted keys, e.g. parallel.tensor_parallel=2 loss.objective=spot-bco:1,sft:0.1 "
                "run.train_steps=10. See megatron_spot/config/schema.py for every key.",

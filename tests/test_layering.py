@@ -196,3 +196,24 @@ def test_console_scripts_point_at_package_mains():
         module, func = target.split(":")
         assert module.split(".")[0] == PACKAGE, f"{name}: {module} is not in the package"
         assert callable(getattr(importlib.import_module(module), func)), spec
+
+
+def _family_packages() -> list:
+    """The model families' folders (models/<family>/ with an __init__), everything but the shared gpt/."""
+    base = os.path.join(ROOT, PACKAGE, "models")
+    return [f"{PACKAGE}.models.{d}" for d in sorted(os.listdir(base))
+            if d != "gpt" and os.path.isfile(os.path.join(base, d, "__init__.py"))]
+
+
+def test_nothing_outside_models_imports_a_model_family(graph):
+    """Families live behind the registry: code outside models/ asks megatron_spot.models, never a family."""
+    _, edges, _ = graph
+    families = _family_packages()
+    assert {f"{PACKAGE}.models.qwen3", f"{PACKAGE}.models.llama"} <= set(families), families
+    bad = sorted((a, b) for a, targets in edges.items() if not a.startswith(f"{PACKAGE}.models")
+                 for b in targets if any(b == f or b.startswith(f + ".") for f in families))
+    assert not bad, "family modules imported outside models/: " + ", ".join(f"{a} -> {b}" for a, b in bad)
+    # and the shared GPT code names no family either
+    shared = sorted((a, b) for a, targets in edges.items() if a.startswith(f"{PACKAGE}.models.gpt")
+                    for b in targets if any(b == f or b.startswith(f + ".") for f in families))
+    assert not shared, shared

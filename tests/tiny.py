@@ -1,5 +1,5 @@
-"""Tiny Qwen3 models, batches and a training workspace shared by tests (random weights, fp32, nothing
-downloaded)."""
+"""Tiny models of every family (Qwen3, Llama 3), batches and a training workspace shared by tests (random
+weights, fp32, nothing downloaded)."""
 from __future__ import annotations
 
 import json
@@ -7,17 +7,27 @@ import os
 
 import torch
 
-from megatron_spot.models.qwen3 import Qwen3Config, load_qwen3_config
-from megatron_spot.models.qwen3.presets import replace
+from megatron_spot.models import load_model_config
+from megatron_spot.models import GPTConfig
+from megatron_spot.models import replace
 
 
-def hf_model_of(cfg: Qwen3Config, seed: int = 0):
-    """A transformers Qwen3ForCausalLM of `cfg` (eager attention, fp32) with seeded random weights."""
+def hf_config_of(cfg: GPTConfig, **changes):
+    """The transformers config of `cfg` (its family's class, from the config.json we would write)."""
+    import transformers
+
+    d = dict(cfg.to_hf_dict(), **changes)
+    return transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def hf_model_of(cfg: GPTConfig, seed: int = 0):
+    """A transformers model of `cfg`'s family (Qwen3ForCausalLM, LlamaForCausalLM; eager attention, fp32)
+    with seeded random weights."""
     import transformers
 
     torch.manual_seed(seed)
-    hf_cfg = transformers.Qwen3Config(**cfg.to_hf_dict(), attn_implementation="eager")
-    model = transformers.Qwen3ForCausalLM(hf_cfg).eval()
+    model = transformers.AutoModelForCausalLM.from_config(hf_config_of(cfg, attn_implementation="eager"),
+                                                          dtype=torch.float32).eval()
     with torch.no_grad():  # HF initialises norms to 1; randomise them so the mapping of every tensor is tested
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -26,9 +36,9 @@ def hf_model_of(cfg: Qwen3Config, seed: int = 0):
 
 
 def hf_model(preset: str = "qwen3-tiny", seed: int = 0, **changes):
-    """(cfg, model): the preset's config with `changes` (Qwen3Config fields, e.g. vocab_size=300) and
+    """(cfg, model): the preset's config with `changes` (config fields, e.g. vocab_size=300) and
     hf_model_of(cfg, seed)."""
-    cfg = replace(load_qwen3_config(preset), **changes) if changes else load_qwen3_config(preset)
+    cfg = replace(load_model_config(preset), **changes) if changes else load_model_config(preset)
     return cfg, hf_model_of(cfg, seed)
 
 
@@ -57,8 +67,8 @@ def random_pairs_batch(num_pairs: int, prompt_len: int, resp_len: int, vocab: in
     }
 
 
-def build_train_workspace(root: str, num_pairs: int = 32) -> dict:
-    """What training and scoring read, built under `root`: a tiny HF Qwen3 (seed 0) with a byte-level BPE
+def build_train_workspace(root: str, num_pairs: int = 32, preset: str = "qwen3-tiny") -> dict:
+    """What training and scoring read, built under `root`: a tiny HF model of `preset` (seed 0) with a byte-level BPE
     tokenizer trained on the pairs, `num_pairs` random pairs packed with the "trl" preset, and the fp32
     Megatron conversion. A plain function (no pytest), so child scripts can build the same workspace.
     Returns dict(root, hf=HF folder, pack=pack prefix, mcore=Megatron checkpoint)."""
@@ -83,10 +93,9 @@ def build_train_workspace(root: str, num_pairs: int = 32) -> dict:
     build_tiny_tokenizer(ws["hf"], [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs],
                          vocab_size=512)
     tok = transformers.AutoTokenizer.from_pretrained(ws["hf"])
-    cfg = load_qwen3_config("qwen3-tiny").to_hf_dict()
-    cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32")
+    hf_cfg = hf_config_of(load_model_config(preset), eos_token_id=tok.eos_token_id, torch_dtype="float32")
     torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(ws["hf"])
+    transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32).save_pretrained(ws["hf"])
     pack_pairs([jsonl], ws["hf"], ws["pack"], preset="trl")
     convert_hf_to_mcore(ws["hf"], ws["mcore"], dtype="fp32", progress=False)
     return ws

@@ -1,4 +1,4 @@
-"""Checkpoints, model-agnostic (Qwen3 facts come from models/qwen3/state_dict_adapter.py):
+"""Checkpoints, model-agnostic (model facts come from the family registry, models/):
 
 - model_checkpoint: the model checkpoint format (Megatron-Core dist_checkpointing + our metadata),
   collective save and load at any TP/PP/VPP;

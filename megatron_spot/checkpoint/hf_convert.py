@@ -1,7 +1,7 @@
 """The HF conversion driver: Hugging Face <-> Megatron-Core model checkpoints (checkpoint/model_checkpoint.py).
 
 Model-agnostic: names, shapes, tensor transforms and the HF checks come from the model family's
-state-dict adapter (models/qwen3/state_dict_adapter.py); this file streams tensors between the two
+state-dict adapter and mapping objects (models/gpt/state_dict.py, models/gpt/mappings.py); this file streams tensors between the two
 formats and publishes the result atomically.
 
 Memory: conversions stream. hf-to-mcore allocates the TP1PP1 model once in the target dtype
@@ -53,15 +53,15 @@ from megatron_spot.checkpoint.safetensors_io import (
     write_safetensors,
 )
 from megatron_spot.checkpoint.single_process import ensure_single_process_world, in_multi_rank_world, run_in_child
-from megatron_spot.models.qwen3.provider import build_unsharded_model
 from megatron_spot.config.dtypes import TORCH_DTYPES, dtype_name
 from megatron_spot.config.dtypes import normalize_dtype as _normalize
 from megatron_spot.config.loader import ConfigError, read_json
-from megatron_spot.models.qwen3 import state_dict_adapter as adapter
+from megatron_spot.models import build_unsharded_model, config_from_hf_dict
+from megatron_spot.models import state_dict_adapter as adapter
 from megatron_spot.utils.atomic import atomic_dir
 
 if TYPE_CHECKING:
-    from megatron_spot.models.qwen3.presets import Qwen3Config
+    from megatron_spot.models import GPTConfig
 
 log = logging.getLogger(__name__)
 
@@ -151,16 +151,16 @@ def summary_line(direction: str, summary: dict) -> str:
 # ---------------------------------------------------------------------------------------------
 # HF -> Megatron-Core
 # ---------------------------------------------------------------------------------------------
-def read_hf_config(hf_dir: str) -> Qwen3Config:
+def read_hf_config(hf_dir: str) -> GPTConfig:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise CheckpointError(f"{hf_dir}: no such folder")
     if not os.path.isfile(path):
         raise CheckpointError(f"{hf_dir}: no config.json (not a Hugging Face checkpoint folder)")
-    return adapter.config_from_hf_dict(read_json(path, CheckpointError), source=path)
+    return config_from_hf_dict(read_json(path, CheckpointError), source=path)
 
 
-def check_hf_tensors(src: SafetensorsCheckpoint, cfg: Qwen3Config) -> list[str]:
+def check_hf_tensors(src: SafetensorsCheckpoint, cfg: GPTConfig) -> list[str]:
     """Raise on missing / unexpected / wrongly shaped tensors (the adapter's rules); return the names to ignore."""
     problem, ignored = adapter.hf_tensor_problems({n: tuple(src.shape(n)) for n in src.names()}, cfg)
     if problem:
@@ -184,11 +184,11 @@ def _copy_rows(dst: torch.Tensor, src: SafetensorsCheckpoint, name: str, start: 
 
 
 @torch.no_grad()
-def _fill_from_hf(param: torch.Tensor, entry, src: SafetensorsCheckpoint, cfg: Qwen3Config) -> None:
-    if entry.kind in ("vocab", "copy") and src.tensors[entry.hf[0]].nbytes > 2 * 64 * 2**20:
+def _fill_from_hf(param: torch.Tensor, entry, src: SafetensorsCheckpoint, cfg: GPTConfig) -> None:
+    if entry.row_copy and src.tensors[entry.hf[0]].nbytes > 2 * 64 * 2**20:
         _copy_rows(param, src, entry.hf[0], 0)  # large: in row blocks, no full-size temporary
         return
-    value = adapter.to_mcore(entry, [src.read(n) for n in entry.hf], cfg)
+    value = entry.to_mcore([src.read(n) for n in entry.hf], cfg)
     if tuple(value.shape) != tuple(param.shape):
         raise CheckpointError(f"{entry.mcore}: built shape {list(value.shape)} != model shape {list(param.shape)}")
     param.copy_(value)
@@ -212,7 +212,7 @@ def source_dtype(src: SafetensorsCheckpoint, hf_config_path: str) -> tuple[str, 
 
 def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, progress: bool = True,
                         overwrite: bool = False) -> dict:
-    """Convert a HF Qwen3 checkpoint folder into a Megatron-Core dist checkpoint. Returns a summary.
+    """Convert a HF checkpoint folder of a registered model family into a Megatron-Core dist checkpoint. Returns a summary.
 
     dtype: bf16 | fp32 | fp16; None (the default) keeps the source's precision, so an fp32
     checkpoint round-trips bit-exact. A dtype that changes the precision is reported.
@@ -253,13 +253,15 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
                     raise CheckpointError(f"internal: the Megatron model has no parameter {entry.mcore}")
                 param = params[entry.mcore]
                 size = param.numel() * param.element_size()
-                k = _chunk_rows(param.shape[0], size, SAVE_CHUNK_BYTES) if entry.kind in ("vocab", "copy") else 1
-                if entry.kind == "fc1":  # gate and up in memory of their own (see _built); fc1 stays untouched
-                    gate, up = (src.read(n).to(param.dtype) for n in entry.hf)
-                    if gate.shape[0] + up.shape[0] != param.shape[0] or gate.shape[1:] != param.shape[1:]:
-                        raise CheckpointError(f"{entry.mcore}: gate/up shapes do not fill {list(param.shape)}")
-                    row_chunks[param.data_ptr()] = [gate.clone() if gate.untyped_storage().nbytes() != gate.nbytes else gate]
-                    row_chunks[param[gate.shape[0]:].data_ptr()] = [up.clone() if up.untyped_storage().nbytes() != up.nbytes else up]
+                k = _chunk_rows(param.shape[0], size, SAVE_CHUNK_BYTES) if entry.row_copy else 1
+                if entry.stacked:  # each part in memory of its own (see _built: fc1's gate/up); the parameter stays untouched
+                    parts = [src.read(n).to(param.dtype) for n in entry.hf]
+                    if sum(t.shape[0] for t in parts) != param.shape[0] or any(t.shape[1:] != param.shape[1:] for t in parts):
+                        raise CheckpointError(f"{entry.mcore}: {', '.join(entry.hf)} do not fill {list(param.shape)}")
+                    row = 0
+                    for t in parts:
+                        row_chunks[param[row:].data_ptr()] = [t.clone() if t.untyped_storage().nbytes() != t.nbytes else t]
+                        row += t.shape[0]
                 elif k > 1:  # stored as row chunks filled straight from the file; the parameter stays untouched
                     step = param.shape[0] // k
                     pieces = [torch.empty((step, *param.shape[1:]), dtype=param.dtype) for _ in range(k)]
@@ -301,7 +303,7 @@ def _save_chunks_single(chunks, out_dir, cfg, dtype, side_files_from, overwrite,
 # ---------------------------------------------------------------------------------------------
 def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None, progress: bool = True,
                         max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> dict:
-    """Export a model checkpoint as a HF Qwen3 folder (safetensors + index, config, tokenizer files).
+    """Export a model checkpoint as a HF folder of its family (safetensors + index, config, tokenizer files).
 
     dtype: bf16 | fp32 | fp16; None keeps the checkpoint's dtype. Returns a summary (tensors,
     bytes, seconds, out, dtype, files).
@@ -312,7 +314,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
     t0 = time.perf_counter()
     check_output_not_input(out_dir, [ckpt_dir])
     meta = read_checkpoint_metadata(ckpt_dir)
-    cfg = adapter.config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
+    cfg = config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
     ckpt_dtype = normalize_dtype(meta.get("dtype", "bf16"))
     dtype = normalize_dtype(dtype) if dtype else ckpt_dtype
     if max_shard_bytes <= 0:
@@ -340,7 +342,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
     def produce(name: str):
         entry = owner[name]
         if cache["entry"] is not entry:
-            cache["entry"], cache["tensors"] = entry, dict(zip(entry.hf, adapter.to_hf(entry, params[entry.mcore].detach(), cfg)))
+            cache["entry"], cache["tensors"] = entry, dict(zip(entry.hf, entry.to_hf(params[entry.mcore].detach(), cfg)))
         tensor = cache["tensors"][name]
         if tuple(tensor.shape) != tuple(shapes[name]):
             raise CheckpointError(f"internal: {name} has shape {list(tensor.shape)}, expected {list(shapes[name])}")

@@ -15,7 +15,7 @@ checkpoint/hf_convert.py):
       tokenizer.json, tokenizer_config.json... works, and mcore-to-hf copies them to the export
 
 Everything model-specific (config parsing, layout fit, architecture comparison, config.json) comes
-from the model family's state-dict adapter (models/qwen3/state_dict_adapter.py). Every output is
+from the model family registry (models/: config parsing, the state-dict adapter over mapping objects). Every output is
 built under ``<out>.tmp-*`` and renamed into place when complete.
 """
 from __future__ import annotations
@@ -33,16 +33,20 @@ from megatron_spot.checkpoint.errors import CheckpointError
 from megatron_spot.checkpoint.safe_load import is_load_failure, load_failure_reason, verify_dist_checkpoint
 from megatron_spot.config.dtypes import dtype_name
 from megatron_spot.config.loader import read_json
-from megatron_spot.models.qwen3 import state_dict_adapter as adapter
+from megatron_spot.models import config_from_hf_dict
+from megatron_spot.models import state_dict_adapter as adapter
 from megatron_spot.utils.atomic import make_temp_dir, publish_dir
 
 if TYPE_CHECKING:  # annotations only: the model family's config type
-    from megatron_spot.models.qwen3.presets import Qwen3Config
+    from megatron_spot.models import GPTConfig
 
 log = logging.getLogger(__name__)
 
 METADATA_NAME = "spot_checkpoint.json"
-FORMAT = "megatron_spot.qwen3.dist_checkpoint"
+# One format for every family (the family is the stored config.json's model_type). Checkpoints written
+# before the registry carry the Qwen3-only name and load unchanged.
+FORMAT = "megatron_spot.dist_checkpoint"
+READABLE_FORMATS = (FORMAT, "megatron_spot.qwen3.dist_checkpoint")
 FORMAT_VERSION = 1
 # files copied from beside a HF checkpoint into ours, and from ours into an export
 SIDE_FILES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
@@ -125,7 +129,7 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def _copy_side_files(src_dir: Optional[str], dst_dir: str, cfg: Qwen3Config) -> list[str]:
+def _copy_side_files(src_dir: Optional[str], dst_dir: str, cfg: GPTConfig) -> list[str]:
     """Tokenizer files and generation_config.json from src_dir; a default generation config if absent."""
     copied = []
     if src_dir and os.path.isdir(src_dir):
@@ -143,7 +147,7 @@ def _params_by_name(chunks: list) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, _local, p in adapter.iter_local_parameters([_unwrap(c) for c in chunks])}
 
 
-def _metadata(cfg: Qwen3Config, dtype: str, source: Optional[str], layout: dict) -> dict:
+def _metadata(cfg: GPTConfig, dtype: str, source: Optional[str], layout: dict) -> dict:
     import megatron.core
 
     return {
@@ -160,7 +164,7 @@ def _metadata(cfg: Qwen3Config, dtype: str, source: Optional[str], layout: dict)
     }
 
 
-def _write_side_and_metadata(tmp: str, cfg: Qwen3Config, dtype: str, side_files_from: Optional[str],
+def _write_side_and_metadata(tmp: str, cfg: GPTConfig, dtype: str, side_files_from: Optional[str],
                              source: Optional[str], layout: dict) -> None:
     _copy_side_files(side_files_from, tmp, cfg)
     _write_json(os.path.join(tmp, "config.json"), adapter.hf_config_dict(cfg, dtype))
@@ -181,7 +185,7 @@ def read_checkpoint_metadata(ckpt_dir: str) -> dict:
                                   "`tools/convert_checkpoint.py hf-to-mcore`")
         raise CheckpointError(f"{ckpt_dir}: not a megatron_spot model checkpoint (no {METADATA_NAME})")
     meta = read_json(path, CheckpointError)
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path}: unknown format {meta.get('format')!r}")
     if meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"{path}: format version {meta['format_version']} is newer than this code reads "
@@ -189,19 +193,19 @@ def read_checkpoint_metadata(ckpt_dir: str) -> dict:
     return meta
 
 
-def checkpoint_qwen3_config(ckpt_dir: str) -> Qwen3Config:
+def checkpoint_model_config(ckpt_dir: str) -> GPTConfig:
     meta = read_checkpoint_metadata(ckpt_dir)
-    return adapter.config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
+    return config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
 
 
-def check_layout(cfg: Qwen3Config, tp: int, pp: int = 1, vpp: Optional[int] = None, where: str = "") -> None:
+def check_layout(cfg: GPTConfig, tp: int, pp: int = 1, vpp: Optional[int] = None, where: str = "") -> None:
     """Raise CheckpointError if the checkpoint's model cannot be split at TP/PP/VPP (the adapter's rules)."""
-    problems = adapter.layout_problems(cfg, tp, pp, vpp)
+    problems = cfg.layout_problems(tp, pp, vpp)
     if problems:
         raise CheckpointError((f"{where}: " if where else "") + "; ".join(problems))
 
 
-def _check_model_matches(chunk, cfg: Qwen3Config, ckpt_dir: str) -> None:
+def _check_model_matches(chunk, cfg: GPTConfig, ckpt_dir: str) -> None:
     bad = adapter.model_mismatches(chunk, cfg)
     if bad:
         raise CheckpointError(f"{ckpt_dir}: checkpoint does not match the model ({'; '.join(bad)})")
@@ -224,7 +228,7 @@ def _model_dtype(chunks) -> str:
     return dtype_name(next(_unwrap(chunks[0]).parameters()).dtype)
 
 
-def save_model_checkpoint(chunks, out_dir: str, qwen3_cfg: Qwen3Config, hf_side_files_from: Optional[str] = None,
+def save_model_checkpoint(chunks, out_dir: str, model_cfg: GPTConfig, hf_side_files_from: Optional[str] = None,
                           overwrite: bool = True) -> str:
     """Collective (every rank, any TP/PP/VPP): save this rank's model chunks into a model checkpoint.
 
@@ -260,7 +264,7 @@ def save_model_checkpoint(chunks, out_dir: str, qwen3_cfg: Qwen3Config, hf_side_
         err = None
         if rank == 0:
             try:
-                _write_side_and_metadata(tmp, qwen3_cfg, dtype, hf_side_files_from, "save_model_checkpoint", layout)
+                _write_side_and_metadata(tmp, model_cfg, dtype, hf_side_files_from, "save_model_checkpoint", layout)
                 _publish(tmp, out_dir)
             except Exception as exc:
                 err = f"saving {out_dir}: {exc}"
@@ -287,7 +291,7 @@ def load_model_checkpoint(chunks, ckpt_dir: str) -> dict:
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     meta = read_checkpoint_metadata(ckpt_dir)
-    cfg = adapter.config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
+    cfg = config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
     check_layout(cfg, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                  ps.get_virtual_pipeline_model_parallel_world_size(), where=ckpt_dir)
     models = [_unwrap(c) for c in chunks]

@@ -138,7 +138,7 @@ def _precision(args, on_gpu: bool):
     return ("bf16", True) if prec == "fp8" else (prec, False)
 
 
-def _layout(args, qwen3, world: int, on_gpu: bool, recipe=None):
+def _layout(args, model_cfg, world: int, on_gpu: bool, recipe=None):
     """(TrainConfig, analytical StepShape) of the run the arguments describe (on top of `recipe` when
     given), checked by plan_run."""
     import copy
@@ -175,7 +175,7 @@ def _layout(args, qwen3, world: int, on_gpu: bool, recipe=None):
     if args.predict_only:  # FP8/SP need TE here; a prediction for a GPU cluster must not check this box
         checked = copy.deepcopy(cfg)
         checked.parallel.sequence_parallel, checked.precision.fp8 = False, None
-    plan = plan_run(checked, world, model=qwen3)
+    plan = plan_run(checked, world, model=model_cfg)
     m = plan.micro_batches_per_step
     if args.vpp and args.vpp > 1 and m % args.pp:
         raise ConfigError(f"interleaved pipelines need --num-micro-batches ({m}) divisible by --pp ({args.pp})")
@@ -188,7 +188,7 @@ def _layout(args, qwen3, world: int, on_gpu: bool, recipe=None):
     return cfg, layout
 
 
-def predict_only(args, qwen3, recipe=None) -> dict:
+def predict_only(args, model_cfg, recipe=None) -> dict:
     from megatron_spot.profiling.analytical import predict
     from megatron_spot.profiling.hardware import gpu_spec, peak_tflops
 
@@ -197,10 +197,10 @@ def predict_only(args, qwen3, recipe=None) -> dict:
     spec = gpu_spec(args.gpu)
     world = args.nodes * args.gpus_per_node
     args.predict_only = True
-    _, layout = _layout(args, qwen3, world, on_gpu=True, recipe=recipe)
+    _, layout = _layout(args, model_cfg, world, on_gpu=True, recipe=recipe)
     peak = peak_tflops(args.gpu, layout.fp8)
     mfu = args.assumed_mfu or (0.30 if layout.fp8 else 0.40)
-    pred = predict(qwen3, layout, peak_tflops=peak, assumed_mfu=mfu)
+    pred = predict(model_cfg, layout, peak_tflops=peak, assumed_mfu=mfu)
     d = pred.as_dict()
     d.update(gpu=spec["name"], gpu_memory_gib=spec["memory_gib"], world_size=world)
     cap = spec["memory_gib"] * GiB
@@ -233,7 +233,7 @@ def _passthrough(args) -> list[str]:
     return out
 
 
-def sweep(args, qwen3, recipe=None) -> list[dict]:
+def sweep(args, model_cfg, recipe=None) -> list[dict]:
     from megatron_spot.config.loader import ConfigError
 
     layouts = []
@@ -248,7 +248,7 @@ def sweep(args, qwen3, recipe=None) -> list[dict]:
     # check every layout before starting anything
     for tp, pp, dp in layouts:
         a = argparse.Namespace(**{**vars(args), "tp": tp, "pp": pp, "dp": dp, "predict_only": False})
-        _layout(a, qwen3, tp * pp * dp, on_gpu=False, recipe=recipe)
+        _layout(a, model_cfg, tp * pp * dp, on_gpu=False, recipe=recipe)
     os.makedirs(args.out_dir, exist_ok=True)
     rows = []
     for tp, pp, dp in layouts:
@@ -274,18 +274,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from megatron_spot.config.loader import ConfigError
-    from megatron_spot.models.qwen3 import load_qwen3_config
+    from megatron_spot.models import load_model_config
 
     try:
         recipe = resolve_recipe(args)
-        qwen3 = load_qwen3_config(args.preset)
+        model_cfg = load_model_config(args.preset)
         if args.gpu:
             from megatron_spot.profiling.hardware import gpu_spec
 
             gpu_spec(args.gpu)
         if args.predict_only:
-            d = predict_only(args, qwen3, recipe)
-            print_prediction(d, qwen3)
+            d = predict_only(args, model_cfg, recipe)
+            print_prediction(d, model_cfg)
             if args.json:
                 _write_json(args.json, d)
             if not d["fits"]:
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
                      f"--seq-length, or use --recompute full/selective")
             return OK
         if args.sweep:
-            rows = sweep(args, qwen3, recipe)
+            rows = sweep(args, model_cfg, recipe)
             print(markdown_table(rows))
             print(f"wrote {args.out_dir}/table.md, table.csv, plot.png")
             return FAILURE if any("error" in r for r in rows) else OK
@@ -308,7 +308,7 @@ def main(argv=None) -> int:
                                               "--micro-batch-size", str(args.micro_batch_size)]
             if args.trace:
                 argv_rest += ["--trace", args.trace, "--trace-steps", args.trace_steps]
-            _layout(args, qwen3, want, on_gpu=has_cuda(), recipe=recipe)
+            _layout(args, model_cfg, want, on_gpu=has_cuda(), recipe=recipe)
             proc = _torchrun(args, want, argv_rest, jpath)
             sys.stdout.write(proc.stdout)
             if proc.returncode != 0:
@@ -316,7 +316,7 @@ def main(argv=None) -> int:
                 return FAILURE
             return OK
         world = world or 1
-        cfg, layout = _layout(args, qwen3, world, on_gpu=has_cuda(), recipe=recipe)
+        cfg, layout = _layout(args, model_cfg, world, on_gpu=has_cuda(), recipe=recipe)
     except ConfigError as exc:
         fail(str(exc))
     except KeyboardInterrupt:
@@ -325,7 +325,7 @@ def main(argv=None) -> int:
     from megatron_spot.profiling.runner import run_profile
 
     trace_steps = tuple(int(x) for x in args.trace_steps.split(":")) if args.trace else None
-    report = run_profile(cfg, qwen3, steps=args.steps, warmup_steps=args.warmup_steps,
+    report = run_profile(cfg, model_cfg, steps=args.steps, warmup_steps=args.warmup_steps,
                          num_micro_batches=layout.num_micro_batches, trace_dir=args.trace, trace_steps=trace_steps,
                          gpu=args.gpu, count_flops=not args.no_flop_count, seed=args.seed, progress=True)
     if report is not None:

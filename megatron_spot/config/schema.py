@@ -10,7 +10,8 @@ from typing import Optional
 
 @dataclass
 class ModelConfig:
-    # A preset name (see megatron_spot.models.qwen3.presets.PRESETS) or a path to a Hugging Face
+    # A preset name of any model family (megatron_spot.models.all_presets(): qwen3-8b, llama3.1-8b-instruct,
+    # ...) or a path to a Hugging Face
     # config.json / checkpoint folder; the folder's config.json wins when both are given.
     preset: str = "qwen3-tiny"
     hf_config: Optional[str] = None

@@ -453,17 +453,17 @@ def rank_presets(cfg: dict, capacity_bytes: float, peak_tflops: float | None, ti
                  flash_attention: bool):
     """Candidates predicted to fit 85% of the device memory and a third of the step's time, largest
     first, with the analytical prediction of each and a note for every candidate left out."""
-    from megatron_spot.models.qwen3 import load_qwen3_config
+    from megatron_spot.models import load_model_config
     from megatron_spot.profiling.analytical import StepShape, predict
 
     fitting, notes = [], []
     for name in cfg["candidates"]:
-        qwen3 = load_qwen3_config(name)
+        model_cfg = load_model_config(name)
         shape = StepShape(micro_batch_size=cfg["micro_batch_size"], num_micro_batches=cfg["num_micro_batches"],
                           seq_length=cfg["seq_length"], dtype=cfg["precision"], recompute=cfg["recompute"],
                           flash_attention=flash_attention)
-        pred = predict(qwen3, shape, peak_tflops=peak_tflops, assumed_mfu=cfg["assumed_mfu"] if peak_tflops else None,
-                       vocab=qwen3.padded_vocab_size)
+        pred = predict(model_cfg, shape, peak_tflops=peak_tflops, assumed_mfu=cfg["assumed_mfu"] if peak_tflops else None,
+                       vocab=model_cfg.padded_vocab_size)
         mem = pred.memory["peak"]["total"]
         # warm-up + measured steps + the FLOP-counting step; model build and start-up take the rest
         steps_s = (pred.step_time_s or 0.0) * (cfg["steps"] + cfg["warmup_steps"] + 1)
@@ -516,7 +516,7 @@ def _profile_attempt(argv: list[str], result_path: str, left_s: float) -> dict:
 def child_profile(p: dict) -> dict:
     """Profile the largest fitting preset; an attempt that fails (an OOM the model did not foresee)
     falls back to the next smaller preset while time is left. Each attempt is its own process."""
-    from megatron_spot.models.qwen3.provider import transformer_engine_available
+    from megatron_spot.platform.device import transformer_engine_available
 
     t0 = time.monotonic()
     cfg = PROFILE_DRY if p["dry_run"] else PROFILE_GPU

@@ -14,6 +14,17 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def transformer_engine_available() -> bool:
+    """Transformer Engine is usable only with CUDA; its torch binding cannot be built on a CPU box."""
+    if not has_cuda():
+        return False
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
 def current_device() -> torch.device:
     """This rank's compute device (platform.initialize pinned the CUDA device per local rank)."""
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")

@@ -4,7 +4,7 @@
 (sizes >= 1, the world divisible by TP x PP x CP, VPP only with PP >= 2, CP only with Transformer Engine
 on GPUs) and derives the data-parallel size. Nothing else in the package divides the world size by hand:
 training, scoring and profiling take ``layout.dp``. Model-specific checks (heads / KV groups by TP, layers
-by PP x VPP) live with the model (models/qwen3/state_dict_adapter.py) and are called by
+by PP x VPP) live with the model family (models/gpt/config.py GPTConfig.layout_problems) and are called by
 training/plan.py's ``plan_run``.
 """
 from __future__ import annotations

@@ -17,7 +17,7 @@ an 8x or 64x H100 run. Conventions:
   ``sbh(34 + 5as/h)`` bytes for a 16-bit GPT layer (no TP), ``sbh(10 + 24/t + 5as/(ht))`` with TP,
   ``sbh/t (34 + 5as/h)`` with TP + sequence parallel, ``34 sbh / t`` (SP) or ``sbh(10 + 24/t)`` with
   selective recompute, and ``2 sbh`` (the layer input) with full recompute. The same per-tensor
-  derivation is redone here for a Qwen3 layer (RMSNorm, GQA, qk-norm, SwiGLU, no dropout) -- see
+  derivation is redone here for a Qwen3 / Llama layer (RMSNorm, GQA, qk-norm where present, SwiGLU, no dropout) -- see
   :func:`layer_activation_bytes`; :func:`korthikanti_gpt_layer_bytes` is the paper's formula itself.
 * Pipelining (1F1B): stage i keeps min(PP - i, m) micro-batches of activations alive, so stage 0
   holds PP of them; the interleaved schedule keeps (1 + (PP-1)/(PP*VPP)) x PP micro-batches' worth of
@@ -30,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from megatron_spot.models.qwen3.presets import Qwen3Config
+from megatron_spot.models.gpt.config import GPTConfig
 from megatron_spot.config.dtypes import BYTES_PER_ELEMENT
 from megatron_spot.profiling.flops import matmul_params_per_token
 
@@ -76,13 +76,13 @@ class StepShape:
 
 # --------------------------------------------------------------------------------------------------
 # FLOPs
-def attention_flops_per_token(cfg: Qwen3Config, seq_length: int, causal: bool = True) -> float:
+def attention_flops_per_token(cfg: GPTConfig, seq_length: int, causal: bool = True) -> float:
     """Forward QK^T + AV FLOPs of one token (all layers); causal counts half."""
     full = 4.0 * seq_length * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
     return full / 2 if causal else full
 
 
-def step_flops(cfg: Qwen3Config, layout: StepShape, executed: bool = False, vocab: Optional[int] = None) -> float:
+def step_flops(cfg: GPTConfig, layout: StepShape, executed: bool = False, vocab: Optional[int] = None) -> float:
     """Training FLOPs of one optimizer step over all ranks.
 
     executed=False: model FLOPs (MFU convention: 3x forward, causal attention halved, no recompute).
@@ -103,15 +103,12 @@ def step_flops(cfg: Qwen3Config, layout: StepShape, executed: bool = False, voca
 
 # --------------------------------------------------------------------------------------------------
 # Parameters and model-state memory
-def layer_parameters(cfg: Qwen3Config, tp: int = 1) -> int:
-    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    sharded = h * (q + 2 * kv) + q * h + 3 * h * f
-    replicated = 2 * h + 2 * d  # input/pre-MLP RMSNorm, q/k norms
-    return sharded // tp + replicated
+def layer_parameters(cfg: GPTConfig, tp: int = 1) -> int:
+    # matmul weights are split by TP; norms (input/pre-MLP RMSNorm, q/k norms where the family has them) are not
+    return cfg.layer_matmul_parameters() // tp + cfg.layer_norm_parameters()
 
 
-def stage_parameters(cfg: Qwen3Config, layout: StepShape, stage: int) -> int:
+def stage_parameters(cfg: GPTConfig, layout: StepShape, stage: int) -> int:
     """Parameters held by a rank of pipeline stage `stage` (all its virtual chunks), padded vocab."""
     layers = cfg.num_hidden_layers // layout.pp
     n = layers * layer_parameters(cfg, layout.tp)
@@ -126,7 +123,7 @@ def stage_parameters(cfg: Qwen3Config, layout: StepShape, stage: int) -> int:
     return n
 
 
-def model_state_bytes(cfg: Qwen3Config, layout: StepShape, stage: int = 0) -> dict:
+def model_state_bytes(cfg: GPTConfig, layout: StepShape, stage: int = 0) -> dict:
     n = stage_parameters(cfg, layout, stage)
     shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
     if layout.dtype == "fp32":
@@ -150,19 +147,19 @@ def korthikanti_gpt_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: 
     return s * b * h * (10.0 + 24.0 / t + 5.0 * a * s / (h * t))
 
 
-def layer_activation_bytes(cfg: Qwen3Config, layout: StepShape, softmax_fp32: bool = True) -> float:
-    """Bytes one Qwen3 layer keeps for backward, per micro-batch, on one rank.
+def layer_activation_bytes(cfg: GPTConfig, layout: StepShape, softmax_fp32: bool = True) -> float:
+    """Bytes one layer keeps for backward, per micro-batch, on one rank.
 
-    Redoing the paper's count for Megatron-Core's Qwen3 layer (p = bytes per activation element,
+    Redoing the paper's count for Megatron-Core's GPT layer as Qwen3 and Llama use it (p = bytes per activation element,
     s tokens, b sequences, t = TP; "rep" terms are TP-replicated and divided by t under SP):
       attention: RMSNorm input p*sbh (rep), QKV-linear input p*sbh (rep), q/k before qk-norm
-        p*sb(q+kv)/t, core attention (unfused): q and GQA-expanded k p*2sbq/t, softmax output
+        p*sb(q+kv)/t (families with q/k norms), core attention (unfused): q and GQA-expanded k p*2sbq/t, softmax output
         (fp32 when attention_softmax_in_fp32, plus its p-byte cast) and expanded v p*sbq/t,
         output-projection input p*sbq/t;  flash attention instead keeps q, k, v and its output
         (p*sb(2q+2kv)/t) plus an fp32 log-sum-exp per head and row.
       MLP: RMSNorm input and fc1 input p*sbh each (rep), SwiGLU gate, silu(gate), up p*3sbf/t,
         fc2 input p*sbf/t.
-    No dropout masks (Qwen3 has no dropout). Selective recompute drops the core-attention terms and
+    No dropout masks (neither family has dropout). Selective recompute drops the core-attention terms and
     keeps its inputs q, k, v; full recompute keeps only the layer input p*sbh (rep).
     """
     p = BYTES_PER_ELEMENT[layout.dtype]
@@ -172,7 +169,8 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: StepShape, softmax_fp32: bo
     rep = 1.0 / t if layout.sequence_parallel else 1.0
     if layout.recompute == "full":
         return p * s * b * h * rep
-    attn_in = p * s * b * (2 * h * rep + (q + kv) / t)
+    qk_norm_in = (q + kv) / t if cfg.qk_layernorm else 0.0  # q/k kept before their RMSNorm (Qwen3)
+    attn_in = p * s * b * (2 * h * rep + qk_norm_in)
     if layout.flash_attention:
         core = p * s * b * (2 * q + 2 * kv) / t + 4.0 * s * b * a / t
     else:
@@ -185,7 +183,7 @@ def layer_activation_bytes(cfg: Qwen3Config, layout: StepShape, softmax_fp32: bo
     return attn_in + core + proj_in + mlp
 
 
-def head_activation_bytes(cfg: Qwen3Config, layout: StepShape) -> float:
+def head_activation_bytes(cfg: GPTConfig, layout: StepShape) -> float:
     """Last stage extra: final-norm input, output-layer input, and what the loss head holds: the logits
     the fused log-prob keeps, or with the fused linear head its per-token statistics and one chunk."""
     p = BYTES_PER_ELEMENT[layout.dtype]
@@ -211,7 +209,7 @@ def in_flight_micro_batches(layout: StepShape, stage: int) -> float:
     return float(min(pp - stage, m))
 
 
-def activation_bytes(cfg: Qwen3Config, layout: StepShape, stage: int = 0) -> float:
+def activation_bytes(cfg: GPTConfig, layout: StepShape, stage: int = 0) -> float:
     layers = cfg.num_hidden_layers // layout.pp
     per_mb = layers * layer_activation_bytes(cfg, layout)
     if layout.recompute == "full":  # one layer's full activations exist while it is recomputed
@@ -223,7 +221,7 @@ def activation_bytes(cfg: Qwen3Config, layout: StepShape, stage: int = 0) -> flo
         per_mb
 
 
-def memory_per_rank(cfg: Qwen3Config, layout: StepShape) -> dict:
+def memory_per_rank(cfg: GPTConfig, layout: StepShape) -> dict:
     """Predicted bytes per rank for every pipeline stage, and the largest (the one that must fit)."""
     stages = []
     for stage in range(layout.pp):
@@ -266,7 +264,7 @@ class Prediction:
         return asdict(self)
 
 
-def predict(cfg: Qwen3Config, layout: StepShape, peak_tflops: Optional[float] = None,
+def predict(cfg: GPTConfig, layout: StepShape, peak_tflops: Optional[float] = None,
             assumed_mfu: Optional[float] = None, vocab: Optional[int] = None) -> Prediction:
     """Analytical step: FLOPs, memory, bubble; with a peak and an assumed *compute* MFU (the fraction
     of peak the matmuls reach while they run), also step time = compute / (1 - bubble share).

@@ -10,7 +10,7 @@ import sys
 GiB = 2**30
 
 
-def print_prediction(d: dict, qwen3) -> None:
+def print_prediction(d: dict, model_cfg) -> None:
     L = d["layout"]
     print(f"Prediction: {d.get('gpu', '?')} x {d['world_size']}, TP{L['tp']} PP{L['pp']}"
           f"{' VPP' + str(L['vpp']) if L['vpp'] else ''} DP{L['dp']}, {L['dtype']}{' + FP8' if L['fp8'] else ''}, "

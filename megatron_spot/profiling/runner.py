@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_spot.config.schema import TrainConfig
-from megatron_spot.models.qwen3.presets import Qwen3Config
+from megatron_spot.models.gpt.config import GPTConfig
 from megatron_spot.profiling import analytical
 from megatron_spot.ops.token_logprobs import IGNORE_INDEX
 from megatron_spot.platform.device import peak_memory_bytes, reset_peak_memory
@@ -166,7 +166,7 @@ def _read_split(timers, step_time: float) -> dict:
     return split
 
 
-def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: int = 1,
+def run_profile(cfg: TrainConfig, model_cfg: GPTConfig, steps: int, warmup_steps: int = 1,
                 num_micro_batches: int = 1, trace_dir: Optional[str] = None,
                 trace_steps: Optional[tuple[int, int]] = None, gpu: Optional[str] = None,
                 count_flops: bool = True, seed: int = 1234, progress: bool = False) -> dict:
@@ -178,7 +178,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
     info = initialize(cfg.parallel, seed)
     fp8 = bool(cfg.precision.fp8)
     timers = _make_timers()
-    engine = Engine(cfg, qwen3, total_steps=steps + warmup_steps + 1, timers=timers)
+    engine = Engine(cfg, model_cfg, total_steps=steps + warmup_steps + 1, timers=timers)
     device = engine.device
     L, pairs = cfg.data.seq_length, cfg.data.micro_batch_size
     layout = analytical.StepShape(
@@ -189,7 +189,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
         flash_attention=False,  # local spec: unfused attention (TE on GPU would use fused attention)
         fused_linear_loss=cfg.model.fused_linear_loss,
     )
-    from megatron_spot.models.qwen3.provider import transformer_engine_available
+    from megatron_spot.platform.device import transformer_engine_available
 
     layout.flash_attention = transformer_engine_available()
     if info.is_cuda:
@@ -199,11 +199,11 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
     else:
         peak = measure_cpu_matmul_tflops(dtype=torch.float32)
         peak_source = f"measured fp32 matmul peak of this process ({torch.get_num_threads()} threads)"
-    pred = analytical.predict(qwen3, layout, peak_tflops=peak, assumed_mfu=1.0 if peak else None,
-                              vocab=qwen3.padded_vocab_size)
+    pred = analytical.predict(model_cfg, layout, peak_tflops=peak, assumed_mfu=1.0 if peak else None,
+                              vocab=model_cfg.padded_vocab_size)
 
     def batches(step):
-        return synthetic_micro_batches(num_micro_batches, pairs, L, qwen3.vocab_size,
+        return synthetic_micro_batches(num_micro_batches, pairs, L, model_cfg.vocab_size,
                                        seed=seed + 1000 * step + info.dp_rank, device=device)
 
     # warmup (not reported)
@@ -272,7 +272,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
     dist.all_gather_object(gathered, local)
     report = None
     if info.rank == 0:
-        report = _aggregate(per_step, gathered, pred, layout, qwen3, measured_flops, peak, peak_source,
+        report = _aggregate(per_step, gathered, pred, layout, model_cfg, measured_flops, peak, peak_source,
                             mem_source, info,
                             fused_head=cfg.model.fused_linear_loss)
     engine_done = engine  # keep alive until all ranks reported
@@ -281,7 +281,7 @@ def run_profile(cfg: TrainConfig, qwen3: Qwen3Config, steps: int, warmup_steps: 
     return report
 
 
-def _aggregate(per_step, ranks, pred, layout, qwen3, measured_flops, peak, peak_source, mem_source, info,
+def _aggregate(per_step, ranks, pred, layout, model_cfg, measured_flops, peak, peak_source, mem_source, info,
                fused_head: bool = False) -> dict:
     world = info.world_size
     model_flops = pred.flops_per_step
@@ -300,7 +300,7 @@ def _aggregate(per_step, ranks, pred, layout, qwen3, measured_flops, peak, peak_
     peak_rank = max(ranks, key=lambda r: r["peak_memory_bytes"])
     pm = pred.memory["peak"]
     return {
-        "preset_layers": qwen3.num_hidden_layers, "layout": pred.layout, "world_size": world,
+        "preset_layers": model_cfg.num_hidden_layers, "layout": pred.layout, "world_size": world,
         "steps": steps, "step_time_s": mean_t, "tokens_per_step": tokens,
         "tokens_per_s": tokens / mean_t, "tokens_per_s_per_device": tokens / mean_t / world,
         "tflops_per_device": tflops, "mfu": tflops / peak if peak else None,

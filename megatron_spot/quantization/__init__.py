@@ -1,4 +1,4 @@
-"""Post-training quantization of trained Qwen3 checkpoints with NVIDIA ModelOpt, exported as HF folders."""
+"""Post-training quantization of trained checkpoints (any registered family) with NVIDIA ModelOpt, exported as HF folders."""
 from megatron_spot.quantization.export import (
     FORMATS,
     QuantizationError,

@@ -117,8 +117,12 @@ def _load_hf(src: str, device: torch.device, dtype: torch.dtype):
     import transformers
 
     cfg = transformers.AutoConfig.from_pretrained(src)
-    if getattr(cfg, "model_type", None) != "qwen3":
-        raise QuantizationError(f"{src}: model_type={getattr(cfg, 'model_type', None)!r}; expected a Qwen3 checkpoint")
+    from megatron_spot.models import families
+
+    supported = [f.model_type for f in families()]
+    if getattr(cfg, "model_type", None) not in supported:
+        raise QuantizationError(f"{src}: model_type={getattr(cfg, 'model_type', None)!r}; expected one of "
+                                f"{', '.join(supported)}")
     if getattr(cfg, "quantization_config", None):
         raise QuantizationError(f"{src} is already quantized ({cfg.quantization_config.get('quant_method')}); "
                                 "start from the unquantized checkpoint")

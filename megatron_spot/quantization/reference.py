@@ -32,7 +32,8 @@ def load_fp8_reference(folder: str, dtype: torch.dtype = torch.float32, quantize
         raise ValueError(f"{folder}: not an FP8 export ({qc.get('quant_algo')})")
     for k in ("architectures", "transformers_version", "torch_dtype", "dtype"):
         cfg.pop(k, None)
-    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg, attn_implementation="eager")).to(dtype).eval()
+    hf_config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg, attn_implementation="eager")
+    model = transformers.AutoModelForCausalLM.from_config(hf_config).to(dtype).eval()
     tensors = {}
     files = [n for n in os.listdir(folder) if n.endswith(".safetensors")]
     for name in files:

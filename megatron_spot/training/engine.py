@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 
 from megatron_spot.config.schema import TrainConfig
-from megatron_spot.models.qwen3 import Qwen3Config, build_model_chunks, build_transformer_config
+from megatron_spot.models import GPTConfig, build_model_chunks, build_transformer_config
 from megatron_spot.platform.device import current_device
 
 
 class Engine:
-    def __init__(self, cfg: TrainConfig, qwen3: Qwen3Config, total_steps: int,
+    def __init__(self, cfg: TrainConfig, model_cfg: GPTConfig, total_steps: int,
                  load_weights: Optional[Callable[[list], None]] = None, trainable: bool = True, timers=None):
         """timers: an optional megatron.core.timers.Timers (the profiler's). Megatron-Core's schedules and
         optimizer time themselves into it ('forward-compute', p2p, 'params-all-gather', ...); the engine adds
@@ -31,9 +31,9 @@ class Engine:
 
         self.cfg = cfg
         self.timers = timers
-        self.qwen3 = qwen3
+        self.model_cfg = model_cfg
         self.total_steps = max(1, total_steps)
-        self.transformer_config = build_transformer_config(qwen3, cfg.parallel, cfg.precision, cfg.recompute)
+        self.transformer_config = build_transformer_config(model_cfg, cfg.parallel, cfg.precision, cfg.recompute)
         if timers is not None:
             self.transformer_config.timers = timers
         self.packing = bool(cfg.data.packing)
@@ -45,7 +45,7 @@ class Engine:
             # to the next, so pipeline stages exchange shapes.
             self.transformer_config.calculate_per_token_loss = True
             self.transformer_config.variable_seq_lengths = True
-        chunks = build_model_chunks(qwen3, self.transformer_config, max_sequence_length=cfg.model.max_sequence_length,
+        chunks = build_model_chunks(model_cfg, self.transformer_config, max_sequence_length=cfg.model.max_sequence_length,
                                     fused_linear_loss=cfg.model.fused_linear_loss)  # the config's loss head
         if load_weights is not None:
             load_weights(chunks)  # before the optimizer copies fp32 main params from the model

@@ -9,8 +9,9 @@ from megatron_spot.config import ConfigError, TrainConfig
 
 
 def resolve_model(cfg: TrainConfig, resume_ckpt: Optional[str]):
-    """The Qwen3 architecture: from the checkpoint we start from, else the preset/config.json."""
-    from megatron_spot.models.qwen3 import Qwen3Config, load_qwen3_config
+    """The model's architecture (its family's config): from the checkpoint we start from, else the
+    preset/config.json."""
+    from megatron_spot.models import config_from_hf_dict, load_model_config
 
     source = os.path.join(resume_ckpt, "model") if resume_ckpt else cfg.model.init_checkpoint
     if source:
@@ -20,8 +21,8 @@ def resolve_model(cfg: TrainConfig, resume_ckpt: Optional[str]):
         from megatron_spot.checkpoint.model_checkpoint import read_checkpoint_metadata
 
         meta = read_checkpoint_metadata(source)
-        return Qwen3Config.from_hf_dict(meta["hf_config"], source=source), source
-    return load_qwen3_config(cfg.model.preset, cfg.model.hf_config), None
+        return config_from_hf_dict(meta["hf_config"], source=source), source
+    return load_model_config(cfg.model.preset, cfg.model.hf_config), None
 
 
 def _tokenizer_hash_of(folder: Optional[str]) -> Optional[str]:

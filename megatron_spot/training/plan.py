@@ -2,7 +2,7 @@
 derived and validated once, before any process group or allocation.
 
 ``plan_run(cfg, world_size, model=...)`` = platform/layout.py's ``Layout.from_config`` (world-size rules,
-DP derived) + the model's fit (models/qwen3: heads / KV groups by TP, layers by PP x VPP, precision and
+DP derived) + the model's fit (models/: heads / KV groups by TP, layers by PP x VPP, precision and
 platform) + the batch arithmetic (global batch = micro-batch x DP x micro-batches). Callers read
 ``plan.layout.dp`` and ``plan.micro_batches_per_step``; nobody divides the world size by hand.
 """
@@ -31,13 +31,13 @@ class RunPlan:
 def plan_run(cfg, world_size: int, model=None, optimizer_steps: bool = True) -> RunPlan:
     """The run's Layout and micro-batch counts; one-line ConfigErrors naming the setting.
 
-    cfg: a TrainConfig (parallel, precision, recompute, data). model: the Qwen3Config when known (its fit to
+    cfg: a TrainConfig (parallel, precision, recompute, data). model: the family config when known (its fit to
     the layout is checked). optimizer_steps: False for runs without optimizer steps (reference scoring), which
     have no global batch and no micro-batch count.
     """
     layout = Layout.from_config(cfg.parallel, world_size)
     if model is not None:
-        from megatron_spot.models.qwen3 import validate_model_layout
+        from megatron_spot.models import validate_model_layout
 
         validate_model_layout(model, cfg.parallel, cfg.precision, cfg.recompute)
     mbs = cfg.data.micro_batch_size

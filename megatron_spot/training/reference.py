@@ -195,12 +195,12 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
                           "training starts from (tools/convert_checkpoint.py hf-to-mcore writes one)")
     if not cfg.data.pack:
         raise ConfigError("data.pack is not set")
-    qwen3, weights = resolve_model(cfg, None)
-    plan = plan_run(cfg, world, model=qwen3, optimizer_steps=False)
+    model_cfg, weights = resolve_model(cfg, None)
+    plan = plan_run(cfg, world, model=model_cfg, optimizer_steps=False)
     expected = expected_tokenizer_hash(cfg, weights)
     dataset = PairDataset(cfg.data.pack, expected_tokenizer_hash=expected)
-    dataset.check_token_ids(qwen3.vocab_size)
-    from megatron_spot.models.qwen3.provider import transformer_engine_available
+    dataset.check_token_ids(model_cfg.vocab_size)
+    from megatron_spot.platform.device import transformer_engine_available
     from megatron_spot.training.plan import validate_packing
 
     validate_packing(cfg, dataset, te_available=transformer_engine_available())
@@ -212,7 +212,7 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
             print(f"reference log-probs already computed for this pack and model: {done} (--force recomputes)")
         return done
     info = initialize(cfg.parallel, seed=cfg.run.seed)
-    engine = Engine(cfg, qwen3, 1, trainable=False, load_weights=lambda chunks: load_model_checkpoint(chunks, weights))
+    engine = Engine(cfg, model_cfg, 1, trainable=False, load_weights=lambda chunks: load_model_checkpoint(chunks, weights))
     values = score_pairs(engine, dataset, info.dp_rank, plan.layout.dp, plan.micro_batch_size, info.device,
                          pad_to_multiple_of=cfg.data.pad_to_multiple_of, max_length=cfg.data.seq_length,
                          micro_batches_per_call=max(1, 2 * info.pp), progress=progress and info.rank == 0,

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny HF checkpoints (tied / untied / vocab 300 / real 151,936 vocab), converted once."""
+"""Shared fixtures: tiny HF checkpoints (Qwen3 tied / untied / vocab 300 / real 151,936 vocab; Llama 3 tied and
+untied), converted once."""
 from __future__ import annotations
 
 import pytest
@@ -22,6 +23,9 @@ def ckpts(tmp_path_factory):
         # vocab not a multiple of 128 -> padded rows; written as 3 shards with an index
         "vocab300": dict(preset="qwen3-tiny-tied", seed=2, vocab_size=300, max_shard_size="200KB"),
         "vocab151936": dict(preset="qwen3-tiny", seed=3, vocab_size=151936),
+        # the second family (Llama 3: llama3 RoPE scaling, no q/k norm), untied and tied (sharded input)
+        "llama": dict(preset="llama3-tiny", seed=4),
+        "llama-tied": dict(preset="llama3-tiny-tied", seed=5, vocab_size=300, max_shard_size="200KB"),
     }
     out = {}
     for name, spec in cases.items():

@@ -11,15 +11,15 @@ import torch
 
 from megatron_spot.checkpoint import hf_convert as hc
 from megatron_spot.checkpoint import model_checkpoint as model_ckpt
-from megatron_spot.models.qwen3.provider import build_unsharded_model
+from megatron_spot.models import build_unsharded_model
 from megatron_spot.checkpoint.errors import CheckpointError
 from megatron_spot.config.loader import ConfigError
-from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict, mapping_table
+from megatron_spot.models.gpt.state_dict import hf_to_mcore_state_dict, mapping_table
 from tests.checkpoint import helpers
 
 
 def _mcore_tp1(ckpt: str, dtype: str = "fp32"):
-    chunks = build_unsharded_model(model_ckpt.checkpoint_qwen3_config(ckpt), dtype)
+    chunks = build_unsharded_model(model_ckpt.checkpoint_model_config(ckpt), dtype)
     model_ckpt.load_model_checkpoint(chunks, ckpt)
     return chunks
 
@@ -29,7 +29,7 @@ def _mcore_logits(chunks, tok, pos, vocab):
     return chunks[0](tok, pos, None)[..., :vocab].float()
 
 
-@pytest.mark.parametrize("name", ["untied", "tied", "vocab300"])
+@pytest.mark.parametrize("name", ["untied", "tied", "vocab300", "llama", "llama-tied"])
 def test_logits_match_transformers_tp1pp1(ckpts, name):
     c = ckpts[name]
     chunks = _mcore_tp1(c["mcore"])
@@ -37,18 +37,18 @@ def test_logits_match_transformers_tp1pp1(ckpts, name):
     diff = (logits - c["ref"]).abs().max().item()
     assert diff <= 1e-4, f"{name}: max abs logit diff {diff}"
     # what was loaded equals the foundation's whole-model mapping, padded rows are zero
-    cfg = model_ckpt.checkpoint_qwen3_config(c["mcore"])
+    cfg = model_ckpt.checkpoint_model_config(c["mcore"])
     expected = hf_to_mcore_state_dict(helpers.read_hf_tensors(c["hf"]), cfg)
     params = model_ckpt._params_by_name(chunks)
     assert set(params) == set(expected)
     for k, v in expected.items():
         assert torch.equal(params[k], v), k
-    if name == "vocab300":
+    if c["vocab"] == 300:
         assert params["embedding.word_embeddings.weight"].shape[0] == 384
         assert not params["embedding.word_embeddings.weight"][300:].any()
 
 
-@pytest.mark.parametrize("name", ["untied", "tied", "vocab300"])
+@pytest.mark.parametrize("name", ["untied", "tied", "vocab300", "llama", "llama-tied"])
 def test_round_trip_bit_exact_and_from_pretrained(ckpts, name, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
@@ -62,6 +62,10 @@ def test_round_trip_bit_exact_and_from_pretrained(ckpts, name, tmp_path):
     assert summary["tensors"] == len(src)
     cfgj = json.load(open(os.path.join(out, "config.json")))
     assert cfgj["torch_dtype"] == "float32" and cfgj["tie_word_embeddings"] == c["model"].config.tie_word_embeddings
+    # the architecture (family, rope scaling, token ids) survives the trip through our checkpoint
+    from megatron_spot.models import config_from_hf_dict
+
+    assert config_from_hf_dict(cfgj) == config_from_hf_dict(json.load(open(os.path.join(c["hf"], "config.json"))))
     for f in ("tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert os.path.isfile(os.path.join(out, f)), f
     model = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").float().eval()
@@ -69,9 +73,10 @@ def test_round_trip_bit_exact_and_from_pretrained(ckpts, name, tmp_path):
         assert torch.equal(model(c["tok"]).logits, c["ref"])
 
 
-def test_sharded_export_and_bf16(ckpts, tmp_path):
+@pytest.mark.parametrize("name", ["untied", "llama"])
+def test_sharded_export_and_bf16(ckpts, tmp_path, name):
     """bf16 conversion of an fp32 source, size-capped shards with an index, bf16 -> fp32 export."""
-    c = ckpts["untied"]
+    c = ckpts[name]
     mc = str(tmp_path / "bf16")
     hc.convert_hf_to_mcore(c["hf"], mc, dtype="bf16", progress=False)
     meta = model_ckpt.read_checkpoint_metadata(mc)
@@ -118,9 +123,9 @@ def test_metadata_and_layout(ckpts):
     assert meta["dtype"] == "fp32" and meta["saved_layout"] == {"tp": 1, "pp": 1, "vpp": None}
     assert meta["hf_config"]["vocab_size"] == 512 and meta["padded_vocab_size"] == 512
     s = c["summary"]
-    assert s["tensors"] == len(mapping_table(model_ckpt.checkpoint_qwen3_config(c["mcore"]))) and s["bytes"] > 0
+    assert s["tensors"] == len(mapping_table(model_ckpt.checkpoint_model_config(c["mcore"]))) and s["bytes"] > 0
     # layouts that do not fit: named, before anything is loaded
-    cfg = model_ckpt.checkpoint_qwen3_config(c["mcore"])
+    cfg = model_ckpt.checkpoint_model_config(c["mcore"])
     with pytest.raises(CheckpointError, match="does not divide the 2 query groups"):
         model_ckpt.check_layout(cfg, tp=4)
     with pytest.raises(CheckpointError, match="layers do not split"):
@@ -130,7 +135,7 @@ def test_metadata_and_layout(ckpts):
 
 def test_load_into_wrong_model_is_named(ckpts):
     c = ckpts["untied"]
-    other = model_ckpt.checkpoint_qwen3_config(ckpts["tied"]["mcore"])
+    other = model_ckpt.checkpoint_model_config(ckpts["tied"]["mcore"])
     chunks = build_unsharded_model(other, "fp32")
     with pytest.raises(CheckpointError, match="tie_word_embeddings: checkpoint False, model True"):
         model_ckpt.load_model_checkpoint(chunks, c["mcore"])
@@ -143,7 +148,7 @@ def test_save_model_checkpoint_single_rank(ckpts, tmp_path):
     c = ckpts["tied"]
     chunks = _mcore_tp1(c["mcore"])
     out = str(tmp_path / "run" / "checkpoints" / "step_1" / "model")
-    cfg = model_ckpt.checkpoint_qwen3_config(c["mcore"])
+    cfg = model_ckpt.checkpoint_model_config(c["mcore"])
     model_ckpt.save_model_checkpoint(chunks, out, cfg, hf_side_files_from=c["hf"])
     model_ckpt.save_model_checkpoint(chunks, out, cfg, hf_side_files_from=c["mcore"])  # overwrite in place
     assert sorted(os.listdir(os.path.dirname(out))) == ["model"]
@@ -215,13 +220,35 @@ def test_corrupt_safetensors_named(ckpts, tmp_path):
 @pytest.mark.parametrize("change,match", [
     ({"attention_bias": True}, "attention_bias=true is not supported"),
     ({"use_sliding_window": True, "sliding_window": 128}, "sliding-window attention"),
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
+    ({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, "unsupported model_type 'mistral'"),
+    ({"model_type": "qwen3", "architectures": ["LlamaForCausalLM"]}, "unsupported architecture"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope scaling"),
+    # Qwen3 weights labelled as Llama: the q/k norms are named as what a Llama does not have
+    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, r"unexpected tensor\(s\) .*q_norm"),
 ])
 def test_unsupported_config_named(ckpts, tmp_path, change, match):
     bad = _copy_hf(ckpts["untied"], tmp_path)
     path = os.path.join(bad, "config.json")
     cfg = json.load(open(path))
     cfg.update(change)
+    json.dump(cfg, open(path, "w"))
+    with pytest.raises((ConfigError, CheckpointError), match=match):
+        hc.convert_hf_to_mcore(bad, str(tmp_path / "out"), progress=False)
+    assert not os.path.exists(tmp_path / "out")
+
+
+@pytest.mark.parametrize("rope,match", [
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}, "rope_type='yarn' is not supported"),
+    ({"rope_type": "llama3", "factor": 8.0}, "lacks low_freq_factor, high_freq_factor"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 256}, "high_freq_factor > low_freq_factor"),
+])
+def test_llama_rope_types_refused_by_name(ckpts, tmp_path, rope, match):
+    bad = _copy_hf(ckpts["llama"], tmp_path)
+    path = os.path.join(bad, "config.json")
+    cfg = json.load(open(path))
+    cfg.pop("rope_parameters", None)
+    cfg["rope_scaling"] = rope
     json.dump(cfg, open(path, "w"))
     with pytest.raises(ConfigError, match=match):
         hc.convert_hf_to_mcore(bad, str(tmp_path / "out"), progress=False)

@@ -53,7 +53,7 @@ def _worker(rank, world_size, cases, save_root):
     from megatron_spot.checkpoint import hf_convert as hc
     from megatron_spot.checkpoint import model_checkpoint as model_ckpt
     from megatron_spot.config.schema import ParallelConfig, PrecisionConfig
-    from megatron_spot.models.qwen3 import build_model_chunks, build_transformer_config
+    from megatron_spot.models import build_model_chunks, build_transformer_config
     from megatron_spot.platform import initialize
 
     results = {}
@@ -64,7 +64,7 @@ def _worker(rank, world_size, cases, save_root):
         for name, (ckpt, tok, pos, vocab) in cases.items():
             if layout != "tp2pp2" and name == "vocab151936":
                 continue
-            cfg = model_ckpt.checkpoint_qwen3_config(ckpt)
+            cfg = model_ckpt.checkpoint_model_config(ckpt)
             chunks = build_model_chunks(cfg, build_transformer_config(cfg, parallel, PrecisionConfig(dtype="fp32")))
             model_ckpt.load_model_checkpoint(chunks, ckpt)
             logits = _pipeline_logits(chunks, tok, pos)
@@ -86,7 +86,7 @@ def _worker(rank, world_size, cases, save_root):
 def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     from megatron_spot.checkpoint import hf_convert as hc
     from megatron_spot.checkpoint import model_checkpoint as model_ckpt
-    from megatron_spot.models.qwen3.provider import build_unsharded_model
+    from megatron_spot.models import build_unsharded_model
 
     cases = {n: (ckpts[n]["mcore"], ckpts[n]["tok"], ckpts[n]["pos"], ckpts[n]["vocab"])
              for n in ("untied", "tied", "vocab151936")}
@@ -112,7 +112,7 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
         meta = model_ckpt.read_checkpoint_metadata(saved)
         assert meta["saved_layout"] == {"tp": 2, "pp": 2, "vpp": None} and meta["dtype"] == "fp32"
         assert os.path.isfile(os.path.join(saved, "chat_template.jinja"))
-        cfg = model_ckpt.checkpoint_qwen3_config(saved)
+        cfg = model_ckpt.checkpoint_model_config(saved)
         a, b = build_unsharded_model(cfg, "fp32"), build_unsharded_model(cfg, "fp32")
         model_ckpt.load_model_checkpoint(a, saved)
         model_ckpt.load_model_checkpoint(b, ckpts[name]["mcore"])

@@ -12,13 +12,14 @@ import torch
 from megatron_spot.checkpoint import hf_convert as hc
 from megatron_spot.checkpoint import model_checkpoint as model_ckpt
 from megatron_spot.checkpoint.single_process import ensure_single_process_world
-from megatron_spot.models.qwen3.provider import build_unsharded_model
+from megatron_spot.models import build_unsharded_model
 from megatron_spot.checkpoint.errors import CheckpointError
 from megatron_spot.checkpoint.safetensors_io import plan_shards
-from megatron_spot.models.qwen3.state_dict_adapter import hf_shapes, mapping_table, mcore_shapes, to_hf, to_mcore
-from megatron_spot.models.qwen3.presets import PRESETS, load_qwen3_config
+from megatron_spot.models.gpt.state_dict import hf_shapes, mapping_table, mcore_shapes
+from megatron_spot.models import load_model_config
+from megatron_spot.models.qwen3 import PRESETS
 
-CFG = load_qwen3_config("qwen3-8b")
+CFG = load_model_config("qwen3-8b")
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +46,9 @@ def test_mapping_both_directions_on_meta(hf_meta_state):
     assert {e.mcore for e in table} == set(mc_want) and len(table) == len(mc_want) == 2 + 36 * 8 + 1
     assert sorted(n for e in table for n in e.hf) == sorted(hf_want)
     for e in table:
-        m = to_mcore(e, [hf_meta_state[n] for n in e.hf], CFG)
+        m = e.to_mcore([hf_meta_state[n] for n in e.hf], CFG)
         assert m.is_meta and tuple(m.shape) == mc_want[e.mcore], e.mcore
-        back = to_hf(e, m, CFG)
+        back = e.to_hf(m, CFG)
         assert [tuple(t.shape) for t in back] == [hf_want[n] for n in e.hf], e.mcore
     assert mc_want["decoder.layers.0.self_attention.linear_qkv.weight"] == ((32 + 2 * 8) * 128, 4096)
     assert mc_want["embedding.word_embeddings.weight"] == (151936, 4096)  # 151,936 = 128 x 1187: no padding

@@ -27,7 +27,7 @@ def workspace(root: str) -> None:
 
     from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
     from megatron_spot.data import build_tiny_tokenizer, pack_pairs
-    from megatron_spot.models.qwen3 import load_qwen3_config
+    from megatron_spot.models import load_model_config
 
     rng = np.random.default_rng(0)
     words = "the a one two three plus minus equals total so answer is step then we add take".split()
@@ -42,7 +42,7 @@ def workspace(root: str) -> None:
     hf = os.path.join(root, "hf")
     build_tiny_tokenizer(hf, [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs], vocab_size=512)
     tok = transformers.AutoTokenizer.from_pretrained(hf)
-    cfg = load_qwen3_config("qwen3-tiny").to_hf_dict()
+    cfg = load_model_config("qwen3-tiny").to_hf_dict()
     cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32")
     torch.manual_seed(0)
     transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(hf)
@@ -56,7 +56,7 @@ def train(root: str, out: str, spec: str, extra: list) -> None:
         # hide Transformer Engine: the provider then picks Megatron-Core's local layer spec
         sys.modules["transformer_engine"] = None
     from megatron_spot.config import TrainConfig, load_config
-    from megatron_spot.models.qwen3.provider import transformer_engine_available
+    from megatron_spot.platform.device import transformer_engine_available
     from megatron_spot.platform import shutdown
     from megatron_spot.platform.device import has_cuda
     from megatron_spot.train import run

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from megatron_spot.config import ConfigError, ParallelConfig, PrecisionConfig, RecomputeConfig
-from megatron_spot.models.qwen3 import PRESETS, Qwen3Config, load_qwen3_config, validate_model_layout
+from megatron_spot.models import load_model_config, validate_model_layout
+from megatron_spot.models.qwen3 import PRESETS, Qwen3Config
 from tests.multiprocess import run_on_ranks
 
 # HF parameter counts of the released models (8B: from the model card / safetensors index)
@@ -11,9 +12,9 @@ EXPECTED = {"qwen3-8b": 8_190_735_360}
 
 
 def test_preset_parameter_counts():
-    assert load_qwen3_config("qwen3-8b").num_parameters() == EXPECTED["qwen3-8b"]
+    assert load_model_config("qwen3-8b").num_parameters() == EXPECTED["qwen3-8b"]
     for name in PRESETS:
-        cfg = load_qwen3_config(name)
+        cfg = load_model_config(name)
         assert cfg.tie_word_embeddings == (name in ("qwen3-0.6b", "qwen3-1.7b", "qwen3-4b", "qwen3-tiny-tied"))
         assert cfg.padded_vocab_size % 128 == 0
 
@@ -21,7 +22,7 @@ def test_preset_parameter_counts():
 def test_transformers_agrees_with_our_count_on_meta():
     import transformers
 
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     with torch.device("meta"):
         hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg.to_hf_dict()))
     assert sum(p.numel() for p in hf.parameters()) == EXPECTED["qwen3-8b"]
@@ -31,9 +32,9 @@ def test_real_config_json_and_errors(tmp_path):
     import json
 
     (tmp_path / "config.json").write_text(json.dumps(PRESETS["qwen3-8b"]))
-    assert load_qwen3_config(str(tmp_path)) == load_qwen3_config("qwen3-8b")
+    assert load_model_config(str(tmp_path)) == load_model_config("qwen3-8b")
     with pytest.raises(ConfigError, match="unknown model preset.*qwen3-8b"):
-        load_qwen3_config("qwen3-8bb")
+        load_model_config("qwen3-8bb")
     bad = dict(PRESETS["qwen3-tiny"], attention_bias=True)
     with pytest.raises(ConfigError, match="attention_bias"):
         Qwen3Config.from_hf_dict(bad)
@@ -52,7 +53,7 @@ def test_real_config_json_and_errors(tmp_path):
 ])
 def test_bad_layouts_fail_fast(parallel, precision, match):
     with pytest.raises(ConfigError, match=match):
-        validate_model_layout(load_qwen3_config("qwen3-tiny"), parallel, precision, RecomputeConfig())
+        validate_model_layout(load_model_config("qwen3-tiny"), parallel, precision, RecomputeConfig())
 
 
 def test_world_size_must_fit_layout():
@@ -70,9 +71,9 @@ RELEASED = [name for name in PRESETS if "tiny" not in name]
 
 
 def shrunk(preset: str) -> Qwen3Config:
-    from megatron_spot.models.qwen3.presets import replace
+    from megatron_spot.models import replace
 
-    full = load_qwen3_config(preset)
+    full = load_model_config(preset)
     groups, head_dim = 2, 8
     heads = groups * (full.num_attention_heads // full.num_key_value_heads)
     q_width = heads * head_dim
@@ -85,7 +86,7 @@ def shrunk(preset: str) -> Qwen3Config:
 
 def test_shrunk_presets_keep_the_architecture_flags():
     for name in RELEASED:
-        full, tiny = load_qwen3_config(name), shrunk(name)
+        full, tiny = load_model_config(name), shrunk(name)
         assert tiny.tie_word_embeddings == full.tie_word_embeddings
         assert (tiny.num_attention_heads // tiny.num_key_value_heads
                 == full.num_attention_heads // full.num_key_value_heads)
@@ -95,14 +96,14 @@ def test_shrunk_presets_keep_the_architecture_flags():
 
 
 def _single_rank(rank, world_size):
-    from megatron_spot.models.qwen3 import build_model_chunks, build_transformer_config, meta_parameter_count
-    from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict, load_full_state_dict
+    from megatron_spot.models import build_model_chunks, build_transformer_config, meta_parameter_count
+    from megatron_spot.models.gpt.state_dict import hf_to_mcore_state_dict, load_full_state_dict
     from megatron_spot.platform import cpu_compat, initialize
     from tests.tiny import hf_model, hf_model_of
 
     initialize(ParallelConfig(), seed=3)
     out = {"compat": cpu_compat.is_applied(), "cuda_factory": torch.empty(2, device="cuda").device.type,
-           "count_8b": meta_parameter_count(load_qwen3_config("qwen3-8b"))}
+           "count_8b": meta_parameter_count(load_model_config("qwen3-8b"))}
     models = {preset: hf_model(preset, seed=1) for preset in ("qwen3-tiny", "qwen3-tiny-tied")}
     models.update({preset: (shrunk(preset), None) for preset in RELEASED})
     for preset, (cfg, hf) in models.items():
@@ -159,14 +160,15 @@ def test_full_recompute_gives_identical_gradients(single_rank, preset):
 @pytest.mark.gpu
 def test_te_spec_fp8_forward_backward_on_gpu():
     """GPU only: TE layer spec, FP8 (delayed scaling) forward/backward over NCCL, world of 1."""
-    from megatron_spot.models.qwen3 import build_model_chunks, build_transformer_config, transformer_engine_available
+    from megatron_spot.models import build_model_chunks, build_transformer_config
+    from megatron_spot.platform.device import transformer_engine_available
     from megatron_spot.platform import initialize
 
     if not transformer_engine_available():
         pytest.skip("Transformer Engine not installed")
     info = initialize(ParallelConfig(), seed=0)
     assert info.backend == "nccl"
-    cfg = load_qwen3_config("qwen3-tiny")
+    cfg = load_model_config("qwen3-tiny")
     tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig(dtype="bf16", fp8="hybrid"))
     model = build_model_chunks(cfg, tc)[0]
     tokens = torch.randint(0, cfg.vocab_size, (2, 64), device="cuda")

@@ -4,7 +4,7 @@ import dataclasses
 import pytest
 
 from megatron_spot.config import ConfigError, ParallelConfig, TrainConfig
-from megatron_spot.models.qwen3 import load_qwen3_config
+from megatron_spot.models import load_model_config
 from megatron_spot.platform import Layout
 from megatron_spot.training.plan import plan_run
 
@@ -41,7 +41,7 @@ def _cfg(tp=1, pp=1, vpp=None, mbs=1, gbs=8) -> TrainConfig:
 
 
 def test_plan_run_counts_micro_batches():
-    tiny = load_qwen3_config("qwen3-tiny")
+    tiny = load_model_config("qwen3-tiny")
     plan = plan_run(_cfg(tp=2, mbs=2, gbs=16), world_size=4, model=tiny)
     assert plan.layout.dp == 2 and plan.micro_batches_per_step == 4 and plan.pairs_per_step == 16
     scoring = plan_run(_cfg(tp=2, gbs=3), world_size=4, model=tiny, optimizer_steps=False)
@@ -56,4 +56,4 @@ def test_plan_run_counts_micro_batches():
 ])
 def test_plan_run_refuses(cfg, world, match):
     with pytest.raises(ConfigError, match=match):
-        plan_run(cfg, world, model=load_qwen3_config("qwen3-tiny"))
+        plan_run(cfg, world, model=load_model_config("qwen3-tiny"))

@@ -25,6 +25,11 @@ STEPS = 3
 HEAD_CASES = [("qwen3-tiny", 1, 1), ("qwen3-tiny", 2, 2), ("qwen3-tiny-tied", 1, 1), ("qwen3-tiny-tied", 2, 2)]
 # and in bf16 with full activation recompute (bf16 GEMMs round differently when chunked: loose tolerance)
 BF16_CASE = ("qwen3-tiny-tied", 2, 2)
+# every other family at TP1PP1 and TP2PP2, tied and untied: logits vs transformers on long sequences
+# (Llama 3 RoPE scaling changes logits from the first positions on; the tiny presets' original context of 256
+# puts these 384 tokens beyond it) and training losses vs its own TP1PP1
+FAMILY_CASES = [(preset, tp, pp) for preset in ("llama3-tiny", "llama3-tiny-tied") for tp, pp in ((1, 1), (2, 2))]
+FAMILY_SEQ = 384
 
 
 def _logits_through_pipeline(engine, tokens):
@@ -49,9 +54,9 @@ def _logits_through_pipeline(engine, tokens):
 
 
 def _set_loss_head(engine, fused: bool) -> None:
-    from megatron_spot.models.qwen3.model import Qwen3GPTModel
+    from megatron_spot.models.gpt.model import SpotGPTModel
 
-    heads = [m for chunk in engine.model for m in chunk.modules() if isinstance(m, Qwen3GPTModel)]
+    heads = [m for chunk in engine.model for m in chunk.modules() if isinstance(m, SpotGPTModel)]
     assert heads
     for m in heads:
         m.fused_linear_loss = fused
@@ -63,7 +68,7 @@ def _train_layout(cfg, full, global_batch, tp, pp, vpp, fused=True, logits_of=No
 
     from megatron_spot import ops
     from megatron_spot.config import TrainConfig
-    from megatron_spot.models.qwen3.state_dict_adapter import load_full_state_dict
+    from megatron_spot.models.gpt.state_dict import load_full_state_dict
     from megatron_spot.platform import initialize
     from megatron_spot.training.engine import Engine
 
@@ -113,8 +118,9 @@ def _train_layout(cfg, full, global_batch, tp, pp, vpp, fused=True, logits_of=No
 
 
 def _worker(rank, world_size):
-    from megatron_spot.models.qwen3.state_dict_adapter import hf_to_mcore_state_dict
-    from tests.tiny import hf_model, random_pairs_batch
+    from megatron_spot.models import config_from_hf_dict
+    from megatron_spot.models.gpt.state_dict import hf_to_mcore_state_dict
+    from tests.tiny import hf_model, hf_model_of, random_pairs_batch
 
     cfg, hf = hf_model("qwen3-tiny", seed=0)
     full = hf_to_mcore_state_dict(hf.state_dict(), cfg)
@@ -141,7 +147,21 @@ def _worker(rank, world_size):
     for fused in (True, False):
         heads[("bf16",) + BF16_CASE + (fused,)] = _train_layout(c, f, global_batch, *BF16_CASE[1:], None, fused=fused,
                                                                bf16_recompute=True)
-    return {"layouts": results, "heads": heads}
+    families = {}
+    long_tokens = torch.randint(2, cfg.vocab_size, (2, FAMILY_SEQ), generator=torch.Generator().manual_seed(2))
+    for preset, tp, pp in FAMILY_CASES:
+        if preset not in models:
+            c, m = hf_model(preset, seed=0)
+            with torch.no_grad():
+                unscaled = dict(c.to_hf_dict(), rope_scaling=None)
+                plain = hf_model_of(config_from_hf_dict(unscaled), seed=0)
+                plain.load_state_dict(m.state_dict())
+                models[preset] = (c, hf_to_mcore_state_dict(m.state_dict(), c), m(long_tokens).logits,
+                                  plain(long_tokens).logits)
+        c, f, hf_long, unscaled_long = models[preset]
+        families[(preset, tp, pp)] = _train_layout(c, f, global_batch, tp, pp, None, logits_of=(long_tokens, hf_long))
+        families[(preset, tp, pp)]["scaling_effect"] = (hf_long - unscaled_long).abs().max().item()
+    return {"layouts": results, "heads": heads, "families": families}
 
 
 def _layout_id(layout) -> str:
@@ -202,3 +222,19 @@ def test_bf16_full_recompute_heads_agree(spawned):
         assert fused["losses"] == pytest.approx(unfused["losses"], rel=2e-3), (fused["losses"], unfused["losses"])
         assert fused["scored"] == pytest.approx(unfused["scored"], rel=2e-3)
         assert abs(fused["losses"][-1] - fused["losses"][0]) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, tp, pp", FAMILY_CASES, ids=[f"{p}-tp{t}pp{q}" for p, t, q in FAMILY_CASES])
+def test_other_family_matches_transformers_and_its_tp1pp1(spawned, preset, tp, pp):
+    """Llama 3 (llama3 RoPE scaling, no q/k norm) at TP1PP1 and TP2PP2: logits equal transformers'
+    LlamaForCausalLM on 384-token sequences where the scaling matters, losses equal its TP1PP1."""
+    per_rank = [r["families"] for r in spawned]
+    case = per_rank[0][(preset, tp, pp)]
+    assert case["scaling_effect"] > 1e-2  # without the llama3 scaling the logits would differ by this much
+    diffs = [r[(preset, tp, pp)]["logit_diff"] for r in per_rank if r[(preset, tp, pp)]["logit_diff"] is not None]
+    assert diffs and max(diffs) <= 1e-5, (preset, tp, pp, diffs)
+    reference = per_rank[0][(preset, 1, 1)]["losses"]
+    assert abs(reference[-1] - reference[0]) > 1e-4
+    for r in per_rank:
+        assert r[(preset, tp, pp)]["losses"] == pytest.approx(reference, rel=1e-5, abs=1e-6), r[(preset, tp, pp)]

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from megatron_spot.config.loader import ConfigError
-from megatron_spot.models.qwen3 import load_qwen3_config
+from megatron_spot.models import load_model_config
 from megatron_spot.profiling import (
     StepShape,
     bubble_fraction,
@@ -33,7 +33,7 @@ def test_bubble_fraction_formula():
 
 
 def test_qwen3_8b_flops_per_token_matches_notes():
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     assert matmul_params_per_token(cfg) == pytest.approx(7.568e9, rel=1e-3)
     lay = StepShape(seq_length=2048, micro_batch_size=1, num_micro_batches=1)  # 2 x 2048 tokens
     per_token = step_flops(cfg, lay) / lay.tokens_per_step
@@ -49,7 +49,7 @@ def test_qwen3_8b_flops_per_token_matches_notes():
 
 @pytest.mark.parametrize("preset", ["qwen3-8b", "qwen3-0.6b", "qwen3-tiny"])
 def test_stage_parameters_add_up_to_the_model(preset):
-    cfg = load_qwen3_config(preset)
+    cfg = load_model_config(preset)
     pad = (cfg.padded_vocab_size - cfg.vocab_size) * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     assert stage_parameters(cfg, StepShape(), 0) == cfg.num_parameters() + pad
     # PP=2: a tied model keeps a copy of the embedding on the last stage as its output layer
@@ -59,7 +59,7 @@ def test_stage_parameters_add_up_to_the_model(preset):
 
 
 def test_distributed_optimizer_bytes_per_parameter():
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     n = stage_parameters(cfg, StepShape(), 0)
     ms = model_state_bytes(cfg, StepShape(dp=8, dtype="bf16"))
     # Megatron-LM dist optimizer table: bf16 params, fp32 grads -> 6 + 12/d bytes per parameter
@@ -74,7 +74,7 @@ def test_activation_model_against_the_paper():
     assert korthikanti_gpt_layer_bytes(s, b, h, a) == s * b * h * 34 + 5 * a * s * s * b
     assert korthikanti_gpt_layer_bytes(s, b, h, a, t=8, sp=True) == pytest.approx(s * b * h / 8 * (34 + 5 * a * s / h))
     assert korthikanti_gpt_layer_bytes(s, b, h, a, recompute="full") == 2 * s * b * h
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     lay = dict(seq_length=4096, micro_batch_size=1, dtype="bf16", flash_attention=False)
     none, sel, full = (layer_activation_bytes(cfg, StepShape(**lay, recompute=r)) for r in (None, "selective", "full"))
     assert full < sel < none
@@ -142,7 +142,7 @@ def test_context_parallel_splits_activations_and_shards_optimizer():
     DP x CP (Megatron-Core's data-parallel-with-context-parallel group); FLOPs per step are unchanged."""
     from megatron_spot.profiling.analytical import activation_bytes
 
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     base = dict(tp=2, dp=1, micro_batch_size=1, dtype="bf16", sequence_parallel=True)
     cp4 = StepShape(**base, cp=4, seq_length=32768)
     assert cp4.world_size == 8
@@ -194,7 +194,7 @@ def test_fused_loss_head_holds_no_logits_in_the_prediction():
     from megatron_spot.ops.linear_token_logprobs import DEFAULT_CHUNK_BYTES
     from megatron_spot.profiling.analytical import head_activation_bytes
 
-    cfg = load_qwen3_config("qwen3-8b")
+    cfg = load_model_config("qwen3-8b")
     fused = StepShape(seq_length=8192, dtype="bf16", tp=2)
     unfused = StepShape(seq_length=8192, dtype="bf16", tp=2, fused_linear_loss=False)
     tokens = 8192 * fused.rows

@@ -96,14 +96,14 @@ def _sequence_logps_packed_vs_padded(cfg):
     """Engine-level: one scoring pass over the same groups as padded rows and as packed rows."""
     from megatron_spot.checkpoint.hf_convert import load_model_checkpoint
     from megatron_spot.data import PairDataset
-    from megatron_spot.models.qwen3 import load_qwen3_config
+    from megatron_spot.models import load_model_config
     from megatron_spot.platform import initialize
     from megatron_spot.training.batches import make_micro_batches, make_packed_micro_batches
     from megatron_spot.training.engine import Engine
 
     info = initialize(cfg.parallel, seed=cfg.run.seed)
     ds = PairDataset(cfg.data.pack)
-    qwen3 = load_qwen3_config(cfg.model.init_checkpoint)
+    qwen3 = load_model_config(cfg.model.init_checkpoint)
     engine = Engine(cfg, qwen3, 1, trainable=False,
                     load_weights=lambda chunks: load_model_checkpoint(chunks, cfg.model.init_checkpoint))
     groups = [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]

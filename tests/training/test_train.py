@@ -14,20 +14,11 @@ import pytest
 import torch
 
 from tests.multiprocess import run_on_ranks
+from tests.training.recipe import STEPS
+from tests.training.recipe import overrides as _overrides
+from tests.training.recipe import reference_losses as _reference_losses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-STEPS = 4
-BETA = 0.5
-LR = 2e-3
-
-
-def _overrides(ws, out, objective="spot-bco", tp=2, pp=2, extra=()):
-    return [f"data.pack={ws['pack']}", f"model.init_checkpoint={ws['mcore']}", f"data.tokenizer={ws['hf']}",
-            f"run.output_dir={out}", f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
-            "data.micro_batch_size=2", "data.global_batch_size=8", "data.seq_length=128", "data.pad_to_multiple_of=8",
-            f"loss.objective={objective}", f"loss.beta={BETA}", f"optimizer.lr={LR}", "optimizer.warmup_fraction=0.25",
-            "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "run.epochs=1", f"run.train_steps={STEPS}",
-            "run.export_hf=false", "run.tensorboard=false", "precision.dtype=fp32", *extra]
 
 
 def _train_worker(rank, world_size, ws):
@@ -48,81 +39,6 @@ def _train_worker(rank, world_size, ws):
                                                     extra=["loss.online_reference=true"]))
     out["online"] = [h["loss"] for h in run(cfg)["history"]]
     return out
-
-
-# ------------------------------------------------------------------------------------------------
-# The independent implementation: transformers' Qwen3, torch.optim.AdamW, formulas written out here.
-# ------------------------------------------------------------------------------------------------
-def _reference_losses(ws, objective):
-    import transformers
-
-    from megatron_spot.config import TrainConfig, load_config
-    from megatron_spot.data import PairBatchSampler, PairDataset
-    from megatron_spot.training.batches import make_micro_batches
-
-    cfg = load_config(TrainConfig, None, _overrides(ws, "unused", objective))
-    model = transformers.AutoModelForCausalLM.from_pretrained(ws["hf"], torch_dtype=torch.float32,
-                                                              attn_implementation="eager")
-    ds = PairDataset(ws["pack"])
-    num_mb = cfg.data.global_batch_size // cfg.data.micro_batch_size
-    sampler = PairBatchSampler(ds.lengths(), cfg.data.micro_batch_size, num_mb, 0, 1, seed=cfg.run.seed)
-
-    def seq_logps(batch):
-        logits = model(batch["tokens"]).logits.float()
-        logp = torch.log_softmax(logits, -1)
-        labels = batch["labels"].clamp(min=0)
-        tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1) * batch["loss_mask"]
-        return tok.sum(-1)
-
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=LR, betas=(0.9, 0.95), eps=1e-8)
-    warmup = round(0.25 * STEPS)
-
-    def lr_at(step):  # linear warmup from 0, then cosine to 0 over the remaining steps
-        if step < warmup:
-            return LR * step / warmup
-        return LR * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (STEPS - warmup)))
-
-    delta_sum, delta_count, losses = 0.0, 0, []
-    for step, (_, _, indices) in enumerate(sampler.iter_epochs(1)):
-        if step == STEPS:
-            break
-        mbs = make_micro_batches(ds, indices, torch.device("cpu"), pad_to_multiple_of=8, max_length=128)
-        if step == 0:
-            with torch.no_grad():  # reference log-probs: the starting model
-                refs = {}
-                for (_, _, idx) in sampler.__class__(ds.lengths(), 2, 1, 0, 1, shuffle=False,
-                                                     bucket_by_length=False).iter_epochs(1):
-                    b = make_micro_batches(ds, idx, torch.device("cpu"), pad_to_multiple_of=8, max_length=128)[0]
-                    s = seq_logps(b)
-                    for k, pair in enumerate(b["pair_indices"].tolist()):
-                        refs[pair] = (s[k].item(), s[2 + k].item())
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad()
-        step_loss = 0.0
-        for b in mbs:
-            B = b["pair_indices"].numel()
-            ref = torch.tensor([refs[p][0] for p in b["pair_indices"].tolist()] +
-                               [refs[p][1] for p in b["pair_indices"].tolist()], dtype=torch.float64)
-            r = BETA * (seq_logps(b).double() - ref)
-            r_pos, r_neg = r[:B], r[B:]
-            if objective == "spot-bco":
-                delta_sum += r.detach().mean().item()  # one value per micro-batch, count-weighted mean
-                delta_count += 1
-                delta = delta_sum / delta_count
-                loss = (-torch.nn.functional.logsigmoid(r_pos - delta)
-                        - torch.nn.functional.logsigmoid(-(r_neg - delta))).mean()
-            else:
-                loss = -torch.nn.functional.logsigmoid(r_pos - r_neg).mean()
-            (loss / len(mbs)).backward()
-            step_loss += loss.item() / len(mbs)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(step_loss)
-    return losses
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,7 @@
-"""Qwen3 on Megatron-Core GPTModel: TransformerConfig, layer-spec choice and model construction.
+"""Any GPT-style family on Megatron-Core's GPTModel: TransformerConfig, layer-spec choice, model
+construction and the model's fit to a layout. What differs between families comes from the family's
+config hooks (models/gpt/config.py: transformer_config_kwargs, gpt_model_kwargs, configure_model,
+layout_problems); this file names no family.
 
 Layer spec: Transformer Engine when it imports and a GPU is present (needed for FP8 and sequence
 parallel); Megatron-Core's local spec otherwise (CPU, or GPUs without TE).
@@ -14,35 +17,22 @@ import torch.nn.functional as F
 from megatron_spot.config.dtypes import TORCH_DTYPES
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.config.schema import ParallelConfig, PrecisionConfig, RecomputeConfig
-from megatron_spot.models.qwen3.presets import Qwen3Config
-from megatron_spot.platform.device import compute_capability, has_cuda, move_to_device
+from megatron_spot.models.gpt.config import GPTConfig
+from megatron_spot.platform.device import compute_capability, has_cuda, move_to_device, transformer_engine_available
 
 log = logging.getLogger(__name__)
 
 _FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
-def transformer_engine_available() -> bool:
-    """TE is usable only with CUDA; its torch binding cannot be built on a CPU box."""
-    if not has_cuda():
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def validate_model_layout(cfg: Qwen3Config, parallel: ParallelConfig, precision: PrecisionConfig,
+def validate_model_layout(cfg: GPTConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                           recompute: Optional[RecomputeConfig] = None, world_size: Optional[int] = None) -> None:
     """Check that the model fits the layout and the platform; raise before anything is allocated.
 
     world_size: accepted for callers' convenience and ignored (the world is platform/layout.py's business)."""
-    from megatron_spot.models.qwen3.state_dict_adapter import layout_problems
-
     tp = parallel.tensor_parallel
     # the world-size rules are platform/layout.py's (Layout.from_config); this checks only the model's fit
-    problems = layout_problems(cfg, tp, parallel.pipeline_parallel, parallel.virtual_pipeline)
+    problems = cfg.layout_problems(tp, parallel.pipeline_parallel, parallel.virtual_pipeline)
     if problems:
         raise ConfigError("; ".join(problems))
     if precision.dtype not in TORCH_DTYPES:
@@ -76,7 +66,7 @@ def validate_model_layout(cfg: Qwen3Config, parallel: ParallelConfig, precision:
         raise ConfigError(f"recompute.method={recompute.method!r}: choose uniform or block")
 
 
-def build_transformer_config(cfg: Qwen3Config, parallel: ParallelConfig, precision: PrecisionConfig,
+def build_transformer_config(cfg: GPTConfig, parallel: ParallelConfig, precision: PrecisionConfig,
                              recompute: Optional[RecomputeConfig] = None, use_te: Optional[bool] = None):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -121,7 +111,6 @@ def build_transformer_config(cfg: Qwen3Config, parallel: ParallelConfig, precisi
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        qk_layernorm=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         attention_softmax_in_fp32=True,
@@ -146,40 +135,41 @@ def build_transformer_config(cfg: Qwen3Config, parallel: ParallelConfig, precisi
         deallocate_pipeline_outputs=True,
         **fp8_kwargs,
         **recompute_kwargs,
+        **cfg.transformer_config_kwargs(),
     )
 
 
-def layer_spec(use_te: bool):
+def layer_spec(cfg: GPTConfig, use_te: bool):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=True)
-    from megatron_spot.models.qwen3.packed_attention import PackedDotProductAttention
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+    from megatron_spot.models.gpt.packed_attention import PackedDotProductAttention
 
-    spec = get_gpt_layer_local_spec(qk_layernorm=True, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
     # packed pairs (THD): the local spec's attention refuses PackedSeqParams; this drop-in honours them
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
 
 
-def build_model_chunks(cfg: Qwen3Config, transformer_config, use_te: Optional[bool] = None,
+def build_model_chunks(cfg: GPTConfig, transformer_config, use_te: Optional[bool] = None,
                        max_sequence_length: Optional[int] = None, model_cls=None,
                        fused_linear_loss: bool = True) -> list:
     """Build this rank's GPTModel chunk(s) (one per virtual pipeline stage) on the current device.
 
     Parallel state must be initialised (megatron_spot.platform.initialize). `fused_linear_loss`
     (config `model.fused_linear_loss`) selects the loss head that never builds the logits
-    (see megatron_spot.models.qwen3.model).
+    (see megatron_spot.models.gpt.model).
     """
     from megatron.core import parallel_state as ps
 
     if model_cls is None:
-        from megatron_spot.models.qwen3.model import Qwen3GPTModel as model_cls
+        from megatron_spot.models.gpt.model import SpotGPTModel as model_cls
     use_te = transformer_engine_available() if use_te is None else use_te
-    spec = layer_spec(use_te)
+    spec = layer_spec(cfg, use_te)
     vpp = transformer_config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -193,17 +183,18 @@ def build_model_chunks(cfg: Qwen3Config, transformer_config, use_te: Optional[bo
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             parallel_output=True,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings,
-            position_embedding_type="rope",
-            rotary_base=int(cfg.rope_theta),
             vp_stage=stage,
+            **cfg.gpt_model_kwargs(),
         )
+        cfg.configure_model(model)
+        model.family_config = cfg  # what the state-dict helpers (TP split, model checks) read
         model.valid_vocab_size = cfg.vocab_size
         model.fused_linear_loss = bool(fused_linear_loss)
         chunks.append(move_to_device(model))
     return chunks
 
 
-def meta_parameter_count(cfg: Qwen3Config, parallel: Optional[ParallelConfig] = None) -> int:
+def meta_parameter_count(cfg: GPTConfig, parallel: Optional[ParallelConfig] = None) -> int:
     """Parameters of this rank's Megatron model, built on the meta device (no weights allocated).
 
     Parallel state must be initialised; at TP1PP1 this is the whole model (padded vocabulary).
@@ -217,7 +208,7 @@ def meta_parameter_count(cfg: Qwen3Config, parallel: Optional[ParallelConfig] = 
     return sum(p.numel() for c in chunks for p in c.parameters())
 
 
-def build_unsharded_model(cfg: Qwen3Config, dtype: str) -> list:
+def build_unsharded_model(cfg: GPTConfig, dtype: str) -> list:
     """The TP1PP1 model chunks in `dtype`, without random init (a converter overwrites every weight)."""
     tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig(dtype=dtype))
     tc.perform_initialization = False

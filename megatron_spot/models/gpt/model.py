@@ -22,7 +22,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron_spot.ops.token_logprobs import IGNORE_INDEX
 
 
-class Qwen3GPTModel(GPTModel):
+class SpotGPTModel(GPTModel):
     # unpadded vocabulary; padded rows are excluded from the softmax (set by the provider)
     valid_vocab_size: int | None = None
     # IGNORE targets (label == -100) contribute 0; the forward step builds labels that way
