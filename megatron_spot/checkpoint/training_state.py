@@ -137,7 +137,7 @@ def save_training_checkpoint(run_dir: str, step: int, engine, trainer_state: dic
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
     tmp = box[0]
-    save_model_checkpoint(engine.model, os.path.join(tmp, "model"), engine.qwen3, hf_side_files_from=tokenizer_dir)
+    save_model_checkpoint(engine.model, os.path.join(tmp, "model"), engine.model_cfg, hf_side_files_from=tokenizer_dir)
     model_ssd = _model_sharded_state_dict(engine.model)
     optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, metadata=_OPTIM_METADATA)
     dist_checkpointing.save({"optimizer": optim_ssd}, os.path.join(tmp, "optimizer"))

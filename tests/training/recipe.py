@@ -22,7 +22,11 @@ def overrides(ws, out, objective="spot-bco", tp=2, pp=2, extra=(), steps=STEPS):
 # ------------------------------------------------------------------------------------------------
 # The independent implementation: transformers' Qwen3, torch.optim.AdamW, formulas written out here.
 # ------------------------------------------------------------------------------------------------
-def reference_losses(ws, objective, steps=STEPS):
+def reference_losses(ws, objective, steps=STEPS, dp=1):
+    """The recipe's per-step losses, trained in one process. dp > 1 reproduces what data parallelism changes:
+    each step's pairs are those the dp ranks' samplers hand out, the gradient is their mean, and the spot-bco
+    delta moves once per micro-batch slot by the mean of the dp ranks' micro-batch rewards (as TRL's
+    gathered delta does), so each rank's loss sees that delta."""
     import transformers
 
     from megatron_spot.config import TrainConfig, load_config
@@ -33,8 +37,10 @@ def reference_losses(ws, objective, steps=STEPS):
     model = transformers.AutoModelForCausalLM.from_pretrained(ws["hf"], torch_dtype=torch.float32,
                                                               attn_implementation="eager")
     ds = PairDataset(ws["pack"])
-    num_mb = cfg.data.global_batch_size // cfg.data.micro_batch_size
-    sampler = PairBatchSampler(ds.lengths(), cfg.data.micro_batch_size, num_mb, 0, 1, seed=cfg.run.seed)
+    num_mb = cfg.data.global_batch_size // (cfg.data.micro_batch_size * dp)
+    samplers = [PairBatchSampler(ds.lengths(), cfg.data.micro_batch_size, num_mb, rank, dp, seed=cfg.run.seed)
+                for rank in range(dp)]
+    sampler = samplers[0]
 
     def seq_logps(batch):
         logits = model(batch["tokens"]).logits.float()
@@ -55,10 +61,11 @@ def reference_losses(ws, objective, steps=STEPS):
         return LR * 0.5 * (1 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
 
     delta_sum, delta_count, losses = 0.0, 0, []
-    for step, (_, _, indices) in enumerate(sampler.iter_epochs(1)):
+    for step, per_rank in enumerate(zip(*(s.iter_epochs(1) for s in samplers))):
         if step == steps:
             break
-        mbs = make_micro_batches(ds, indices, torch.device("cpu"), pad_to_multiple_of=8, max_length=128)
+        ranks = [make_micro_batches(ds, indices, torch.device("cpu"), pad_to_multiple_of=8, max_length=128)
+                 for (_, _, indices) in per_rank]
         if step == 0:
             with torch.no_grad():  # reference log-probs: the starting model
                 refs = {}
@@ -72,22 +79,26 @@ def reference_losses(ws, objective, steps=STEPS):
             g["lr"] = lr_at(step)
         opt.zero_grad()
         step_loss = 0.0
-        for b in mbs:
-            B = b["pair_indices"].numel()
-            ref = torch.tensor([refs[p][0] for p in b["pair_indices"].tolist()] +
-                               [refs[p][1] for p in b["pair_indices"].tolist()], dtype=torch.float64)
-            r = BETA * (seq_logps(b).double() - ref)
-            r_pos, r_neg = r[:B], r[B:]
-            if objective == "spot-bco":
-                delta_sum += r.detach().mean().item()  # one value per micro-batch, count-weighted mean
+        for slot in range(len(ranks[0])):
+            rewards = []
+            for mbs in ranks:
+                b = mbs[slot]
+                ref = torch.tensor([refs[p][0] for p in b["pair_indices"].tolist()] +
+                                   [refs[p][1] for p in b["pair_indices"].tolist()], dtype=torch.float64)
+                rewards.append((b["pair_indices"].numel(), BETA * (seq_logps(b).double() - ref)))
+            if objective == "spot-bco":  # one value per micro-batch slot: the mean over dp ranks of their means
+                delta_sum += sum(r.detach().mean().item() for _, r in rewards) / dp
                 delta_count += 1
                 delta = delta_sum / delta_count
-                loss = (-torch.nn.functional.logsigmoid(r_pos - delta)
-                        - torch.nn.functional.logsigmoid(-(r_neg - delta))).mean()
-            else:
-                loss = -torch.nn.functional.logsigmoid(r_pos - r_neg).mean()
-            (loss / len(mbs)).backward()
-            step_loss += loss.item() / len(mbs)
+            for B, r in rewards:
+                r_pos, r_neg = r[:B], r[B:]
+                if objective == "spot-bco":
+                    loss = (-torch.nn.functional.logsigmoid(r_pos - delta)
+                            - torch.nn.functional.logsigmoid(-(r_neg - delta))).mean()
+                else:
+                    loss = -torch.nn.functional.logsigmoid(r_pos - r_neg).mean()
+                (loss / (len(ranks[0]) * dp)).backward()
+                step_loss += loss.item() / (len(ranks[0]) * dp)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(step_loss)

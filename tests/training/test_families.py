@@ -44,11 +44,11 @@ def family_run(request, tmp_path_factory):
 _REFERENCE: dict = {}
 
 
-def _reference(ws, objective):
-    """One plain-PyTorch run per (workspace, objective), shared by the layouts compared with it."""
-    key = (ws["root"], objective)
+def _reference(ws, objective, dp):
+    """One plain-PyTorch run per (workspace, objective, data-parallel split)."""
+    key = (ws["root"], objective, dp)
     if key not in _REFERENCE:
-        _REFERENCE[key] = reference_losses(ws, objective, steps=STEPS)
+        _REFERENCE[key] = reference_losses(ws, objective, steps=STEPS, dp=dp)
     return _REFERENCE[key]
 
 
@@ -60,5 +60,5 @@ def test_family_trains_like_the_plain_pytorch_reference(family_run, tp, pp, obje
     got = results[(tp, pp, objective)]
     assert len(got["losses"]) == STEPS
     assert abs(got["margin"]) > 1e-2 and abs(got["losses"][-1] - got["losses"][0]) > 1e-2  # training moved
-    ref = _reference(ws, objective)
+    ref = _reference(ws, objective, dp=2 // (tp * pp))  # 2 ranks
     np.testing.assert_allclose(got["losses"][1:], ref[1:], rtol=1e-5)
