@@ -1,14 +1,32 @@
-"""Qwen3 presets, config validation, parameter counts and parity with transformers."""
+"""Every family's presets (Qwen3, Llama 3.x), config validation, parameter counts and parity with transformers."""
 import pytest
 import torch
 
 from megatron_spot.config import ConfigError, ParallelConfig, PrecisionConfig, RecomputeConfig
-from megatron_spot.models import load_model_config, validate_model_layout
+from megatron_spot.models import all_presets, load_model_config, validate_model_layout
 from megatron_spot.models.qwen3 import PRESETS, Qwen3Config
 from tests.multiprocess import run_on_ranks
 
 # HF parameter counts of the released models (8B: from the model card / safetensors index)
 EXPECTED = {"qwen3-8b": 8_190_735_360}
+# Llama 3.x: the safetensors index totals / 2 bytes of the released bf16 checkpoints
+EXPECTED_LLAMA = {"llama3.1-8b": 8_030_261_248, "llama3.1-70b": 70_553_706_496, "llama3.2-1b": 1_235_814_400,
+                  "llama3.2-3b": 3_212_749_824}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_LLAMA))
+def test_llama_parameter_counts_agree_with_transformers(name):
+    import transformers
+
+    from tests.tiny import hf_config_of
+
+    cfg = load_model_config(name)
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config_of(cfg))
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters() == EXPECTED_LLAMA[name]
+    assert cfg.tie_word_embeddings == name.startswith("llama3.2")
+    assert cfg.rope_scaling.factor == (32.0 if name.startswith("llama3.2") else 8.0)
 
 
 def test_preset_parameter_counts():
@@ -67,10 +85,10 @@ def test_world_size_must_fit_layout():
 # query heads per KV group, tied embeddings, the q-projection width / hidden ratio (head_dim x heads is
 # not the hidden size in 0.6B/4B/32B), the MLP ratio, norm eps and RoPE base. vocab 300 also exercises
 # the padding to a multiple of 128.
-RELEASED = [name for name in PRESETS if "tiny" not in name]
+RELEASED = [name for name in all_presets() if "tiny" not in name]
 
 
-def shrunk(preset: str) -> Qwen3Config:
+def shrunk(preset: str):
     from megatron_spot.models import replace
 
     full = load_model_config(preset)
@@ -144,8 +162,8 @@ def test_cpu_compat_and_8b_count_on_meta(single_rank):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", ["qwen3-tiny", "qwen3-tiny-tied"] + RELEASED)
-def test_megatron_qwen3_matches_transformers(single_rank, preset):
-    """fp32 logits of Megatron-Core's GPTModel with our mapping vs transformers' Qwen3 (same weights)."""
+def test_megatron_matches_transformers(single_rank, preset):
+    """fp32 logits of Megatron-Core's GPTModel with our mapping vs transformers' model (same weights)."""
     result = single_rank[preset]
     assert result["scale"] > 0.1  # real logits, not a degenerate model
     assert result["diff"] <= 1e-5, result
