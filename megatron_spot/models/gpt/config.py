@@ -192,6 +192,11 @@ class GPTConfig:
         """TransformerConfig settings that differ between families (the shared ones are the provider's)."""
         return {"qk_layernorm": self.qk_layernorm}
 
+    def layer_spec_kwargs(self) -> dict[str, Any]:
+        """Arguments of Megatron-Core's layer-spec builders (get_gpt_layer_local_spec and the TE one) that
+        differ between families (an MoE family adds num_experts and its grouped-GEMM choice here)."""
+        return {"qk_layernorm": self.qk_layernorm}
+
     def gpt_model_kwargs(self) -> dict[str, Any]:
         """GPTModel constructor arguments of the family (rotary embedding)."""
         return {"position_embedding_type": "rope", "rotary_base": int(self.rope_theta)}

@@ -146,10 +146,10 @@ def layer_spec(cfg: GPTConfig, use_te: bool):
     )
 
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.qk_layernorm)
+        return get_gpt_layer_with_transformer_engine_spec(**cfg.layer_spec_kwargs())
     from megatron_spot.models.gpt.packed_attention import PackedDotProductAttention
 
-    spec = get_gpt_layer_local_spec(qk_layernorm=cfg.qk_layernorm, normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **cfg.layer_spec_kwargs())
     # packed pairs (THD): the local spec's attention refuses PackedSeqParams; this drop-in honours them
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
