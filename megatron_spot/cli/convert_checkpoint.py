@@ -1,6 +1,6 @@
-"""Convert Qwen3 checkpoints between Hugging Face and Megatron-Core dist_checkpointing (torch_dist).
+"""Convert checkpoints of every registered model family (Qwen3, Llama 3.x) between Hugging Face and Megatron-Core dist_checkpointing (torch_dist).
 
-  hf-to-mcore  a HF Qwen3 folder (config.json + model.safetensors, or sharded with
+  hf-to-mcore  a HF model folder (config.json + model.safetensors, or sharded with
                model.safetensors.index.json) -> a Megatron-Core checkpoint that loads at any
                TP/PP/VPP/DP layout, with config.json and the tokenizer files beside it.
   mcore-to-hf  a Megatron-Core checkpoint (from hf-to-mcore or from training) -> a HF folder
@@ -43,14 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
                "corrupt file, unsupported architecture, existing output), 2 on bad flags.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{hf-to-mcore,mcore-to-hf}")
     a = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> Megatron-Core dist checkpoint",
-                       description="Convert a HF Qwen3 folder into a Megatron-Core dist checkpoint (torch_dist).")
+                       description="Convert a HF folder (Qwen3, Llama 3.x; the family comes from config.json) into a Megatron-Core dist checkpoint (torch_dist).")
     a.add_argument("--hf", required=True, metavar="DIR", help="HF checkpoint folder (config.json + *.safetensors)")
     a.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder (must not exist unless --force)")
     a.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
                    help="dtype of the stored weights (default: the source's, so fp32 round-trips bit-exact; "
                         "a change of precision is reported)")
     b = sub.add_parser("mcore-to-hf", help="Megatron-Core dist checkpoint -> Hugging Face folder",
-                       description="Export a Megatron-Core model checkpoint as a HF Qwen3 folder.")
+                       description="Export a Megatron-Core model checkpoint as a HF folder of its family.")
     b.add_argument("--ckpt", required=True, metavar="DIR",
                    help="model checkpoint folder (hf-to-mcore output, or <run>/checkpoints/step_N/model)")
     b.add_argument("--out", required=True, metavar="DIR", help="output HF folder (must not exist unless --force)")

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides of the recipe, as for training (needs --config), e.g. "
                         "parallel.tensor_parallel=4 data.micro_batch_size=2")
-    p.add_argument("--preset", default=None, help="model preset or HF config.json/folder (default qwen3-tiny)")
+    p.add_argument("--preset", default=None, help="model preset of any family (qwen3-8b, llama3.1-8b-instruct, ...; README \"Model families\") or a HF config.json/folder (default qwen3-tiny)")
     p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default 1)")
     p.add_argument("--pp", type=int, default=None, help="pipeline parallel size (default 1)")
     p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
