@@ -293,3 +293,21 @@ def test_large_tensors_stored_in_row_chunks(ckpts):
     fc1 = md["decoder.layers.mlp.linear_fc1.weight"]
     assert tuple(fc1.size) == (4, 256, 64) and len(fc1.chunks) == 8
     assert hc._chunk_rows(151936, 151936 * 4096 * 2, 128 * 2**20) == 16  # Qwen3-8B embedding: 78 MB chunks
+
+
+def test_checkpoint_of_the_qwen3_only_format_still_loads(ckpts, tmp_path):
+    """Checkpoints written before the family registry name the format megatron_spot.qwen3.dist_checkpoint."""
+    c = ckpts["untied"]
+    old = str(tmp_path / "old-format")
+    shutil.copytree(c["mcore"], old)
+    path = os.path.join(old, model_ckpt.METADATA_NAME)
+    meta = json.load(open(path))
+    assert meta["format"] == "megatron_spot.dist_checkpoint"
+    meta["format"] = "megatron_spot.qwen3.dist_checkpoint"
+    json.dump(meta, open(path, "w"))
+    logits = _mcore_logits(_mcore_tp1(old), c["tok"], c["pos"], c["vocab"])
+    assert (logits - c["ref"]).abs().max().item() <= 1e-4
+    meta["format"] = "someone_else.dist_checkpoint"
+    json.dump(meta, open(path, "w"))
+    with pytest.raises(CheckpointError, match="unknown format"):
+        model_ckpt.read_checkpoint_metadata(old)
