@@ -1,11 +1,17 @@
-"""Evaluate a model on math / multiple-choice benchmarks the way the SPoT paper does, or compare two runs.
+"""Evaluate a model on the SPoT paper's nine benchmarks the way the paper does, or compare two runs.
 
 Sample K answers per problem from an OpenAI-compatible server (vLLM/SGLang) or --local-model
 (transformers), grade them (math-verify on the last \\boxed{} answer; GPQA-Diamond and other
-multiple-choice files by option letter) and report accuracy per benchmark as mean +- std over trials.
+multiple-choice files by option letter; IFEval by lm-eval's instruction checkers, strict and loose;
+Connect4 by the authors' two winning-move questions) and report accuracy per benchmark as mean +- std
+over trials, then the paper's table: In-domain Avg (AIME24, AIME25, AMC23, MATH-500, Minerva,
+OlympiadBench), OOD Avg (GPQA-Diamond, Connect4), IFEval (prompt-level strict) and Overall Avg (the mean
+over all benchmarks of the run: the paper's nine give the paper's number).
 
---protocol paper (the default): thinking disabled, temperature 0.7, top-p 0.8, up to 32,768 new tokens,
-16 trials for AIME24 / AIME25 / AMC23 and 5 for MATH-500 / Minerva / OlympiadBench / GPQA-Diamond.
+--protocol paper (the default): thinking disabled, temperature 0.7, top-p 0.8, up to 32,768 new tokens
+(IFEval: 8,192), 16 trials for AIME24 / AIME25 / AMC23 and 5 for MATH-500 / Minerva / OlympiadBench /
+GPQA-Diamond / Connect4 / IFEval. Connect4 is asked under the authors' system prompt (the rules and the
+answer format), which --system-prompt does not replace.
 
 Examples:
   spot-evaluate --benchmarks-dir benchmarks/ --model-base-url http://localhost:8000/v1 \\
@@ -15,7 +21,8 @@ Examples:
   spot-evaluate --compare runs/eval_base/results.json runs/eval_spot/results.json --plot cmp.png
 
 --benchmarks-dir takes every .jsonl/.json/.parquet whose name is a known benchmark (aime24, aime25, amc23,
-math500 / MATH-500, minerva, olympiadbench, gpqa_diamond / gpqa). Interrupted? Rerun the same command:
+math500 / MATH-500, minerva, olympiadbench, gpqa_diamond / gpqa, connect4* (e.g. the authors'
+connect4_eval_500.jsonl), ifeval*). Interrupted? Rerun the same command:
 every answer is in OUTPUT/cache.sqlite and is never requested again.
 
 Exit codes: 0 ok, 1 failure (some requests failed: counted as wrong and reported), 2 bad arguments or
@@ -58,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float)
     s.add_argument("--top-p", type=float)
     s.add_argument("--max-tokens", type=int, help="max new tokens (paper: 32768)")
+    s.add_argument("--max-tokens-for", action="append", default=[], metavar="NAME=N",
+                   help="a lower cap for one benchmark; it gets min(--max-tokens, N) (paper: ifeval=8192)")
     s.add_argument("--thinking", choices=["off", "on", "unset"],
                    help="chat_template_kwargs.enable_thinking (paper: off); unset sends nothing")
     s.add_argument("--seed", type=int, default=0, help="trial t sends seed + t (default: 0)")
@@ -109,11 +118,16 @@ def main(argv=None) -> int:
         def pick(value, name):
             return proto[name] if value is None else value
 
+        caps = dict(proto["max_tokens_for"]) if paper else {}
+        for name, value in _pairs(args.max_tokens_for, "--max-tokens-for").items():
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"--max-tokens-for {name}={value}: N must be a positive integer")
+            caps[E.benchmark_key(name)] = int(value)
         cfg = E.EvalConfig(
             output_dir=args.output, benchmarks=benches,
             trials=E.trials_for(list(benches), args.protocol, args.trials, _pairs(args.trials_for, "--trials-for")),
             temperature=pick(args.temperature, "temperature"), top_p=pick(args.top_p, "top_p"),
-            max_tokens=pick(args.max_tokens, "max_tokens"),
+            max_tokens=pick(args.max_tokens, "max_tokens"), max_tokens_for=caps,
             thinking=args.thinking or (proto["thinking"] if paper else "unset"), seed=args.seed,
             system_prompt=args.system_prompt, model_base_url=args.model_base_url, model_name=args.model_name,
             local_model=args.local_model, local_batch_size=args.local_batch_size, concurrency=args.concurrency,

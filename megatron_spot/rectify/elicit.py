@@ -30,6 +30,10 @@ def make_model_client(cfg: PipelineConfig) -> ChatClient:
                       max_answer_bytes=cfg.max_answer_bytes, max_retries=cfg.max_retries)
 
 
+def _batch_settings(body: dict) -> tuple:
+    return body["temperature"], body["top_p"], body["max_tokens"]
+
+
 class LocalGenerator:
     """Sampling with transformers on this machine (small models / smoke tests)."""
 
@@ -57,9 +61,18 @@ class LocalGenerator:
         return self.tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True, **kwargs)
 
     def generate(self, bodies: list[dict]) -> list[tuple[str, dict]]:
+        """One (text, usage) per body, in order. A batch shares one generate() call, so it holds only
+        consecutive bodies with the same temperature, top-p and max_tokens (evaluation mixes benchmarks
+        with different caps, e.g. IFEval's 8,192); the batch's first seed seeds it."""
         out = []
-        for i in range(0, len(bodies), self.batch_size):
-            chunk = bodies[i: i + self.batch_size]
+        i = 0
+        while i < len(bodies):
+            n = 1
+            while (n < self.batch_size and i + n < len(bodies)
+                   and _batch_settings(bodies[i + n]) == _batch_settings(bodies[i])):
+                n += 1
+            chunk = bodies[i: i + n]
+            i += n
             texts = [self._render(b) for b in chunk]
             enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
             b0 = chunk[0]

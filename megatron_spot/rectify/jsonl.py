@@ -14,6 +14,20 @@ from megatron_spot.utils.atomic import atomic_file
 
 def read_jsonl(path: str) -> Iterator[dict]:
     """Yield one dict per non-empty line; a malformed line raises ValueError naming the line."""
+    for _, obj in _read_jsonl_lines(path):
+        yield obj
+
+
+def read_records_located(path: str) -> list[tuple[str, Any]]:
+    """Like read_records, each record with where it is: 'PATH:LINE' (.jsonl, the file's own line number,
+    blank lines counted), 'PATH: item N' (.json list) or 'PATH: row N' (.parquet), N from 1."""
+    if path.endswith(".parquet") or path.endswith(".json"):
+        unit = "row" if path.endswith(".parquet") else "item"
+        return [(f"{path}: {unit} {i}", rec) for i, rec in enumerate(read_records(path), 1)]
+    return list(_read_jsonl_lines(path))
+
+
+def _read_jsonl_lines(path: str) -> Iterator[tuple[str, dict]]:
     with open(path, "r", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
@@ -25,7 +39,7 @@ def read_jsonl(path: str) -> Iterator[dict]:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield obj
+            yield f"{path}:{lineno}", obj
 
 
 def read_records(path: str) -> list[dict]:

@@ -41,7 +41,7 @@ CASES = [
      "Section 1\nOnly one.", False, False),
     ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* one\n* two", True, True),
     ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "Just text.", False, False),
-    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* one\n* two\n* three", False, True),  # 3; 2 without line 1
+    ("detectable_format:number_bullet_lists", {"num_bullets": 2}, "* one\n* two\n* three", False, True),  # 2 w/o line 1
     ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*one* and *two*", True, True),
     ("detectable_format:number_highlighted_sections", {"num_highlights": 2}, "*one* only", False, False),
     ("detectable_format:title", {}, "<<My Title>>\nText.", True, True),
