@@ -34,6 +34,10 @@ def _batch_settings(body: dict) -> tuple:
     return body["temperature"], body["top_p"], body["max_tokens"]
 
 
+def _prompt_chars(body: dict) -> int:
+    return sum(len(m.get("content") or "") for m in body.get("messages", []))
+
+
 class LocalGenerator:
     """Sampling with transformers on this machine (small models / smoke tests)."""
 
@@ -63,13 +67,16 @@ class LocalGenerator:
     def generate(self, bodies: list[dict]) -> list[tuple[str, dict]]:
         """One (text, usage) per body, in order. A batch shares one generate() call, so it holds only
         consecutive bodies with the same temperature, top-p and max_tokens (evaluation mixes benchmarks
-        with different caps, e.g. IFEval's 8,192); the batch's first seed seeds it."""
+        with different caps, e.g. IFEval's 8,192) and prompts at most twice as long as its first (left
+        padding a short prompt to a long one costs more than the extra call: Connect4's rules are about
+        3,000 tokens, an IFEval prompt a few dozen); the batch's first seed seeds it."""
         out = []
         i = 0
         while i < len(bodies):
             n = 1
             while (n < self.batch_size and i + n < len(bodies)
-                   and _batch_settings(bodies[i + n]) == _batch_settings(bodies[i])):
+                   and _batch_settings(bodies[i + n]) == _batch_settings(bodies[i])
+                   and _prompt_chars(bodies[i + n]) <= 2 * max(_prompt_chars(bodies[i]), 1)):
                 n += 1
             chunk = bodies[i: i + n]
             i += n
@@ -216,6 +223,8 @@ def generate_locally(cfg: PipelineConfig, jobs: list, cache: RequestCache) -> di
         else:
             todo.append(j)
     if todo:
+        # similar requests side by side, so that batches fill up (see LocalGenerator.generate)
+        todo.sort(key=lambda j: (_batch_settings(j.body), _prompt_chars(j.body)))
         gen = LocalGenerator(cfg.local_model, cfg.local_batch_size)
         step = max(1, cfg.local_batch_size)
         for i in progress(range(0, len(todo), step), cfg, "elicit: local generation"):
