@@ -17,6 +17,7 @@ Examples:
   spot-evaluate --benchmarks-dir benchmarks/ --model-base-url http://localhost:8000/v1 \\
       --model-name Qwen/Qwen3-8B --output runs/eval_base
   spot-evaluate --benchmark aime24=data/aime24.jsonl --benchmark gpqa=data/gpqa_diamond.parquet \\
+      --benchmark ifeval=data/ifeval_input_data.jsonl --benchmark connect4=data/connect4_eval_500.jsonl \\
       --local-model runs/spot/hf --trials 2 --max-tokens 2048 --output runs/eval_smoke
   spot-evaluate --compare runs/eval_base/results.json runs/eval_spot/results.json --plot cmp.png
 
@@ -42,11 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="spot-evaluate", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare", nargs=2, metavar=("BASE", "TUNED"),
-                    help="print the before/after table of two results.json files (no sampling)")
+                    help="print the before/after tables (per benchmark and the paper's four columns) of two "
+                         "results.json files (no sampling)")
     ap.add_argument("--plot", metavar="PNG", help="with --compare: write a bar chart (default: TUNED's folder/compare.png)")
     b = ap.add_argument_group("benchmarks")
     b.add_argument("--benchmark", action="append", default=[], metavar="NAME=PATH",
-                   help="a benchmark file (.jsonl/.json/.parquet); repeatable")
+                   help="a benchmark file (.jsonl/.json/.parquet); NAME: aime24, aime25, amc23, math500, minerva, "
+                        "olympiadbench, gpqa, connect4, ifeval, or any other (math, or multiple choice with "
+                        "'choices'); repeatable")
     b.add_argument("--benchmarks-dir", metavar="DIR", help="every file in DIR named after a known benchmark")
     b.add_argument("--limit", type=int, help="only the first N problems of each benchmark (smoke tests)")
     m = ap.add_argument_group("model")
@@ -122,6 +126,9 @@ def main(argv=None) -> int:
         for name, value in _pairs(args.max_tokens_for, "--max-tokens-for").items():
             if not value.isdigit() or int(value) < 1:
                 raise ValueError(f"--max-tokens-for {name}={value}: N must be a positive integer")
+            if E.benchmark_key(name) not in benches:
+                raise ValueError(f"--max-tokens-for {name}={value}: {name} is not a benchmark of this run "
+                                 f"({', '.join(benches)})")
             caps[E.benchmark_key(name)] = int(value)
         cfg = E.EvalConfig(
             output_dir=args.output, benchmarks=benches,

@@ -5,9 +5,9 @@ the model (OpenAI-compatible server, or --local-model with transformers), graded
 last \\boxed{} answer; multiple choice by its letter; IFEval by lm-eval's instruction checkers, see
 ifeval.py; Connect4 by the authors' two winning-move questions, see connect4.py), and accuracy is
 reported per benchmark as the mean over trials of the per-trial accuracy, with its spread: the standard
-deviation over trials (population, ddof=0). Requests go through the same client and SQLite cache as rectification
-(`DIR/cache.sqlite`, keyed by model, messages, sampling settings and trial), so an interrupted run
-resumes without resending anything that already came back.
+deviation over trials (population, ddof=0). Requests go through the same client and SQLite cache as
+rectification (`DIR/cache.sqlite`, keyed by model, messages, sampling settings and trial), so an
+interrupted run resumes without resending anything that already came back.
 
 The paper's protocol (`PAPER_PROTOCOL`): thinking disabled, temperature 0.7, top-p 0.8, up to 32,768
 new tokens (IFEval: 8,192); 16 trials for AIME24 / AIME25 / AMC23 and 5 for MATH-500 / Minerva /
@@ -30,11 +30,11 @@ import re
 import statistics
 from typing import Optional, Sequence
 
+from . import connect4, ifeval
 from .cache import request_key
 from .client import ChatClient, Job, api_key_from_env
 from .elicit import sampling_body
 from .grading import answers_match, extract_boxed
-from . import connect4, ifeval
 from .jsonl import read_json, read_records_located, write_json_atomic, write_jsonl_atomic
 
 # canonical key -> (display name, trials under the paper's protocol, kind)

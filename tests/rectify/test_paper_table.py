@@ -198,4 +198,6 @@ def test_named_benchmarks_partial_table_and_bad_rows(tmp_path, nine, capsys):
     assert f"{bad_c4}:3: 'answer' move [6, 0] is not [row 0-5, col 0-6]" in capsys.readouterr().err
     assert cli.main(["--benchmark", f"ifeval={bad_if}", "--output", str(tmp_path / "x")] + common) == 2
     assert f"{bad_if}:1: unknown instruction id 'nope:nope'" in capsys.readouterr().err
+    assert cli.main(argv[:-len(common)] + common + ["--max-tokens-for", "aime24=5"]) == 2
+    assert "--max-tokens-for aime24=5: aime24 is not a benchmark of this run" in capsys.readouterr().err
     assert len(srv.payloads) == sent
