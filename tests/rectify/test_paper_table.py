@@ -201,3 +201,25 @@ def test_named_benchmarks_partial_table_and_bad_rows(tmp_path, nine, capsys):
     assert cli.main(argv[:-len(common)] + common + ["--max-tokens-for", "aime24=5"]) == 2
     assert "--max-tokens-for aime24=5: aime24 is not a benchmark of this run" in capsys.readouterr().err
     assert len(srv.payloads) == sent
+
+
+def test_parquet_sets_load_as_jsonl(tmp_path):
+    """IFEval and Connect4 as Parquet (the hub's form: kwargs a struct with every key, unused ones null)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from megatron_spot.rectify import evaluate as E
+
+    kwargs_type = pa.list_(pa.struct([("end_phrase", pa.string()), ("num_bullets", pa.int64())]))
+    pq.write_table(pa.table({"key": [1], "prompt": ["p"],
+                             "instruction_id_list": [["startend:end_checker", "detectable_format:number_bullet_lists"]],
+                             "kwargs": pa.array([[{"end_phrase": "Bye.", "num_bullets": None},
+                                                  {"end_phrase": None, "num_bullets": 2}]], type=kwargs_type)}),
+                   tmp_path / "ifeval.parquet")
+    (item,) = E.load_benchmark(str(tmp_path / "ifeval.parquet"), "ifeval")
+    g = E.grade(item, "* a\n* b\nBye.")
+    assert g.score == 1.0 and g.counts["inst_level_strict"] == (2, 2)
+    pq.write_table(pa.table({"state": ["s", "t"], "answer": [[[[0, 3]], []], [[[0, 9]], []]]}),
+                   tmp_path / "connect4.parquet")
+    with pytest.raises(E.EvalInputError, match=r"connect4.parquet: row 2: 'answer' move \[0, 9\]"):
+        E.load_benchmark(str(tmp_path / "connect4.parquet"), "connect4")
