@@ -9,8 +9,9 @@
   5. score     reference log-probs with the frozen model (torchrun, TP2 x PP2, 4 CPU processes)
   6. train     SPoT-BCO at TP2 x PP2 on 4 processes, checkpoints, metrics.jsonl, HF export
   7. check     reload the export with transformers: the chosen-minus-rejected log-prob margin grew
-  8. evaluate  the paper's sampling (temperature 0.7, top-p 0.8, thinking off) on held-out synthetic problems,
-               base vs trained (few problems, 2 trials, short answers: a smoke run of tools/evaluate.py)
+  8. evaluate  the paper's sampling (temperature 0.7, top-p 0.8, thinking off) on held-out synthetic problems
+               and tiny IFEval and Connect4 sets (examples/smoke_benchmarks.py), base vs trained (few
+               problems, 2 trials, short answers: a smoke run of tools/evaluate.py and the paper's table)
 Writes <out>/report.json and <out>/report.png (loss, reward accuracy and margin per step), and
 <out>/eval/compare.png (accuracy before/after, std over trials as error bars).
 """
@@ -183,13 +184,18 @@ def main() -> int:
     stage(8, "evaluate base and trained models with the paper's sampling (tools/evaluate.py, smoke size)")
     from megatron_spot.rectify import evaluate as E
     from examples.offline_oracle import write_problems_jsonl
+    from examples.smoke_benchmarks import write_connect4_smoke, write_ifeval_smoke
 
-    os.makedirs(os.path.join(out, "eval"), exist_ok=True)
-    bench = write_problems_jsonl(os.path.join(out, "eval", "arith_heldout.jsonl"), args.eval_problems, seed=1)
+    eval_dir = os.path.join(out, "eval")
+    os.makedirs(eval_dir, exist_ok=True)
+    benches = {"arith": write_problems_jsonl(os.path.join(eval_dir, "arith_heldout.jsonl"), args.eval_problems, seed=1),
+               "ifeval": write_ifeval_smoke(os.path.join(eval_dir, "ifeval.jsonl")),
+               "connect4": write_connect4_smoke(os.path.join(eval_dir, "connect4.jsonl"))}
     docs = []
     for label, model in (("base", hf_dir), ("spot", os.path.join(run_dir, "hf"))):
-        cfg = E.EvalConfig(output_dir=os.path.join(out, "eval", label), benchmarks={"arith": bench},
-                           trials={"arith": args.eval_trials}, max_tokens=args.eval_max_tokens, local_model=model,
+        cfg = E.EvalConfig(output_dir=os.path.join(eval_dir, label), benchmarks=benches,
+                           trials={k: args.eval_trials for k in benches}, max_tokens=args.eval_max_tokens,
+                           max_tokens_for=E.PAPER_PROTOCOL["max_tokens_for"], local_model=model,
                            local_batch_size=args.eval_problems * args.eval_trials, progress=False)
         docs.append(E.evaluate(cfg))
     table = E.compare(docs[0], docs[1], os.path.join(out, "eval", "compare.png"))

@@ -552,7 +552,7 @@ def _bar_chart(base: dict, tuned: dict, keys: list, groups: tuple, path: str) ->
     ax.set_xticklabels([base["benchmarks"][k]["name"] for k in keys], rotation=20, ha="right")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("per benchmark (error bar = std over trials)", fontsize=9, pad=12)
-    ax.legend(fontsize=7, loc="lower left")
+    ax.legend(fontsize=7, loc="best")
     ax2.set_xticks(list(range(len(gkeys))))
     ax2.set_xticklabels([groups[0][k]["name"] + ("" if groups[0][k]["complete"] else "*") for k in gkeys],
                         rotation=20, ha="right")
