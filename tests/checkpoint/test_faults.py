@@ -151,3 +151,23 @@ def test_weights_fingerprint_follows_content_not_path(ckpts, tmp_path):
     assert weights_fingerprint(ckpts["tied"]["mcore"]) != a
     edited = helpers.copy_with_other_weights(ckpts["untied"]["mcore"], str(tmp_path / "edited"))
     assert weights_fingerprint(edited) != a  # another model at the same size
+
+
+def test_weights_fingerprint_equal_for_two_conversions_of_the_same_weights(ckpts, tmp_path):
+    """torch_dist's .metadata holds a random save id and the temporary folder of each save: two
+    conversions of one HF model (two folders, or again in place) must still get one fingerprint, so
+    reference log-probs scored on one are accepted for the other."""
+    from megatron_spot.checkpoint.fingerprint import weights_fingerprint
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    hc.convert_hf_to_mcore(ckpts["untied"]["hf"], one, progress=False)
+    hc.convert_hf_to_mcore(ckpts["untied"]["hf"], two, progress=False)
+    with open(os.path.join(one, ".metadata"), "rb") as f, open(os.path.join(two, ".metadata"), "rb") as g:
+        assert f.read() != g.read()  # the premise: the saves' metadata bytes differ
+    a = weights_fingerprint(one)
+    assert weights_fingerprint(two) == a
+    hc.convert_hf_to_mcore(ckpts["untied"]["hf"], one, progress=False, overwrite=True)
+    assert weights_fingerprint(one) == a
+    other = str(tmp_path / "other")
+    hc.convert_hf_to_mcore(ckpts["tied"]["hf"], other, progress=False)
+    assert weights_fingerprint(other) != a
