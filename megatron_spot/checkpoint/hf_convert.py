@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from megatron_spot.checkpoint.errors import CheckpointError
+from megatron_spot.checkpoint.finite import refuse_non_finite_tensors
 from megatron_spot.checkpoint.model_checkpoint import (
     METADATA_NAME,
     _built,
@@ -225,7 +226,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
                                                  overwrite=overwrite))
     t0 = time.perf_counter()
     cfg = read_hf_config(hf_dir)
-    with SafetensorsCheckpoint(hf_dir) as src:
+    with SafetensorsCheckpoint(hf_dir, refuse_non_finite=True) as src:
         src_dtype, where = source_dtype(src, os.path.join(hf_dir, "config.json"))
         msg = None
         if dtype is None:
@@ -326,6 +327,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
         print(f"mcore-to-hf: loading {ckpt_dir} ...", flush=True)
     load_model_checkpoint(chunks, ckpt_dir)
     params = _params_by_name(chunks)
+    refuse_non_finite_tensors(params.items(), ckpt_dir)
     entries = adapter.mapping_table(cfg)
     shapes = adapter.hf_shapes(cfg)
     owner = {}

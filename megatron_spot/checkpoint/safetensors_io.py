@@ -20,6 +20,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import torch
 
 from megatron_spot.checkpoint.errors import CheckpointError
+from megatron_spot.checkpoint.finite import refuse_non_finite
 
 # the safetensors header's dtype codes (a file-format table, not a precision choice: config/dtypes.py)
 ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -99,8 +100,11 @@ def read_header(path: str) -> tuple[dict[str, TensorInfo], dict]:
 class SafetensorsCheckpoint:
     """All tensors of a Hugging Face checkpoint folder (single file or sharded with an index)."""
 
-    def __init__(self, folder: str):
+    def __init__(self, folder: str, refuse_non_finite: bool = False):
+        """refuse_non_finite: every read() raises a CheckpointError naming the tensor and file when the
+        rows it returns hold NaN or Inf (the conversions' check, checkpoint/finite.py)."""
         self.folder = folder
+        self.refuse_non_finite = refuse_non_finite
         index = os.path.join(folder, INDEX_NAME)
         if os.path.isfile(index):
             try:
@@ -165,7 +169,10 @@ class SafetensorsCheckpoint:
             if not n:
                 raise _corrupt(info.path, f"unexpected end of file while reading tensor {name}")
             got += n
-        return buf.view(info.dtype).view(out_shape)
+        out = buf.view(info.dtype).view(out_shape)
+        if self.refuse_non_finite:
+            refuse_non_finite(name, out, info.path, first_row=row_start)
+        return out
 
     def close(self) -> None:
         for f in self._files.values():

@@ -171,3 +171,44 @@ def test_weights_fingerprint_equal_for_two_conversions_of_the_same_weights(ckpts
     other = str(tmp_path / "other")
     hc.convert_hf_to_mcore(ckpts["tied"]["hf"], other, progress=False)
     assert weights_fingerprint(other) != a
+
+
+def _hf_with(src, dst, name, index, value):
+    """A copy of HF folder `src` at `dst` whose tensor `name` holds `value` at `index`."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "model.safetensors")
+    tensors = load_file(path)
+    tensors[name][index] = value
+    save_file(tensors, path, metadata={"format": "pt"})
+    return str(dst)
+
+
+@pytest.mark.parametrize("value,counts", [(float("nan"), "1 NaN and 0 Inf"), (float("-inf"), "0 NaN and 1 Inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor(ckpts, tmp_path, monkeypatch, value, counts):
+    name = "model.layers.1.mlp.down_proj.weight"
+    bad = _hf_with(ckpts["untied"]["hf"], tmp_path / "bad", name, (3, 7), value)
+    with pytest.raises(CheckpointError, match=rf"tensor {name} holds {counts} values, the first at \[3, 7\]"):
+        hc.convert_hf_to_mcore(bad, str(tmp_path / "mc"), progress=False)
+    assert os.listdir(tmp_path) == ["bad"]  # no output, no temp folder
+    # a Megatron checkpoint with the same damage (written with the check off): mcore-to-hf refuses it too
+    real = hc.SafetensorsCheckpoint
+    monkeypatch.setattr(hc, "SafetensorsCheckpoint", lambda folder, **_: real(folder))
+    hc.convert_hf_to_mcore(bad, str(tmp_path / "mc"), progress=False)
+    with pytest.raises(CheckpointError, match=rf"tensor decoder\.layers\.1\.mlp\.linear_fc2\.weight holds {counts}"):
+        hc.convert_mcore_to_hf(str(tmp_path / "mc"), str(tmp_path / "hf"), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["bad", "mc"]
+
+
+def test_non_finite_check_in_row_blocks_names_the_row(tmp_path):
+    """A large tensor is read in row blocks: the index reported is the row in the whole tensor."""
+    from megatron_spot.checkpoint.finite import non_finite_problem
+
+    t = torch.zeros(6, 4)
+    assert non_finite_problem(t) is None
+    t[4, 2] = float("inf")
+    assert non_finite_problem(t[3:], first_row=3) == "0 NaN and 1 Inf values, the first at [4, 2]"
+    big = torch.full((3,), 3e38)  # finite values whose float32 sum overflows: not refused
+    assert non_finite_problem(big) is None
+    assert non_finite_problem(torch.tensor([1, 2])) is None  # integer tensors hold no NaN
