@@ -31,8 +31,8 @@ from megatron_spot.utils.atomic import publish_file, remove_stale_temps, temp_pa
 from .indexed import IndexedWriter
 from .readers import InputError, count_records, detect_format, expand_inputs, iter_chunks
 from .schema import REASONS, FieldMapping, PairError, extract_pair, resolve_mapping
-from .tokenization import (CHAT_TEMPLATE_MODES, PairTokenizer, TokenizerError, default_chat_template_mode,
-                           token_dtype)
+from .tokenization import (CHAT_TEMPLATE_MODES, ChatTemplateRecordError, PairTokenizer, TokenizerError,
+                           default_chat_template_mode, token_dtype)
 
 FORMAT_NAME = "megatron_spot.pairs"
 FORMAT_VERSION = 1
@@ -122,7 +122,10 @@ def _process_chunk(chunk):
                 except json.JSONDecodeError as e:
                     raise PairError("malformed_json", f"malformed JSON: {e.msg} at column {e.colno}", where) from None
             rp = extract_pair(rec, opts.mapping, where)
-            p, c, r = _texts_for(opts, tok, rp)
+            try:
+                p, c, r = _texts_for(opts, tok, rp)
+            except ChatTemplateRecordError as e:
+                raise PairError("chat_template_error", str(e), where) from None
         except PairError as e:
             errors.append((e.reason, e.where, e.message))
             continue
@@ -322,8 +325,9 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
             pool = None
         files = writer.finalize(tmp[".idx"])
         if kept == 0:
+            first = f"; the first: {examples[0]['where']}: {examples[0]['message']}" if examples else ""
             raise PackError(f"no pairs kept out of {read} read "
-                            f"({', '.join(f'{k}: {v}' for k, v in dropped.items() if v) or 'empty input'})")
+                            f"({', '.join(f'{k}: {v}' for k, v in dropped.items() if v) or 'empty input'}){first}")
 
         lengths = np.concatenate(writer._lengths).reshape(-1, SEQUENCES_PER_PAIR).astype(np.int64)
         pair_len = lengths[:, 0] + np.maximum(lengths[:, 1], lengths[:, 2])

@@ -20,6 +20,7 @@ REASONS = (
     "empty_response",       # chosen or rejected is empty / whitespace only
     "identical_responses",  # chosen == rejected (before or after truncation): no preference signal
     "over_length",          # longer than --max-length / --max-prompt-length with --truncation drop
+    "chat_template_error",  # the chat template refused the record (raise_exception, e.g. roles out of order)
 )
 
 Message = dict

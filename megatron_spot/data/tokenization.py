@@ -20,6 +20,7 @@ Conversational values get the chat template, in one of two modes (`CHAT_TEMPLATE
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import List, Optional, Sequence, Tuple
@@ -35,6 +36,11 @@ CHAT_TEMPLATE_MODES = ("authors", "non-thinking")
 
 class TokenizerError(ValueError):
     pass
+
+
+class ChatTemplateRecordError(ValueError):
+    """The chat template raised for one record (a template's raise_exception(...), e.g. for message roles that
+    do not alternate): that record is skipped and counted, like other bad records."""
 
 
 def default_chat_template_mode(preset: Optional[str]) -> str:
@@ -76,12 +82,38 @@ def tokenizer_hash(tokenizer_path: str) -> str:
     return h.hexdigest()
 
 
-def _render_jinja(template: str, messages, add_generation_prompt: bool, **kwargs) -> str:
+def _raise_exception(message):
+    """The `raise_exception` Hugging Face gives chat templates (they call it to refuse a conversation)."""
+    from jinja2.exceptions import TemplateError
+
+    raise TemplateError(message)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_jinja(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **kwargs)
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(template)
+
+
+def _render_jinja(template: str, messages, add_generation_prompt: bool, **kwargs) -> str:
+    return _compile_jinja(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **kwargs)
+
+
+def _template_failure(exc: Exception, source: str) -> Exception:
+    """A jinja error of `source` as what the packer reports: a template that cannot work at all (syntax, the
+    sandbox refusing an operation) is a TokenizerError, one that refused this record a ChatTemplateRecordError."""
+    from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
+
+    if isinstance(exc, TemplateSyntaxError):
+        return TokenizerError(f"{source}: line {exc.lineno}: {exc.message}")
+    if isinstance(exc, SecurityError):
+        return TokenizerError(f"{source} does something the sandbox refuses: {exc}")
+    if isinstance(exc, TemplateError):
+        return ChatTemplateRecordError(f"{source} raised: {exc}")
+    return exc
 
 
 class PairTokenizer:
@@ -131,6 +163,13 @@ class PairTokenizer:
                 from .fast_bpe import CachedByteLevelBPE
 
                 self._cached = CachedByteLevelBPE.from_backend(backend)
+        if isinstance(self.chat_template, str):  # a syntax error is reported now, before any record is read
+            from jinja2.exceptions import TemplateError
+
+            try:
+                _compile_jinja(self.chat_template)
+            except TemplateError as exc:
+                raise _template_failure(exc, self._template_source) from None
 
     # -- encoding ---------------------------------------------------------------------------------
     def encode_batch(self, texts: Sequence[str]) -> List[List[int]]:
@@ -163,15 +202,24 @@ class PairTokenizer:
         return self._hf.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     # -- chat template ----------------------------------------------------------------------------
+    @property
+    def _template_source(self) -> str:
+        return "the --chat-template template" if self._template_override is not None else f"{self.path}'s chat template"
+
     def _apply(self, messages, add_generation_prompt: bool) -> str:
+        from jinja2.exceptions import TemplateError
+
         # authors: the template's defaults, as TRL 0.20 calls it (no enable_thinking argument at all)
         kwargs = {"enable_thinking": False} if self.chat_template_mode == "non-thinking" else {}
-        if self.kind == "hf" and self._template_override is None:
-            return self._hf.apply_chat_template(messages, tokenize=False,
-                                                add_generation_prompt=add_generation_prompt, **kwargs)
-        if not self.chat_template:
-            raise TokenizerError(f"{self.path!r} has no chat template; pass --chat-template FILE")
-        return _render_jinja(self.chat_template, messages, add_generation_prompt, **kwargs)
+        try:
+            if self.kind == "hf" and self._template_override is None:
+                return self._hf.apply_chat_template(messages, tokenize=False,
+                                                    add_generation_prompt=add_generation_prompt, **kwargs)
+            if not self.chat_template:
+                raise TokenizerError(f"{self.path!r} has no chat template; pass --chat-template FILE")
+            return _render_jinja(self.chat_template, messages, add_generation_prompt, **kwargs)
+        except TemplateError as exc:
+            raise _template_failure(exc, self._template_source) from None
 
     def render_pair(self, prompt, chosen, rejected) -> Tuple[str, str, str]:
         """Prompt/chosen/rejected texts under the chat template, split like TRL does."""
