@@ -25,3 +25,26 @@ def pytest_collection_modifyitems(config, items):
         # the marker, not item.keywords: keywords also hold folder names, and tests/gpu/ has CPU tests too
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder nothing can be written in: a read-only tmpfs where this process may mount one (root: chmod
+    does not stop root), a chmod 0500 folder for other users; removed after the test."""
+    import subprocess
+
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o500)
+        yield str(folder)
+        folder.chmod(0o700)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("running as root without the right to mount a read-only tmpfs")
+    try:
+        yield str(folder)
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)

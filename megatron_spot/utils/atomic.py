@@ -93,6 +93,25 @@ def _fsync_tree(path: str) -> None:
         fsync_dir(root)
 
 
+def makedirs_tracked(folder: str) -> list[str]:
+    """os.makedirs(folder, exist_ok=True), returning the folders it created (outermost first), so that a
+    run that fails can take them away again (remove_empty_dirs) and leave nothing behind."""
+    missing = []
+    path = os.path.abspath(folder)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_empty_dirs(folders: list[str]) -> None:
+    """Remove these folders, innermost first, where they are (still) empty."""
+    for path in reversed(folders):
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+
 def make_temp_dir(final: str) -> str:
     """Create an empty temp folder beside `final` (umask-respecting mode), after removing stale ones."""
     final = os.path.abspath(final)

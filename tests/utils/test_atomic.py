@@ -70,3 +70,15 @@ def test_only_our_own_stale_temps_of_dead_processes_are_removed(tmp_path):
     assert not stale_dir.exists() and not stale_file.exists()
     assert live.exists() and all(p.exists() for p in unrelated)
     assert (tmp_path / "out").read_text() == "done"
+
+
+def test_makedirs_tracked_and_removed_again(tmp_path):
+    from megatron_spot.utils.atomic import makedirs_tracked, remove_empty_dirs
+
+    (tmp_path / "a").mkdir()
+    created = makedirs_tracked(str(tmp_path / "a" / "b" / "c"))
+    assert created == [str(tmp_path / "a" / "b"), str(tmp_path / "a" / "b" / "c")]
+    assert makedirs_tracked(str(tmp_path / "a" / "b" / "c")) == []
+    (tmp_path / "a" / "b" / "keep").write_text("x")  # a folder that is no longer empty stays
+    remove_empty_dirs(created)
+    assert sorted(os.listdir(tmp_path / "a")) == ["b"] and os.listdir(tmp_path / "a" / "b") == ["keep"]
