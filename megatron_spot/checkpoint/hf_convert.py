@@ -220,7 +220,7 @@ def convert_hf_to_mcore(hf_dir: str, out_dir: str, dtype: Optional[str] = None, 
     Summary: tensors (Megatron tensors written), hf_tensors, bytes, seconds, out, dtype, source_dtype.
     """
     dtype = normalize_dtype(dtype) if dtype else None
-    check_output_not_input(out_dir, [hf_dir])
+    check_output_dir(out_dir, overwrite, inputs=[hf_dir])  # before reading anything (again when publishing)
     if in_multi_rank_world():
         return run_in_child("hf-to-mcore", dict(hf_dir=hf_dir, out_dir=out_dir, dtype=dtype, progress=progress,
                                                  overwrite=overwrite))
@@ -313,7 +313,7 @@ def convert_mcore_to_hf(ckpt_dir: str, out_dir: str, dtype: Optional[str] = None
         return run_in_child("mcore-to-hf", dict(ckpt_dir=ckpt_dir, out_dir=out_dir, dtype=dtype, progress=progress,
                                                  max_shard_bytes=max_shard_bytes, overwrite=overwrite))
     t0 = time.perf_counter()
-    check_output_not_input(out_dir, [ckpt_dir])
+    check_output_dir(out_dir, overwrite, inputs=[ckpt_dir])  # before loading the model (again when publishing)
     meta = read_checkpoint_metadata(ckpt_dir)
     cfg = config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
     ckpt_dtype = normalize_dtype(meta.get("dtype", "bf16"))

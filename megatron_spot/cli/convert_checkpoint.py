@@ -27,20 +27,31 @@ from megatron_spot.cli import BAD_INPUT, FAILURE, INTERRUPTED, OK
 
 
 def _size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1000' -> bytes (> 0)."""
     units = {"k": 10**3, "m": 10**6, "g": 10**9, "kb": 10**3, "mb": 10**6, "gb": 10**9,
              "kib": 2**10, "mib": 2**20, "gib": 2**30}
     t = text.strip().lower()
-    for unit in sorted(units, key=len, reverse=True):
-        if t.endswith(unit):
-            return int(float(t[: -len(unit)]) * units[unit])
-    return int(t)
+    try:
+        for unit in sorted(units, key=len, reverse=True):
+            if t.endswith(unit):
+                value = int(float(t[: -len(unit)]) * units[unit])
+                break
+        else:
+            value = int(t)
+    except (ValueError, OverflowError):
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a size > 0 such as 5GB, 500MB or 2GiB, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="convert_checkpoint.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit status: 0 on success, 1 on bad input (missing/unexpected tensors, shape mismatch, "
-               "corrupt file, unsupported architecture, existing output), 2 on bad flags.")
+        epilog="Exit status: 0 on success; 2 on bad flags or input (missing/unexpected tensors, shape mismatch, "
+               "corrupt file, weights holding NaN/Inf, unsupported architecture, an output that exists, is a file "
+               "or cannot be written: all checked before any work); 1 on an OS error while writing (a full disk); "
+               "130 interrupted.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{hf-to-mcore,mcore-to-hf}")
     a = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> Megatron-Core dist checkpoint",
                        description="Convert a HF folder (Qwen3, Llama 3.x; the family comes from config.json) into a Megatron-Core dist checkpoint (torch_dist).")
@@ -70,9 +81,15 @@ def main(argv=None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore, convert_mcore_to_hf, summary_line
+    from megatron_spot.checkpoint.model_checkpoint import check_output_dir as check_checkpoint_output
     from megatron_spot.config.loader import ConfigError
+    from megatron_spot.utils.output_paths import OutputPathError, check_output_dir
 
     try:
+        # before reading or loading anything: an output that exists (without --force), is or holds the
+        # input, is a file or cannot be written (the folder is published by a rename: its parent too)
+        check_output_dir(args.out, "--out", published_whole=True)
+        check_checkpoint_output(args.out, args.force, inputs=[args.hf if args.command == "hf-to-mcore" else args.ckpt])
         if args.command == "hf-to-mcore":
             summary = convert_hf_to_mcore(args.hf, args.out, dtype=args.dtype, progress=not args.no_progress,
                                           overwrite=args.force)
@@ -81,7 +98,7 @@ def main(argv=None) -> int:
                                           max_shard_bytes=args.max_shard_size, overwrite=args.force)
         if args.no_progress:  # with the bar on, the library already printed it
             print(summary_line(args.command, summary), flush=True)
-    except ConfigError as exc:  # CheckpointError is a ConfigError: a user-fixable input problem
+    except (ConfigError, OutputPathError) as exc:  # CheckpointError is a ConfigError: a user-fixable input problem
         print(f"convert_checkpoint {args.command}: error: {exc}", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:

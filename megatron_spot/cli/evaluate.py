@@ -37,6 +37,7 @@ import os
 import sys
 
 from megatron_spot.cli import BAD_INPUT, FAILURE, INTERRUPTED, OK
+from megatron_spot.cli.args import non_negative_float, positive_float, positive_int, unit_fraction
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,23 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "olympiadbench, gpqa, connect4, ifeval, or any other (math, or multiple choice with "
                         "'choices'); repeatable")
     b.add_argument("--benchmarks-dir", metavar="DIR", help="every file in DIR named after a known benchmark")
-    b.add_argument("--limit", type=int, help="only the first N problems of each benchmark (smoke tests)")
+    b.add_argument("--limit", type=positive_int, help="only the first N problems of each benchmark (smoke tests)")
     m = ap.add_argument_group("model")
     m.add_argument("--model-base-url", help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
     m.add_argument("--model-name", help="model name the server serves")
     m.add_argument("--local-model", metavar="HF_DIR", help="sample with transformers on this machine instead")
-    m.add_argument("--local-batch-size", type=int, default=8)
-    m.add_argument("--concurrency", type=int, default=16, help="requests in flight (default: 16)")
-    m.add_argument("--timeout", type=float, default=1800.0, help="seconds per request (default: 1800)")
-    m.add_argument("--max-requests", type=int, help="stop after this many new requests")
+    m.add_argument("--local-batch-size", type=positive_int, default=8, help="prompts per generate() call (default 8)")
+    m.add_argument("--concurrency", type=positive_int, default=16, help="requests in flight (default: 16)")
+    m.add_argument("--timeout", type=positive_float, default=1800.0, help="seconds per request (default: 1800)")
+    m.add_argument("--max-requests", type=positive_int, help="stop after this many new requests")
     s = ap.add_argument_group("protocol")
     s.add_argument("--protocol", choices=["paper", "none"], default="paper",
                    help="paper: the SPoT paper's settings (see above); none: give --trials and the sampling flags")
-    s.add_argument("--trials", type=int, help="K trials for every benchmark (overrides the protocol's table)")
+    s.add_argument("--trials", type=positive_int, help="K trials for every benchmark (overrides the protocol's table)")
     s.add_argument("--trials-for", action="append", default=[], metavar="NAME=K", help="K for one benchmark")
-    s.add_argument("--temperature", type=float)
-    s.add_argument("--top-p", type=float)
-    s.add_argument("--max-tokens", type=int, help="max new tokens (paper: 32768)")
+    s.add_argument("--temperature", type=non_negative_float, help="sampling temperature (paper: 0.7)")
+    s.add_argument("--top-p", type=unit_fraction, help="nucleus sampling top-p (paper: 0.8)")
+    s.add_argument("--max-tokens", type=positive_int, help="max new tokens (paper: 32768)")
     s.add_argument("--max-tokens-for", action="append", default=[], metavar="NAME=N",
                    help="a lower cap for one benchmark; it gets min(--max-tokens, N) (paper: ifeval=8192)")
     s.add_argument("--thinking", choices=["off", "on", "unset"],
@@ -95,14 +96,18 @@ def main(argv=None) -> int:
     from megatron_spot.rectify import evaluate as E
     from megatron_spot.rectify.client import FatalRequestError
 
-    try:
+    from megatron_spot.utils.output_paths import check_output_dir, check_output_file
+
+    try:  # output paths are checked before any work (OutputPathError is a ValueError)
         if args.compare:
-            base, tuned = (E.load_results(p) for p in args.compare)
             plot = args.plot or os.path.join(os.path.dirname(os.path.abspath(args.compare[1])), "compare.png")
+            check_output_file(plot, "--plot")
+            base, tuned = (E.load_results(p) for p in args.compare)
             print(E.compare(base, tuned, plot))
             return OK
         if not args.output:
             raise ValueError("--output DIR is required to evaluate")
+        check_output_dir(args.output, "--output")
         benches = {E.benchmark_key(k): v for k, v in _pairs(args.benchmark, "--benchmark").items()}
         if args.benchmarks_dir:
             if not os.path.isdir(args.benchmarks_dir):

@@ -19,28 +19,41 @@ import sys
 import warnings
 
 from megatron_spot.cli import BAD_INPUT, INTERRUPTED, OK
+from megatron_spot.cli.args import positive_int
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="HF Qwen3 folder or megatron_spot Megatron checkpoint")
     p.add_argument("--pack", required=True, help="pack prefix (tools/pack_pairs.py output) for calibration prompts")
-    p.add_argument("--out", required=True, help="output folder (written atomically)")
+    p.add_argument("--out", required=True, help="output folder (written atomically; must not hold files unless --force)")
     p.add_argument("--format", default="fp8", choices=["fp8", "nvfp4", "int4_awq"])
-    p.add_argument("--num-prompts", type=int, default=256)
-    p.add_argument("--max-prompt-length", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-prompts", type=positive_int, default=256, help="calibration prompts (default 256)")
+    p.add_argument("--max-prompt-length", type=positive_int, default=512,
+                   help="calibration prompt tokens, the end of longer prompts kept (default 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="calibration prompts per forward (default 8)")
     p.add_argument("--export-dtype", default="bf16", choices=["bf16", "fp16"], help="dtype of unquantized tensors")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--force", action="store_true", help="replace a non-empty output folder")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     warnings.filterwarnings("ignore", message=".*transformers .* is not tested.*")
+    from megatron_spot.platform.device import requested_device
     from megatron_spot.quantization import QuantizationError, calibration_prompts, quantize_and_export
     from megatron_spot.quantization.export import checkpoint_tokenizer_hash
+    from megatron_spot.utils.output_paths import check_output_dir
 
-    if args.num_prompts < 1:
-        print("error: --num-prompts must be >= 1", file=sys.stderr)
+    try:  # flags and paths first, before the pack or the model is read
+        if args.device is not None:
+            try:
+                requested_device(args.device)
+            except ValueError as exc:
+                raise ValueError(f"--device: {exc}") from None
+        check_output_dir(args.out, "--out", published_whole=True)
+        if os.path.isdir(args.out) and os.listdir(args.out) and not args.force:
+            raise ValueError(f"--out {args.out} already exists and is not empty (pass --force)")
+    except ValueError as exc:  # OutputPathError is a ValueError
+        print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
     try:
         if not os.path.exists(args.pack + ".idx") and not os.path.exists(args.pack + ".bin"):

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from megatron_spot.cli import BAD_INPUT, INTERRUPTED, OK
+from megatron_spot.cli.args import non_negative_int, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,9 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"rejected={'|'.join(v.rejected)}" for k, v in PRESETS.items())
     ap = argparse.ArgumentParser(
         prog="pack_pairs.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Exit status: 0 on success, 1 when the pack could not be written (a bad record under "
-               "--strict, no pairs kept, unreadable input or tokenizer), 2 on bad flags. On failure no "
-               "output files are left behind.")
+        epilog="Exit status: 0 on success; 2 on bad flags or input (a number out of range, an output prefix "
+               "that is a folder or cannot be written, a bad record under --strict, no pairs kept, an unreadable "
+               "input, tokenizer or chat template); 130 interrupted. On failure no output files are left behind.")
     io = ap.add_argument_group("input and output")
     io.add_argument("--input", "-i", nargs="+", required=True, metavar="PATH",
                     help="one or more inputs: .jsonl, .json (list of records), .parquet files, folders "
@@ -64,9 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a Jinja chat template file overriding the tokenizer's (needed for conversational "
                          "data with a sentencepiece model)")
     lp = ap.add_argument_group("length policy")
-    lp.add_argument("--max-length", type=int, default=8192,
+    lp.add_argument("--max-length", type=non_negative_int, default=8192,
                     help="max tokens of prompt + the longer response (default: 8192; 0 = no limit)")
-    lp.add_argument("--max-prompt-length", type=int, default=4096,
+    lp.add_argument("--max-prompt-length", type=non_negative_int, default=4096,
                     help="max prompt tokens (default: 4096; 0 = no limit)")
     lp.add_argument("--truncation", choices=["keep-end", "keep-start", "truncate", "drop"], default=None,
                     help="over-length pairs. The prompt always keeps its last --max-prompt-length tokens (TRL's "
@@ -76,16 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "the default otherwise) keeps the start of each response; 'drop' skips the pair. All are "
                          "counted in the manifest")
     rn = ap.add_argument_group("running")
-    rn.add_argument("--workers", "-j", type=int, default=1,
+    rn.add_argument("--workers", "-j", type=positive_int, default=1,
                     help="tokeniser worker processes (default: 1, which already uses the Rust tokenizer's "
                          "threads; use about one per free core for chat-templated data)")
-    rn.add_argument("--chunk-size", type=int, default=512, help="records per batch sent to a worker (default: 512)")
+    rn.add_argument("--chunk-size", type=positive_int, default=512, help="records per batch sent to a worker (default: 512)")
     rn.add_argument("--strict", action="store_true",
                     help="fail on the first bad record (malformed JSON, missing/non-string fields, empty "
                          "response, chosen == rejected, over-length with --truncation drop); by default they "
                          "are counted, skipped and summarised")
     rn.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no per-record warnings")
-    rn.add_argument("--show-skipped", type=int, default=10, metavar="N",
+    rn.add_argument("--show-skipped", type=non_negative_int, default=10, metavar="N",
                     help="print the first N skipped records with file:line and reason (default: 10)")
     return ap
 
@@ -94,6 +95,13 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_spot.data import InputError, PackError, PackFormatError, TokenizerError, pack_pairs
 
+    from megatron_spot.utils.output_paths import OutputPathError, check_output_prefix
+
+    try:  # before reading anything: -o dir/ would write hidden dir/.bin
+        check_output_prefix(args.output_prefix, "--output-prefix")
+    except OutputPathError as e:
+        print(f"pack_pairs: error: {e}", file=sys.stderr)
+        return BAD_INPUT
     chat_template = None
     if args.chat_template:
         try:

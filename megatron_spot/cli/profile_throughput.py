@@ -36,6 +36,7 @@ import tempfile
 
 import megatron_spot
 from megatron_spot.cli import BAD_INPUT, FAILURE, INTERRUPTED, OK
+from megatron_spot.cli.args import non_negative_int, positive_int, positive_int_list, step_range, unit_fraction
 from megatron_spot.profiling.report import GiB, markdown_table, print_prediction, print_report, sweep_row, write_sweep_tables
 
 # the checkout holding the package, for torchrun children of an uninstalled tree
@@ -52,17 +53,17 @@ def parse_args(argv=None):
                    help="dotted overrides of the recipe, as for training (needs --config), e.g. "
                         "parallel.tensor_parallel=4 data.micro_batch_size=2")
     p.add_argument("--preset", default=None, help="model preset of any family (qwen3-8b, llama3.1-8b-instruct, ...; README \"Model families\") or a HF config.json/folder (default qwen3-tiny)")
-    p.add_argument("--tp", type=int, default=None, help="tensor parallel size (default 1)")
-    p.add_argument("--pp", type=int, default=None, help="pipeline parallel size (default 1)")
-    p.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
-    p.add_argument("--dp", type=int, default=None, help="data parallel size (default: world / (tp*pp))")
-    p.add_argument("--steps", type=int, default=5, help="measured training steps (default 5)")
-    p.add_argument("--warmup-steps", type=int, default=1, help="steps run first and not measured (default 1)")
-    p.add_argument("--seq-length", type=int, default=None,
+    p.add_argument("--tp", type=positive_int, default=None, help="tensor parallel size (default 1)")
+    p.add_argument("--pp", type=positive_int, default=None, help="pipeline parallel size (default 1)")
+    p.add_argument("--vpp", type=positive_int, default=None, help="virtual pipeline stages per rank (interleaved 1F1B)")
+    p.add_argument("--dp", type=positive_int, default=None, help="data parallel size (default: world / (tp*pp))")
+    p.add_argument("--steps", type=positive_int, default=5, help="measured training steps (default 5)")
+    p.add_argument("--warmup-steps", type=non_negative_int, default=1, help="steps run first and not measured (default 1)")
+    p.add_argument("--seq-length", type=positive_int, default=None,
                    help="tokens per sequence (chosen and rejected each; default 128)")
-    p.add_argument("--micro-batch-size", type=int, default=None, help="pairs per micro-batch (2 sequences each; "
+    p.add_argument("--micro-batch-size", type=positive_int, default=None, help="pairs per micro-batch (2 sequences each; "
                                                                        "default 1)")
-    p.add_argument("--num-micro-batches", type=int, default=None, help="per DP rank and step (default: max(pp, 2))")
+    p.add_argument("--num-micro-batches", type=positive_int, default=None, help="per DP rank and step (default: max(pp, 2))")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16", "fp8"],
                    help="default: fp32 on CPU, bf16 on GPU; fp8 = bf16 + Transformer Engine FP8 GEMMs")
     p.add_argument("--recompute", default=None, choices=["none", "selective", "full"],
@@ -71,14 +72,15 @@ def parse_args(argv=None):
                    help="Megatron sequence parallelism (Transformer Engine, TP > 1)")
     p.add_argument("--json", default=None, help="write the aggregate report here")
     p.add_argument("--trace", default=None, metavar="DIR", help="torch.profiler Chrome traces (one per rank)")
-    p.add_argument("--trace-steps", default="0:2", metavar="A:B", help="measured steps [A, B) to trace")
+    p.add_argument("--trace-steps", type=step_range, default=None, metavar="A:B",
+                   help="measured steps [A, B) to trace, 0 <= A < B <= --steps (default 0:2, or 0:1 with --steps 1)")
     p.add_argument("--sweep", default=None, help="layouts TPxPP[xDP], comma separated, e.g. 1x1,2x1,1x2,2x2")
-    p.add_argument("--sweep-mbs", default=None, help="micro-batch sizes to sweep, comma separated")
+    p.add_argument("--sweep-mbs", type=positive_int_list, default=None, help="micro-batch sizes to sweep, comma separated")
     p.add_argument("--out-dir", default="profile_sweep", help="sweep outputs (table.md, table.csv, plot.png)")
     p.add_argument("--gpu", default=None, help="GPU for MFU/prediction (H100, H200, A100, B200, ...)")
-    p.add_argument("--nodes", type=int, default=1, help="predict-only: nodes in the cluster (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="predict-only: GPUs per node (default 8)")
-    p.add_argument("--assumed-mfu", type=float, default=None,
+    p.add_argument("--nodes", type=positive_int, default=1, help="predict-only: nodes in the cluster (default 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="predict-only: GPUs per node (default 8)")
+    p.add_argument("--assumed-mfu", type=unit_fraction, default=None,
                    help="predict-only: fraction of peak the matmuls reach (default 0.40 BF16, 0.30 of FP8 peak)")
     p.add_argument("--predict-only", action="store_true", help="print the analytical prediction, run nothing")
     p.add_argument("--no-flop-count", action="store_true", help="skip the FlopCounterMode step")
@@ -126,6 +128,24 @@ def resolve_recipe(args):
         raise ConfigError(f"parallel.context_parallel={recipe.parallel.context_parallel}: profiling runs use padded "
                           "synthetic rows, not packed ones; use --predict-only or parallel.context_parallel=1")
     return recipe
+
+
+def check_outputs_and_trace(args) -> None:
+    """Before anything runs: every path this run writes (utils/output_paths) and the traced steps."""
+    from megatron_spot.config.loader import ConfigError
+    from megatron_spot.utils.output_paths import check_output_dir, check_output_file
+
+    if args.json:
+        check_output_file(args.json, "--json")
+    if args.sweep and not args.predict_only:
+        check_output_dir(args.out_dir, "--out-dir")
+    if args.trace and not args.predict_only:
+        check_output_dir(args.trace, "--trace")
+        if args.trace_steps is None:
+            args.trace_steps = (0, min(args.steps, 2))
+        elif args.trace_steps[1] > args.steps:
+            raise ConfigError(f"--trace-steps {args.trace_steps[0]}:{args.trace_steps[1]} goes past the {args.steps} "
+                              f"measured steps (--steps {args.steps}); the trace would never be written")
 
 
 def fail(msg: str, code: int = BAD_INPUT):
@@ -244,7 +264,7 @@ def sweep(args, model_cfg, recipe=None) -> list[dict]:
         except (ValueError, IndexError):
             raise ConfigError(f"--sweep entry {item!r}: expected TPxPP or TPxPPxDP, e.g. 2x1") from None
         layouts.append((tp, pp, dp))
-    mbs_list = [int(x) for x in (args.sweep_mbs or str(args.micro_batch_size)).split(",")]
+    mbs_list = args.sweep_mbs or [args.micro_batch_size]
     # check every layout before starting anything
     for tp, pp, dp in layouts:
         a = argparse.Namespace(**{**vars(args), "tp": tp, "pp": pp, "dp": dp, "predict_only": False})
@@ -276,7 +296,10 @@ def main(argv=None) -> int:
     from megatron_spot.config.loader import ConfigError
     from megatron_spot.models import load_model_config
 
+    from megatron_spot.utils.output_paths import OutputPathError
+
     try:
+        check_outputs_and_trace(args)
         recipe = resolve_recipe(args)
         model_cfg = load_model_config(args.preset)
         if args.gpu:
@@ -307,7 +330,7 @@ def main(argv=None) -> int:
             argv_rest = _passthrough(args) + ["--tp", str(args.tp), "--pp", str(args.pp),
                                               "--micro-batch-size", str(args.micro_batch_size)]
             if args.trace:
-                argv_rest += ["--trace", args.trace, "--trace-steps", args.trace_steps]
+                argv_rest += ["--trace", args.trace, "--trace-steps", "{}:{}".format(*args.trace_steps)]
             _layout(args, model_cfg, want, on_gpu=has_cuda(), recipe=recipe)
             proc = _torchrun(args, want, argv_rest, jpath)
             sys.stdout.write(proc.stdout)
@@ -317,14 +340,14 @@ def main(argv=None) -> int:
             return OK
         world = world or 1
         cfg, layout = _layout(args, model_cfg, world, on_gpu=has_cuda(), recipe=recipe)
-    except ConfigError as exc:
+    except (ConfigError, OutputPathError) as exc:
         fail(str(exc))
     except KeyboardInterrupt:
         print("profile_throughput: interrupted", file=sys.stderr)
         return INTERRUPTED
     from megatron_spot.profiling.runner import run_profile
 
-    trace_steps = tuple(int(x) for x in args.trace_steps.split(":")) if args.trace else None
+    trace_steps = args.trace_steps if args.trace else None
     report = run_profile(cfg, model_cfg, steps=args.steps, warmup_steps=args.warmup_steps,
                          num_micro_batches=layout.num_micro_batches, trace_dir=args.trace, trace_steps=trace_steps,
                          gpu=args.gpu, count_flops=not args.no_flop_count, seed=args.seed, progress=True)

@@ -39,6 +39,8 @@ import os
 import sys
 
 from megatron_spot.cli import BAD_INPUT, FAILURE, INTERRUPTED, OK
+from megatron_spot.cli.args import (non_negative_float, non_negative_int, positive_float, positive_int,
+                                    unit_fraction)
 
 
 def _common(p: argparse.ArgumentParser, input_help: str, input_required: bool = True) -> None:
@@ -51,15 +53,15 @@ def _common(p: argparse.ArgumentParser, input_help: str, input_required: bool = 
 
 def _network(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("requests (all network stages)")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
-    g.add_argument("--timeout", type=float, default=300.0, help="seconds per HTTP request (default 300)")
-    g.add_argument("--max-retries", type=int, default=6,
+    g.add_argument("--concurrency", type=positive_int, default=8, help="requests in flight (default 8)")
+    g.add_argument("--timeout", type=positive_float, default=300.0, help="seconds per HTTP request (default 300)")
+    g.add_argument("--max-retries", type=non_negative_int, default=6,
                    help="retries on 408/409/429/5xx/timeouts/malformed JSON (the openai SDK's backoff: 0.5 s doubling to 8 s, "
                         "Retry-After up to 120 s honoured; default 6)")
-    g.add_argument("--max-requests", type=int, default=None,
+    g.add_argument("--max-requests", type=positive_int, default=None,
                    help="request budget per network stage for this invocation (HTTP attempts incl. retries); items left over are "
                         "rejected as budget_exhausted and NOT cached, so a rerun continues them")
-    g.add_argument("--max-answer-bytes", type=int, default=4 * 2**20, metavar="BYTES",
+    g.add_argument("--max-answer-bytes", type=positive_int, default=4 * 2**20, metavar="BYTES",
                    help="largest response accepted (default 4 MiB); larger answers are rejected as "
                         "answer_too_large, counted as 'capped', and never written or cached")
 
@@ -80,17 +82,18 @@ def _oracle(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt-version", default="spot-ta-v1", help="Oracle prompt version (default spot-ta-v1)")
     g.add_argument("--start-marker", default="=== CORRECTED STARTED ===", help="start marker (stripped)")
     g.add_argument("--end-marker", default="=== CORRECTED ENDED ===", help="end marker (stripped)")
-    g.add_argument("--oracle-temperature", type=float, default=None, help="sent only if given")
-    g.add_argument("--oracle-max-tokens", type=int, default=None, help="sent only if given")
+    g.add_argument("--oracle-temperature", type=non_negative_float, default=None, help="sent only if given")
+    g.add_argument("--oracle-max-tokens", type=positive_int, default=None, help="sent only if given")
     g.add_argument("--oracle-extra-body", default=None, metavar="JSON",
                    help="extra JSON fields merged into each Oracle request (e.g. reasoning settings)")
-    g.add_argument("--price-prompt", type=float, default=0.0, help="USD per 1M prompt tokens, for the cost estimate")
-    g.add_argument("--price-completion", type=float, default=0.0, help="USD per 1M completion tokens")
+    g.add_argument("--price-prompt", type=non_negative_float, default=0.0, help="USD per 1M prompt tokens, for the cost estimate")
+    g.add_argument("--price-completion", type=non_negative_float, default=0.0, help="USD per 1M completion tokens")
 
 
 def _filter(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filter (stage 4)")
-    g.add_argument("--gamma", type=float, default=0.6, help="drop pairs with change ratio R > gamma (default 0.6)")
+    g.add_argument("--gamma", type=positive_float, default=0.6,
+                   help="drop pairs with change ratio R > gamma, > 0 (R lies in [0, 1]; default 0.6)")
     g.add_argument("--tokenizer", default=None,
                    help="HF tokenizer name/path for R's tokens (default: whitespace-separated words)")
 
@@ -101,11 +104,11 @@ def _elicit(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-name", default=None, help="served model name")
     g.add_argument("--model-api", choices=["chat", "completions"], default="chat", help="endpoint kind (default chat)")
     g.add_argument("--local-model", default=None, help="generate locally with transformers from this path/name instead")
-    g.add_argument("--local-batch-size", type=int, default=8)
-    g.add_argument("--samples", "-k", type=int, default=4, help="samples per problem K (default 4)")
-    g.add_argument("--temperature", type=float, default=0.7, help="default 0.7 (the paper's)")
-    g.add_argument("--top-p", type=float, default=0.8, help="default 0.8 (the paper's)")
-    g.add_argument("--max-tokens", type=int, default=4096)
+    g.add_argument("--local-batch-size", type=positive_int, default=8, help="prompts per generate() call (default 8)")
+    g.add_argument("--samples", "-k", type=positive_int, default=4, help="samples per problem K (default 4)")
+    g.add_argument("--temperature", type=non_negative_float, default=0.7, help="default 0.7 (the paper's)")
+    g.add_argument("--top-p", type=unit_fraction, default=0.8, help="default 0.8 (the paper's)")
+    g.add_argument("--max-tokens", type=positive_int, default=4096, help="max new tokens per sample (default 4096)")
     g.add_argument("--seed", type=int, default=None, help="per-sample seed = seed + k (sent to the server)")
     g.add_argument("--system-prompt", default=None)
     g.add_argument("--thinking", choices=["off", "on", "unset"], default="off",
@@ -173,7 +176,12 @@ def main(argv=None) -> int:
     from megatron_spot.rectify import pipeline
     from megatron_spot.rectify.client import FatalRequestError
 
+    from megatron_spot.utils.output_paths import check_output_dir, check_output_file
+
     try:
+        check_output_dir(args.output, "--output")  # before any request: OutputPathError is a ValueError
+        if args.cache:
+            check_output_file(args.cache, "--cache")
         cfg = _config(args)
         os.makedirs(cfg.output_dir, exist_ok=True)
         if args.cmd == "elicit":

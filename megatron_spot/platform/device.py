@@ -25,6 +25,28 @@ def transformer_engine_available() -> bool:
     return True
 
 
+def requested_device(name: str) -> torch.device:
+    """A device a user asked for by name ('cpu', 'cuda', 'cuda:1'), checked against this machine; raises
+    ValueError with one line saying what is missing (so `--device cuda` on a CPU machine is refused before
+    any work, not at the first tensor moved there)."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {name!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise ValueError(f"device {name!r}: only cpu and cuda[:N] are supported")
+    if not has_cuda():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else f"no CUDA device is visible (torch built for CUDA {torch.version.cuda})")
+        raise ValueError(f"device {name!r}: {why}; use cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= count:
+        raise ValueError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return dev
+
+
 def current_device() -> torch.device:
     """This rank's compute device (platform.initialize pinned the CUDA device per local rank)."""
     return torch.device("cuda", torch.cuda.current_device()) if has_cuda() else torch.device("cpu")

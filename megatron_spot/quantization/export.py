@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from megatron_spot.platform.device import has_cuda
+from megatron_spot.platform.device import has_cuda, requested_device
 from megatron_spot.utils.atomic import make_temp_dir, publish_dir
 
 log = logging.getLogger("megatron_spot.quantization")
@@ -149,6 +149,11 @@ def quantize_and_export(src: str, out_dir: str, prompts: list[torch.Tensor], fmt
         raise QuantizationError(str(exc)) from None
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise QuantizationError(f"output {out_dir} already exists and is not empty (pass --force)")
+    if device is not None:
+        try:
+            device = str(requested_device(device))  # `cuda` on a machine without one: refused here, not at .to()
+        except ValueError as exc:
+            raise QuantizationError(str(exc)) from None
     on_gpu = has_cuda() if device is None else device.startswith("cuda")
     dev = torch.device(device or ("cuda" if on_gpu else "cpu"))
     src = _model_folder(src)

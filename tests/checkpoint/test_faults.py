@@ -212,3 +212,20 @@ def test_non_finite_check_in_row_blocks_names_the_row(tmp_path):
     big = torch.full((3,), 3e38)  # finite values whose float32 sum overflows: not refused
     assert non_finite_problem(big) is None
     assert non_finite_problem(torch.tensor([1, 2])) is None  # integer tensors hold no NaN
+
+
+def test_existing_output_is_refused_before_the_model_loads(ckpts, tmp_path, monkeypatch):
+    """mcore-to-hf used to find an existing output only when publishing, after loading the whole model."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("loaded the model before checking the output")
+
+    monkeypatch.setattr(hc, "load_model_checkpoint", forbidden)
+    monkeypatch.setattr(hc, "SafetensorsCheckpoint", forbidden)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="already exists and is not empty"):
+        hc.convert_mcore_to_hf(ckpts["untied"]["mcore"], str(out), progress=False)
+    with pytest.raises(CheckpointError, match="already exists and is not empty"):
+        hc.convert_hf_to_mcore(ckpts["untied"]["hf"], str(out), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["out"] and os.listdir(out) == ["keep.txt"]
