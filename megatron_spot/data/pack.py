@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
-from megatron_spot.utils.atomic import publish_file, remove_stale_temps, temp_path
+from megatron_spot.utils.atomic import makedirs_tracked, publish_file, remove_empty_dirs, remove_stale_temps, temp_path
 
 from .indexed import IndexedWriter
 from .readers import InputError, count_records, detect_format, expand_inputs, iter_chunks
@@ -266,7 +266,7 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
 
     final = {ext: output_prefix + ext for ext in (".bin", ".idx", ".manifest.json")}
     out_dir = os.path.dirname(os.path.abspath(output_prefix))
-    os.makedirs(out_dir, exist_ok=True)
+    created = makedirs_tracked(out_dir)  # removed again if the pack fails
     # temps named by megatron_spot.utils.atomic, which also removes those of earlier killed runs
     for path in final.values():
         remove_stale_temps(path)
@@ -381,6 +381,7 @@ def pack_pairs(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, pre
         if writer is not None:
             writer.abort()
         _remove(tmp.values())
+        remove_empty_dirs(created)
         raise
     finally:
         if bar is not None:

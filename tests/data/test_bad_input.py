@@ -1,6 +1,7 @@
 """Bad input: count-and-skip by default, --strict fails, nothing partial is left; corrupt packs are refused."""
 import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -193,3 +194,59 @@ def test_token_ids_outside_the_vocabulary_are_refused_naming_the_pair(pack, hf_t
     damaged = PairDataset(pack)
     with pytest.raises(PackFormatError, match=r"\(pair 7\) is outside the model's vocabulary"):
         damaged.check_token_ids(vocab, block_tokens=5)  # several blocks: the position maps back exactly
+
+
+# ---- chat templates that raise or that the sandbox refuses ------------------------------------------
+PICKY_TEMPLATE = ("{% if messages[0]['content'] == 'refuse me' %}{{ raise_exception('roles must alternate') }}{% endif %}"
+                  "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def test_a_template_that_raises_skips_that_record(tmp_path, hf_tok):
+    """HF templates call raise_exception(...) to refuse a conversation: that record is counted and skipped
+    (reason chat_template_error, file:line), the rest are packed; under --strict it is the one error."""
+    src = write_jsonl(tmp_path / "in.jsonl", make_pairs(3) + [{"prompt": "refuse me", "chosen": "a", "rejected": "b"}])
+    m = pack_pairs([src], hf_tok, str(tmp_path / "p"), apply_chat_template=True, chat_template=PICKY_TEMPLATE)
+    assert m["counts"]["kept"] == 3 and m["counts"]["dropped_by_reason"]["chat_template_error"] == 1
+    assert m["dropped_examples"] == [{"reason": "chat_template_error", "where": f"{src}:4",
+                                      "message": "the --chat-template template raised: roles must alternate"}]
+    with pytest.raises(PackError, match=r"in\.jsonl:4: the --chat-template template raised: roles must alternate"):
+        pack_pairs([src], hf_tok, str(tmp_path / "s"), apply_chat_template=True, chat_template=PICKY_TEMPLATE,
+                   strict=True)
+    assert _leftovers(tmp_path) == [] and not os.path.exists(tmp_path / "s.bin")
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{{ raise_exception('this template refuses everything') }}",
+     r"no pairs kept out of 2 read \(chat_template_error: 2\); the first: .*in\.jsonl:1: the --chat-template "
+     r"template raised: this template refuses everything"),
+    ("{{ messages.__class__.__mro__ }}", "the --chat-template template does something the sandbox refuses: "
+                                         "access to attribute '__class__'"),
+    ("{% for m in messages %}{{ m['content'] }", r"the --chat-template template: line 1: unexpected '}'"),
+])
+def test_cli_template_failures_are_one_line(tmp_path, hf_tok, capsys, template, message):
+    from tools.pack_pairs import main
+
+    src = write_jsonl(tmp_path / "in.jsonl", make_pairs(2))
+    (tmp_path / "t.jinja").write_text(template)
+    argv = ["-i", src, "-t", hf_tok, "-o", str(tmp_path / "out" / "p"), "--apply-chat-template", "--chat-template",
+            str(tmp_path / "t.jinja"), "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pack_pairs: error: "), err
+    assert re.search(message, err[0]), err[0]
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_cli_empty_and_wrongly_typed_inputs_say_so(tmp_path, hf_tok, capsys):
+    from tools.pack_pairs import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["-i", str(empty), "-t", hf_tok, "-o", str(tmp_path / "e"), "-q"]) == 2
+    assert "no pairs kept out of 0 read (empty input)" in capsys.readouterr().err
+    typed = write_jsonl(tmp_path / "typed.jsonl", [], extra_lines=[BAD[4][1], BAD[5][1]])
+    assert main(["-i", typed, "-t", hf_tok, "-o", str(tmp_path / "t"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "no pairs kept out of 2 read (bad_type: 2); the first: " in err and "typed.jsonl:1" in err
+    assert sorted(os.listdir(tmp_path)) == ["empty.jsonl", "typed.jsonl"]
