@@ -176,14 +176,24 @@ def main(argv=None) -> int:
     from megatron_spot.rectify import pipeline
     from megatron_spot.rectify.client import FatalRequestError
 
+    from megatron_spot.rectify.jsonl import has_records
+    from megatron_spot.utils.atomic import makedirs_tracked, remove_empty_dirs
     from megatron_spot.utils.output_paths import check_output_dir, check_output_file
 
+    created: list = []
     try:
         check_output_dir(args.output, "--output")  # before any request: OutputPathError is a ValueError
         if args.cache:
             check_output_file(args.cache, "--cache")
         cfg = _config(args)
-        os.makedirs(cfg.output_dir, exist_ok=True)
+        stage_input = args.input or cfg.path("rectified.jsonl" if args.cmd == "verify" else "verified.jsonl")
+        if os.path.isfile(stage_input) and not has_records(stage_input):
+            raise ValueError(f"{stage_input}: no records (an empty input)")
+        if cfg.tokenizer:  # stage 4's tokenizer, loaded now: a wrong name must not wait for the Oracle's answers
+            from megatron_spot.rectify.change_ratio import hf_tokenizer
+
+            hf_tokenizer(cfg.tokenizer)
+        created = makedirs_tracked(cfg.output_dir)  # taken away again when the input is refused
         if args.cmd == "elicit":
             pipeline.elicit(args.input, cfg)
             print(cfg.path("errors.jsonl"))
@@ -209,6 +219,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return FAILURE
     except (ValueError, FileNotFoundError) as e:
+        remove_empty_dirs(created)
         print(f"error: {e}", file=sys.stderr)
         return BAD_INPUT
     except KeyboardInterrupt:

@@ -27,7 +27,11 @@ def whitespace_tokens(text: str) -> list[str]:
 def hf_tokenizer(name_or_path: str) -> Tokenize:
     from transformers import AutoTokenizer  # lazy: heavy import
 
-    tok = AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except Exception as exc:  # OSError, ValueError, JSON errors...: one line naming the flag
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"--tokenizer {name_or_path}: cannot load a Hugging Face tokenizer ({first})") from None
 
     def _tokenize(text: str) -> list[int]:
         return tok.encode(text, add_special_tokens=False)

@@ -17,7 +17,8 @@ from .client import ChatClient, Job, JobResult, api_key_from_env
 from .config import PipelineConfig
 from .grading import grade
 from .jsonl import read_records, write_json_atomic, write_jsonl_atomic
-from .records import ground_truth, open_cache, progress, prompt_text, record_index, reject, stage_stats
+from .records import (ground_truth, open_cache, progress, prompt_text, record_index, refuse_unusable_input, reject,
+                      stage_stats)
 from .report import finalize
 
 
@@ -45,16 +46,21 @@ class LocalGenerator:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from megatron_spot.platform.device import current_device
+
         self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(model_path)
+        device = current_device()
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            self.tok = AutoTokenizer.from_pretrained(model_path)
+            self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        except Exception as exc:  # OSError (no such folder or model id), ValueError (unknown architecture)...
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ValueError(f"--local-model {model_path}: cannot load it with transformers ({first})") from None
         self.tok.padding_side = "left"
         if self.tok.pad_token is None:
             self.tok.pad_token = self.tok.eos_token
-        from megatron_spot.platform.device import current_device
-
-        device = current_device()
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.model = self.model.to(device).eval()
         self.device, self.batch_size = device, batch_size
 
     def _render(self, body: dict) -> str:
@@ -125,7 +131,8 @@ def elicit(input_path: str, cfg: PipelineConfig, client: Optional[ChatClient] = 
     ``client`` samples the model (None: a ChatClient on cfg.model_base_url, or cfg.local_model)."""
     os.makedirs(cfg.output_dir, exist_ok=True)
     problems, rejects = [], []
-    for lineno, rec in enumerate(read_records(input_path), 1):
+    recs = read_records(input_path)
+    for lineno, rec in enumerate(recs, 1):
         item = {"id": str(record_index(rec, lineno)), "problem_id": record_index(rec, lineno),
                 "data_source": rec.get("data_source") or "unknown",
                 "prompt": prompt_text(rec), "ground_truth": ground_truth(rec)}
@@ -134,6 +141,8 @@ def elicit(input_path: str, cfg: PipelineConfig, client: Optional[ChatClient] = 
             rejects.append(reject("elicit", "missing_field", item, detail=missing))
             continue
         problems.append(item)
+    refuse_unusable_input(input_path, "elicit", len(recs), len(problems), rejects,
+                          "prompt|question|problem, ground_truth|solution|answer")
 
     if cfg.local_model:
         model_label = "local:" + cfg.local_model

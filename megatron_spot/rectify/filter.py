@@ -8,8 +8,11 @@ import statistics
 from .change_ratio import change_ratio, hf_tokenizer, whitespace_tokens
 from .config import PipelineConfig
 from .jsonl import read_records, write_json_atomic, write_jsonl_atomic
-from .records import progress, reject, stage_stats
+from .records import missing_text_fields, progress, refuse_unusable_input, reject, stage_stats
 from .report import finalize
+
+
+NEEDS = ("prompt", "corrected", "model_output")  # what verify writes
 
 
 def filter_pairs(input_path: str, cfg: PipelineConfig) -> dict:
@@ -18,6 +21,10 @@ def filter_pairs(input_path: str, cfg: PipelineConfig) -> dict:
     tokenize = hf_tokenizer(cfg.tokenizer) if cfg.tokenizer else whitespace_tokens
     pairs, rejects, ratios = [], [], []
     for rec in progress(recs, cfg, "filter", total=len(recs)):
+        missing = missing_text_fields(rec, NEEDS)
+        if missing:
+            rejects.append(reject("filter", "missing_field", rec, detail=missing))
+            continue
         chosen, rejected = rec["corrected"], rec["model_output"]
         if chosen.strip() == rejected.strip():
             rejects.append(reject("filter", "identical_to_rejected", rec))
@@ -28,10 +35,12 @@ def filter_pairs(input_path: str, cfg: PipelineConfig) -> dict:
             rejects.append(reject("filter", "change_ratio_above_gamma", rec, change_ratio=R, gamma=cfg.gamma))
             continue
         pairs.append({"prompt": rec["prompt"], "chosen": chosen, "rejected": rejected, "metadata": {
-            "id": rec["id"], "problem_id": rec["problem_id"], "sample": rec.get("sample"),
-            "ground_truth": rec["ground_truth"], "rejected_answer": rec.get("rejected_answer"),
+            "id": rec.get("id"), "problem_id": rec.get("problem_id"), "sample": rec.get("sample"),
+            "ground_truth": rec.get("ground_truth"), "rejected_answer": rec.get("rejected_answer"),
             "chosen_answer": rec.get("chosen_answer"), "change_ratio": R, "oracle_model": rec.get("oracle_model"),
             "prompt_version": rec.get("prompt_version"), "data_source": rec.get("data_source")}})
+    n_missing = sum(r["reason"] == "missing_field" for r in rejects)
+    refuse_unusable_input(input_path, "filter", len(recs), len(recs) - n_missing, rejects, ", ".join(NEEDS))
     write_jsonl_atomic(cfg.path("pairs.jsonl"), pairs)
     write_jsonl_atomic(cfg.path("rejects.filter.jsonl"), rejects)
     stats = stage_stats("filter", input_path, len(recs), len(pairs), rejects, gamma=cfg.gamma,

@@ -57,6 +57,18 @@ def read_records(path: str) -> list[dict]:
     return list(read_jsonl(path))
 
 
+def has_records(path: str) -> bool:
+    """Whether an input holds at least one record (without reading it all; a missing file raises OSError)."""
+    if path.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).metadata.num_rows > 0
+    if path.endswith(".json"):
+        return bool(read_records(path))
+    with open(path, "r", encoding="utf-8", errors="replace") as f:
+        return any(line.strip() for line in f)
+
+
 def write_jsonl_atomic(path: str, records: Iterable[dict]) -> int:
     """Write records as JSON lines via a temp file + rename; returns the number written."""
     n = 0

@@ -11,8 +11,8 @@ from .cache import request_key
 from .client import ChatClient, Job, api_key_from_env
 from .config import PipelineConfig
 from .jsonl import read_records, write_json_atomic, write_jsonl_atomic
-from .records import (check_not_all_failed, ground_truth, open_cache, prompt_text, record_index, reject,
-                      stage_stats)
+from .records import (check_not_all_failed, ground_truth, open_cache, prompt_text, record_index, refuse_unusable_input,
+                      reject, stage_stats)
 from .report import finalize
 
 
@@ -40,7 +40,8 @@ def _oracle_sampling(cfg: PipelineConfig) -> dict:
 def load_errors(input_path: str, stage: str = "rectify") -> tuple[list, list]:
     """Normalise errors.jsonl records; returns (items, rejects). Exact duplicates are rejected."""
     items, rejects, ids, seen = [], [], set(), {}
-    for lineno, rec in enumerate(read_records(input_path), 1):
+    recs = read_records(input_path)
+    for lineno, rec in enumerate(recs, 1):
         pid = record_index(rec, lineno)
         sample = rec.get("sample")
         iid = str(pid) if sample is None else f"{pid}:{sample}"
@@ -61,6 +62,8 @@ def load_errors(input_path: str, stage: str = "rectify") -> tuple[list, list]:
             continue
         seen[sig] = iid
         items.append(item)
+    refuse_unusable_input(input_path, stage, len(recs), len(items), rejects,
+                          "prompt|question|problem, ground_truth|solution|answer, model_output|response")
     return items, rejects
 
 

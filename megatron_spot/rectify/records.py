@@ -45,6 +45,20 @@ def record_index(rec: dict, lineno: int):
     return lineno
 
 
+def missing_text_fields(rec: dict, fields: tuple) -> list:
+    """The fields of `fields` that `rec` lacks or holds as something other than non-empty text."""
+    return [k for k in fields if not isinstance(rec.get(k), str) or not rec[k].strip()]
+
+
+def refuse_unusable_input(input_path: str, stage: str, n_read: int, n_usable: int, rejects: list, needs: str) -> None:
+    """An input none of whose records has the fields `stage` reads is the wrong file (or the wrong types):
+    bad input, one line naming the file, not a stage that quietly keeps nothing."""
+    if n_read and not n_usable and rejects and all(r["reason"] == "missing_field" for r in rejects):
+        detail = rejects[0].get("detail")
+        raise ValueError(f"{input_path}: none of its {n_read} records has the fields {stage} reads ({needs}); the first "
+                         f"lacks {', '.join(detail) if isinstance(detail, list) else detail} as text (is it the right file?)")
+
+
 def reject(stage: str, reason: str, item: dict, detail: Any = None, **extra) -> dict:
     r = {"id": item.get("id"), "stage": stage, "reason": reason}
     if detail is not None:

@@ -57,3 +57,49 @@ def test_ctrl_c_exits_130(tmp_path, monkeypatch, capsys):
     assert evaluate_cli.main(["--benchmark", f"aime24={bench}", "--model-base-url", "http://127.0.0.1:9/v1",
                               "--model-name", "m", "--trials", "1", "--output", str(tmp_path / "e"), "--quiet"]) == 130
     assert "rerun" in capsys.readouterr().err
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_empty_and_wrongly_typed_inputs_are_bad_input(tmp_path, capsys):
+    """A user's input with no records, or with none holding the fields the stage reads (a problems file
+    given to filter, numbers where text belongs), is exit 2 with one line naming the file, before any
+    request (the endpoints here accept no connection) and without an output folder left behind."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    typed = str(tmp_path / "typed.jsonl")
+    jsonl.write_jsonl_atomic(typed, [{"prompt": 1, "ground_truth": 2, "model_output": None}])
+    url = "http://127.0.0.1:9/v1"
+    cases = [
+        (["filter", "--input", str(empty)], "empty.jsonl: no records"),
+        (["filter", "--input", typed], "none of its 1 records has the fields filter reads (prompt, corrected"),
+        (["verify", "--input", typed], "none of its 1 records has the fields verify reads (corrected, ground_truth)"),
+        (["rectify", "--input", str(empty), "--oracle-base-url", url, "--oracle-model", "o"], "no records"),
+        (["rectify", "--input", typed, "--oracle-base-url", url, "--oracle-model", "o"],
+         "none of its 1 records has the fields rectify reads"),
+        (["elicit", "--input", typed, "--model-base-url", url, "--model-name", "m"],
+         "none of its 1 records has the fields elicit reads"),
+    ]
+    for argv, message in cases:
+        out = tmp_path / "out"
+        assert rectify_cli.main([*argv, "--output", str(out), "--no-progress"]) == 2, argv
+        assert message in _one_error_line(capsys), argv
+        assert not out.exists(), argv
+
+
+def test_unloadable_tokenizer_or_local_model_is_one_line_before_any_request(tmp_path, capsys):
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    errors = _errors(tmp_path)
+    argv = _rectify_argv(errors, tmp_path / "o", "http://127.0.0.1:9/v1") + ["--tokenizer", str(not_a_model)]
+    assert rectify_cli.main(argv) == 2
+    assert f"--tokenizer {not_a_model}: cannot load a Hugging Face tokenizer" in _one_error_line(capsys)
+    assert not (tmp_path / "o").exists()
+    bench = write(tmp_path / "aime24.jsonl", AIME[:1])
+    assert evaluate_cli.main(["--benchmark", f"aime24={bench}", "--local-model", str(not_a_model), "--trials", "1",
+                              "--output", str(tmp_path / "e"), "--quiet"]) == 2
+    assert f"--local-model {not_a_model}: cannot load it with transformers" in capsys.readouterr().err
