@@ -43,6 +43,9 @@ def plan_run(cfg, world_size: int, model=None, optimizer_steps: bool = True) -> 
     mbs = cfg.data.micro_batch_size
     if not isinstance(mbs, int) or mbs < 1:
         raise ConfigError(f"data.micro_batch_size={mbs} must be an integer >= 1")
+    seq = cfg.data.seq_length
+    if not isinstance(seq, int) or seq < 1:  # also what a profile of a recipe takes as --seq-length
+        raise ConfigError(f"data.seq_length={seq} must be an integer >= 1")
     if not optimizer_steps:
         return RunPlan(layout, mbs, None)
     global_batch_size = cfg.data.global_batch_size

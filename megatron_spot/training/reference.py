@@ -28,6 +28,19 @@ def sidecar_paths(pack_prefix: str, override: Optional[str] = None) -> tuple[str
     return f"{base}.npy", f"{base}.json"
 
 
+def check_sidecar_writable(pack_prefix: str, override: Optional[str] = None) -> None:
+    """A ConfigError naming the setting when the sidecar cannot be written (a read-only pack folder, a folder
+    or a file in the way of data.ref_logprobs)."""
+    from megatron_spot.utils.output_paths import OutputPathError, check_output_file
+
+    what = "data.ref_logprobs" if override else "the reference sidecar beside data.pack (set data.ref_logprobs)"
+    try:
+        for path in sidecar_paths(pack_prefix, override):
+            check_output_file(path, what)
+    except OutputPathError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def reference_identity(model_dir: Optional[str], tokenizer_hash: str) -> dict:
     """What a sidecar is keyed by besides the pack: the model's weights fingerprint and tokenizer."""
     from megatron_spot.checkpoint.fingerprint import weights_fingerprint
@@ -211,6 +224,7 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"reference log-probs already computed for this pack and model: {done} (--force recomputes)")
         return done
+    check_sidecar_writable(cfg.data.pack, cfg.data.ref_logprobs)  # before the scoring, not after it
     info = initialize(cfg.parallel, seed=cfg.run.seed)
     engine = Engine(cfg, model_cfg, 1, trainable=False, load_weights=lambda chunks: load_model_checkpoint(chunks, weights))
     values = score_pairs(engine, dataset, info.dp_rank, plan.layout.dp, plan.micro_batch_size, info.device,

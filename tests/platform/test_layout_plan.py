@@ -33,10 +33,12 @@ def test_layout_refuses_bad_settings(parallel, world, match):
         Layout.from_config(parallel, world, allow_context_parallel=False)
 
 
-def _cfg(tp=1, pp=1, vpp=None, mbs=1, gbs=8) -> TrainConfig:
+def _cfg(tp=1, pp=1, vpp=None, mbs=1, gbs=8, seq=None) -> TrainConfig:
     cfg = TrainConfig()
     cfg.parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, virtual_pipeline=vpp)
     cfg.data.micro_batch_size, cfg.data.global_batch_size = mbs, gbs
+    if seq is not None:
+        cfg.data.seq_length = seq
     return cfg
 
 
@@ -53,6 +55,9 @@ def test_plan_run_counts_micro_batches():
     (_cfg(pp=2, vpp=2, gbs=1), 2, "interleaved pipeline needs at least pipeline_parallel=2 micro-batches"),
     (_cfg(tp=4), 4, "tensor_parallel=4 does not divide the 2 query groups"),  # the model's fit (qwen3-tiny)
     (_cfg(pp=3, gbs=3), 3, "4 layers do not split into PP x VPP = 3 x 1"),
+    (_cfg(mbs=0), 1, r"data.micro_batch_size=0 must be an integer >= 1"),
+    (_cfg(seq=0), 1, r"data.seq_length=0 must be an integer >= 1"),
+    (_cfg(seq=-128), 1, r"data.seq_length=-128 must be an integer >= 1"),
 ])
 def test_plan_run_refuses(cfg, world, match):
     with pytest.raises(ConfigError, match=match):

@@ -210,6 +210,26 @@ def test_references_belong_to_one_model_and_tokenizer(ws, tmp_path):
         preflight(_cfg(ws, str(tmp_path / "x"), f"data.ref_logprobs={npy}"), 1)
 
 
+def test_scoring_refuses_an_unwritable_sidecar_before_it_scores(ws, tmp_path, monkeypatch, read_only_dir):
+    """The sidecar used to be written after scoring every pair; a path nobody can write is now one line first."""
+    import megatron_spot.platform as platform
+    from megatron_spot.config import ConfigError
+    from megatron_spot.training.reference import score_reference
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("scoring started before the sidecar path was checked")
+
+    monkeypatch.setattr(platform, "initialize", forbidden)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    for ref, message in ((f"{a_file}/ref.npy", "is a file, not a folder"),
+                         (f"{read_only_dir}/ref.npy", f"cannot write in {read_only_dir}")):
+        with pytest.raises(ConfigError, match=message) as exc:
+            score_reference(_cfg(ws, str(tmp_path / "out"), f"data.ref_logprobs={ref}"), force=True, progress=False)
+        assert str(exc.value).startswith(f"data.ref_logprobs {ref[:-4]}")
+    assert os.listdir(read_only_dir) == []
+
+
 def test_bad_settings_fail_in_the_preflight_with_one_line(ws, tmp_path):
     from megatron_spot.config import ConfigError
     from megatron_spot.data import TokenizerMismatchError
