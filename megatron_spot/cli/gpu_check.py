@@ -22,10 +22,12 @@ import os
 import sys
 
 from megatron_spot.cli import BAD_INPUT
+from megatron_spot.cli.args import positive_float
 from megatron_spot.gpu_check.orchestrate import orchestrate
 from megatron_spot.gpu_check.plan import DEFAULT_BUDGET_S, INJECT_ENV, ROOT, STEPS, checkout_problem
 from megatron_spot.gpu_check.report import write_benchmarks_section
 from megatron_spot.gpu_check.wheels import download_wheels, missing_wheels
+from megatron_spot.utils.output_paths import OutputPathError, check_output_dir
 
 
 def parse_args(argv=None):
@@ -36,7 +38,8 @@ def parse_args(argv=None):
     ap.add_argument("--dry-run", action="store_true", help="CPU machine: tiny sizes, no CUDA step")
     ap.add_argument("--wheels", default=None, help="folder of carried wheels (default .gpu-wheels; the dry run "
                                                     "builds a probe wheel instead unless this is given)")
-    ap.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S, help="time for all steps together")
+    ap.add_argument("--budget-s", type=positive_float, default=DEFAULT_BUDGET_S,
+                    help="seconds for all steps together, > 0")
     ap.add_argument("--only", default=None, help="comma-separated steps to run (default: all)")
     ap.add_argument("--inject-failure", default=None, metavar="STEP[,STEP]",
                     help=f"make these steps fail (STEP) or hang (STEP:hang) on purpose to test the guards; "
@@ -60,8 +63,10 @@ def main(argv=None) -> int:
         return download_wheels(args.download_wheels)
     if args.to_benchmarks:
         return write_benchmarks_section(args.to_benchmarks)
-    if args.budget_s <= 0:
-        print(f"error: --budget-s must be > 0, got {args.budget_s}", file=sys.stderr)
+    try:  # the results folder before any step runs (stdlib only, like the rest of the parent)
+        check_output_dir(args.out, "--out")
+    except OutputPathError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
     problem = checkout_problem()
     if problem:

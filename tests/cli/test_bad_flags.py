@@ -6,7 +6,8 @@ import os
 import pytest
 
 from megatron_spot.cli import BAD_INPUT
-from megatron_spot.cli import convert_checkpoint, evaluate, export_quantized, pack_pairs, profile_throughput, rectify
+from megatron_spot.cli import (convert_checkpoint, evaluate, export_quantized, gpu_check, pack_pairs, profile_throughput,
+                               rectify)
 
 
 def _run(main, argv):
@@ -30,6 +31,7 @@ def no_work(monkeypatch):
         raise AssertionError("the work started before the bad flag was refused")
 
     from megatron_spot.checkpoint import hf_convert
+    from megatron_spot.cli import gpu_check as gpu_check_cli
     from megatron_spot.profiling import runner
     from megatron_spot.quantization import export
     from megatron_spot.rectify import evaluate as rectify_evaluate
@@ -43,7 +45,8 @@ def no_work(monkeypatch):
                        (pipeline, ["elicit", "rectify", "run_rectify", "verify", "filter_pairs", "run_all"]),
                        (rectify_evaluate, ["evaluate", "load_results"]),
                        (quantization, ["calibration_prompts", "quantize_and_export"]),
-                       (export, ["calibration_prompts", "quantize_and_export"])):
+                       (export, ["calibration_prompts", "quantize_and_export"]),
+                       (gpu_check_cli, ["orchestrate"])):
         for name in names:
             monkeypatch.setattr(mod, name, forbidden)
 
@@ -83,6 +86,7 @@ NUMBERS = [  # (tool, argv, flag): argparse refuses the value while parsing
      "--max-shard-size"),
     (export_quantized, [*EXPORT, "--num-prompts", "0"], "--num-prompts"),
     (export_quantized, [*EXPORT, "--batch-size", "-1"], "--batch-size"),
+    (gpu_check, ["--out", "OUT", "--dry-run", "--budget-s", "0"], "--budget-s"),
 ]
 
 
@@ -133,6 +137,7 @@ def _paths_case_list():
         (evaluate, ["--compare", "{t}/a.json", "{t}/b.json", "--plot", "{t}/adir"], "--plot", "is a folder"),
         (export_quantized, ["--checkpoint", "{t}/adir", "--pack", "p", "--out", "{t}/afile"], "--out", "is not a folder"),
         (export_quantized, ["--checkpoint", "{t}/x", "--pack", "p", "--out", "{t}/adir"], "--out", "not empty"),
+        (gpu_check, ["--out", "{t}/afile", "--dry-run"], "--out", "is not a folder"),
     ]
 
 
