@@ -77,9 +77,40 @@ def _check_loss(cfg: TrainConfig) -> None:
         raise ConfigError(f"loss.label_smoothing={cfg.loss.label_smoothing} must lie in [0, 0.5)")
 
 
+def _check_run(cfg: TrainConfig) -> None:
+    r = cfg.run
+    if not r.collective_timeout_s > 0:
+        raise ConfigError(f"run.collective_timeout_s={r.collective_timeout_s} must be positive")
+    for key in ("step_timeout_s", "startup_timeout_s"):
+        if getattr(r, key) < 0:
+            raise ConfigError(f"run.{key}={getattr(r, key)} must not be negative (0 turns the watchdog bound off)")
+
+
+def _checkpoint_to_resume(cfg: TrainConfig):
+    """The checkpoint run.load names (None: start fresh). run.load=auto: the newest complete checkpoint
+    of run.output_dir, if there is one (an automatic restart resumes; a first start starts fresh)."""
+    from megatron_spot.checkpoint.training_state import checkpoint_root, latest_checkpoint
+
+    if not cfg.run.load:
+        return None
+    if cfg.run.load == "auto":
+        resume = latest_checkpoint(cfg.run.output_dir) if os.path.isdir(cfg.run.output_dir) else None
+        pointer = os.path.join(checkpoint_root(cfg.run.output_dir), "latest")
+        if resume is None and os.path.exists(pointer):  # never silently restart over a run's history
+            raise ConfigError(f"run.load=auto: {pointer} names a checkpoint that is missing or incomplete; "
+                              "fix it or pass run.load=<checkpoint> explicitly")
+        log.info("run.load=auto: %s", f"resuming from {resume}" if resume else
+                 f"no checkpoint in {cfg.run.output_dir}, starting fresh")
+        return resume
+    resume = latest_checkpoint(cfg.run.load)
+    if resume is None:
+        raise ConfigError(f"run.load={cfg.run.load}: no complete checkpoint there")
+    return resume
+
+
 def preflight(cfg: TrainConfig, world_size: int):
     """Every check that needs no process group: fail before any rank allocates anything."""
-    from megatron_spot.checkpoint.training_state import latest_checkpoint, verify_training_checkpoint
+    from megatron_spot.checkpoint.training_state import verify_training_checkpoint
     from megatron_spot.data import PairDataset
     from megatron_spot.platform.device import transformer_engine_available
     from megatron_spot.platform import Layout
@@ -89,12 +120,10 @@ def preflight(cfg: TrainConfig, world_size: int):
     Layout.from_config(cfg.parallel, world_size)  # the world-size rules first: they need no files
     _check_optimizer(cfg)
     _check_loss(cfg)
+    _check_run(cfg)
     _check_output_dir(cfg.run.output_dir)
-    resume = None
-    if cfg.run.load:
-        resume = latest_checkpoint(cfg.run.load)
-        if resume is None:
-            raise ConfigError(f"run.load={cfg.run.load}: no complete checkpoint there")
+    resume = _checkpoint_to_resume(cfg)
+    if resume:
         verify_training_checkpoint(resume)  # corrupt files: one line naming the file, nothing written
     model_cfg, weights = resolve_model(cfg, resume)
     plan = plan_run(cfg, world_size, model=model_cfg)
@@ -125,25 +154,40 @@ def preflight(cfg: TrainConfig, world_size: int):
 
 
 def run(cfg: TrainConfig) -> dict:
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-
-    from megatron_spot.checkpoint.training_state import load_training_state, save_training_checkpoint
+    """Preflight, start the process groups and the step watchdog, train (every rank calls it)."""
     from megatron_spot.platform import initialize
-    from megatron_spot.training.batches import step_micro_batches
-    from megatron_spot.training.engine import Engine, is_finite
-    from megatron_spot.profiling.flops import train_flops_per_token
-    from megatron_spot.profiling.hardware import gpu_peak_tflops
-    from megatron_spot.training.metrics import MetricsLogger
-    from megatron_spot.data import PairBatchSampler
+    from megatron_spot.platform.watchdog import StepWatchdog
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
     model_cfg, weights, resume, dataset, ref, tok_dir, plan = preflight(cfg, world_size)
 
-    info = initialize(cfg.parallel, seed=cfg.run.seed)
+    info = initialize(cfg.parallel, seed=cfg.run.seed, collective_timeout_s=cfg.run.collective_timeout_s,
+                      patient_timeout_s=max(cfg.run.startup_timeout_s, cfg.run.step_timeout_s))
+    watchdog = StepWatchdog(info.rank, info.world_size, cfg.run.output_dir, cfg.run.step_timeout_s,
+                            cfg.run.startup_timeout_s).start()
+    try:
+        return _train(cfg, info, watchdog, model_cfg, weights, resume, dataset, ref, tok_dir, plan)
+    finally:
+        watchdog.stop()  # also when run() raises: a caller that goes on (tests) must not be shot later
+
+
+def _train(cfg: TrainConfig, info, watchdog, model_cfg, weights, resume, dataset, ref, tok_dir, plan) -> dict:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from megatron_spot.checkpoint.training_state import load_training_state, save_training_checkpoint
+    from megatron_spot.data import PairBatchSampler
+    from megatron_spot.platform import patient_barrier
+    from megatron_spot.profiling.flops import train_flops_per_token
+    from megatron_spot.profiling.hardware import gpu_peak_tflops
+    from megatron_spot.training.batches import step_micro_batches
+    from megatron_spot.training.engine import Engine, is_finite
+    from megatron_spot.training.fault_injection import arm_test_fault
+    from megatron_spot.training.metrics import MetricsLogger
+
     run_dir = cfg.run.output_dir
     if info.rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -167,6 +211,7 @@ def run(cfg: TrainConfig) -> dict:
     if cfg.loss.online_reference:  # a frozen copy of the starting model, not of the resumed policy
         reference = Engine(cfg, model_cfg, total, trainable=False, load_weights=loader(cfg.model.init_checkpoint))
     step = 0
+    arm_test_fault(engine.model, info.rank, lambda: step + 1)  # tests only: MEGATRON_SPOT_TEST_FAULT
     if resume:
         state = load_training_state(resume, engine)
         sampler.load_state_dict(state["sampler"])
@@ -192,6 +237,7 @@ def run(cfg: TrainConfig) -> dict:
                 mb["ref_logps"] = seq.float()
         metrics = engine.train_step(mbs)
         step += 1
+        watchdog.progress(step)
         if metrics.get("nonfinite") or not is_finite(metrics["loss"]):
             what = f"loss is {metrics['loss']}" if not is_finite(metrics["loss"]) else "the gradients are not finite"
             msg = (f"{what} at step {step} (epoch {epoch}); stopped before applying the update, nothing was "
@@ -210,22 +256,25 @@ def run(cfg: TrainConfig) -> dict:
                        f"is {last_ckpt or 'none'}; lower optimizer.lr or check the data.")
                 log.error(msg)
                 raise TrainingDiverged(msg)
+            watchdog.phase(f"saving checkpoint step {step}")
             last_ckpt = save_training_checkpoint(
                 run_dir, step, engine, {"sampler": sampler.state_dict(), "epoch": sampler.epoch,
                                         "config": cfg.__class__.__name__}, tokenizer_dir=tok_dir)
+            watchdog.progress(step)
             if info.rank == 0:
                 log.info("saved checkpoint %s", last_ckpt)
     logger.close()
     summary = {"steps": step, "seconds": time.time() - t0, "checkpoint": last_ckpt, "history": history}
     hf_dir = None
     if cfg.run.export_hf and last_ckpt:
+        watchdog.phase("the Hugging Face export")
         dist.barrier()
         if info.rank == 0:
             hf_dir = os.path.join(run_dir, "hf")
             log.info("exporting the policy as a Hugging Face checkpoint to %s", hf_dir)
             # inside a multi-rank world the converter runs itself in a fresh one-process child
             convert_mcore_to_hf(os.path.join(last_ckpt, "model"), hf_dir, progress=False, overwrite=True)
-        dist.barrier()
+        patient_barrier()  # the others wait for rank 0's export longer than a collective may take
     summary["hf_export"] = hf_dir
     if info.rank == 0:
         from megatron_spot.utils.atomic import write_json_atomic
@@ -246,6 +295,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", help="YAML recipe (see examples/)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides applied after the YAML file")
     args = parser.parse_args(argv)
+    from megatron_spot.checkpoint.errors import CheckpointSaveError
     from megatron_spot.data import PackFormatError, TokenizerMismatchError
 
     try:
@@ -257,6 +307,10 @@ def main(argv=None) -> int:
         return 2
     except TrainingDiverged as exc:  # every rank stops at the same step (the check is collective)
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except CheckpointSaveError as exc:  # every rank gets the same line (the save agrees collectively)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     # Any other exception propagates: the process exits non-zero and torchrun stops the other ranks
     # (a collective shutdown here would wait forever for ranks blocked in pipeline communication).

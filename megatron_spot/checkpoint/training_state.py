@@ -17,22 +17,28 @@ the previous checkpoint as latest, and the next save removes the dead run's temp
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import random
+import shutil
 from typing import Any, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_spot.checkpoint.errors import CheckpointError
+from megatron_spot.checkpoint.errors import CheckpointError, CheckpointSaveError
 from megatron_spot.checkpoint.safe_load import is_load_failure, load_failure_reason, verify_dist_checkpoint
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.platform.device import accelerator_rng_state, set_accelerator_rng_state
+from megatron_spot.platform.distributed import patient_group
 from megatron_spot.utils.atomic import (make_temp_dir, publish_dir, write_bytes_atomic, write_json_atomic,
                                         write_text_atomic)
 
+
+log = logging.getLogger(__name__)
 
 # Optimizer state stored per parameter in its global (model) shape, so it reshards to any TP/PP/DP.
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -102,11 +108,8 @@ def checkpoint_root(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
-def latest_checkpoint(path: str) -> Optional[str]:
-    """A run folder, a checkpoints folder or one checkpoint -> the checkpoint folder to load."""
-    if os.path.exists(os.path.join(path, "trainer_state.json")):
-        return path
-    root = path if os.path.basename(path.rstrip("/")) == "checkpoints" else checkpoint_root(path)
+def latest_name(root: str) -> Optional[str]:
+    """The folder name `<root>/latest` holds (None: no such file); CheckpointError if it is garbage."""
     latest = os.path.join(root, "latest")
     if not os.path.exists(latest):
         return None
@@ -114,29 +117,136 @@ def latest_checkpoint(path: str) -> Optional[str]:
         name = f.read().strip()
     if not name or os.sep in name or name.startswith("."):  # garbage: never a path outside the folder
         raise CheckpointError(f"{latest}: corrupt (names {name[:40]!r}, not a step_N folder)")
+    return name
+
+
+def latest_checkpoint(path: str) -> Optional[str]:
+    """A run folder, a checkpoints folder or one checkpoint -> the checkpoint folder to load."""
+    if os.path.exists(os.path.join(path, "trainer_state.json")):
+        return path
+    root = path if os.path.basename(path.rstrip("/")) == "checkpoints" else checkpoint_root(path)
+    name = latest_name(root)
+    if name is None:
+        return None
     ckpt = os.path.join(root, name)
     return ckpt if os.path.exists(os.path.join(ckpt, "trainer_state.json")) else None
 
 
+def _find_os_error(exc: BaseException) -> Optional[OSError]:
+    """The OSError behind a failed write: `exc` itself, its cause/context, or one a rank reported inside
+    torch's CheckpointException (its `failures`: rank -> exception); None if there is none."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [v[0] if isinstance(v, tuple) else v for v in failures.values()]
+    return None
+
+
+def _probe_storage(folder: str, size: int = 1 << 20) -> Optional[str]:
+    """Write and fsync `size` bytes in `folder`: 'folder: No space left on device' if that fails, else None.
+    Megatron's checkpoint writer reports a full disk as a RuntimeError of its worker (the OSError is lost
+    there, e.g. "unexpected pos 704 vs 598"), so a failed save asks the folder itself."""
+    path = os.path.join(folder, f".write-probe-{os.getpid()}")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"\0" * size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return f"{folder}: {exc.strerror}"
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+    return None
+
+
+def _describe_write_error(exc: BaseException, folder: Optional[str]) -> str:
+    """One line for a failed write: 'PATH: No space left on device' from the OSError behind it, else from
+    a probe write into `folder`, else the exception's type and first line."""
+    e = _find_os_error(exc)
+    if e is not None:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    probed = _probe_storage(folder) if folder and os.path.isdir(folder) else None
+    return probed or f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+def _agree_on_failure(local_error: Optional[str]) -> Optional[str]:
+    """Collective: the first rank's error (by rank), or None when every rank succeeded. On the patient
+    group: ranks that finished writing wait for the slowest (and for rank 0's fsync + rename)."""
+    if dist.get_world_size() == 1:
+        return local_error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, local_error, group=patient_group())
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+
+
 def save_training_checkpoint(run_dir: str, step: int, engine, trainer_state: dict[str, Any],
                              tokenizer_dir: Optional[str] = None) -> str:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    A write that fails on any rank (no space left, an unwritable folder) fails the save on every rank
+    alike: the temp folder is removed, `latest` still names the previous checkpoint, and each rank
+    raises CheckpointSaveError with one line naming the failed path and that checkpoint."""
+    root = checkpoint_root(run_dir)
+    final = os.path.join(root, f"step_{step:07d}")
+    box = [None, None]  # (temp folder, rank 0's error)
+    if dist.get_rank() == 0:
+        try:
+            box[0] = make_temp_dir(final)  # also removes the temps of earlier killed runs
+            os.mkdir(os.path.join(box[0], "optimizer"))
+            os.mkdir(os.path.join(box[0], "rng"))
+        except OSError as exc:
+            box[1] = _describe_write_error(exc, None)
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    tmp, error = box
+    if error is None:
+        try:
+            _write_checkpoint(tmp, step, engine, trainer_state, tokenizer_dir)
+        except BaseException as exc:  # torch's CheckpointException (each rank's failure inside) is one
+            if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                raise
+            # whatever the cause, nothing of this save may be published; the traceback is in the debug log
+            log.debug("checkpoint write failed", exc_info=True)
+            error = _describe_write_error(exc, tmp)
+        error = _agree_on_failure(error)
+    if error is None:
+        if dist.get_rank() == 0:
+            try:
+                publish_dir(tmp, final)
+                write_text_atomic(os.path.join(root, "latest"), os.path.basename(final))
+            except OSError as exc:
+                error = _describe_write_error(exc, None)
+                if latest_name(root) != os.path.basename(final):  # published but not `latest`: take it back
+                    shutil.rmtree(final, ignore_errors=True)
+        error = _agree_on_failure(error)
+    if error is not None:
+        if dist.get_rank() == 0 and tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root) if os.path.isdir(root) else None
+        raise CheckpointSaveError(f"checkpoint {final} not saved ({error}); the last good checkpoint is still "
+                                  f"{previous or 'none'}; free space or fix the folder, then resume with run.load=auto")
+    return final
+
+
+def _write_checkpoint(tmp: str, step: int, engine, trainer_state: dict[str, Any], tokenizer_dir: Optional[str]) -> None:
+    """Every rank's share of one checkpoint, into the temp folder `tmp` (collective)."""
     from megatron.core import dist_checkpointing
     from megatron.core import parallel_state as ps
 
     from megatron_spot.checkpoint.model_checkpoint import save_model_checkpoint
 
     rank = dist.get_rank()
-    root = checkpoint_root(run_dir)
-    final = os.path.join(root, f"step_{step:07d}")
-    box = [None]
-    if rank == 0:
-        box[0] = make_temp_dir(final)  # also removes the temps of earlier killed runs
-        os.mkdir(os.path.join(box[0], "optimizer"))
-        os.mkdir(os.path.join(box[0], "rng"))
-    if dist.get_world_size() > 1:
-        dist.broadcast_object_list(box, src=0)
-    tmp = box[0]
     save_model_checkpoint(engine.model, os.path.join(tmp, "model"), engine.model_cfg, hf_side_files_from=tokenizer_dir)
     model_ssd = _model_sharded_state_dict(engine.model)
     optim_ssd = engine.optimizer.sharded_state_dict(model_ssd, metadata=_OPTIM_METADATA)
@@ -155,12 +265,6 @@ def save_training_checkpoint(run_dir: str, step: int, engine, trainer_state: dic
                     "dp": ps.get_data_parallel_world_size(), "world": dist.get_world_size()},
         )
         write_json_atomic(os.path.join(tmp, "trainer_state.json"), state)
-    dist.barrier()
-    if rank == 0:
-        publish_dir(tmp, final)
-        write_text_atomic(os.path.join(root, "latest"), os.path.basename(final))
-    dist.barrier()
-    return final
 
 
 def _to_jsonable(obj):

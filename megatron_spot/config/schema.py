@@ -38,7 +38,6 @@ class ParallelConfig:
     # gloo mixes messages to one peer when p2p ops are batched with interleaved pipelines
     # (see README); None = False on CPU, True on GPU.
     batch_p2p_comm: Optional[bool] = None
-    distributed_timeout_minutes: int = 30
 
 
 @dataclass
@@ -113,7 +112,19 @@ class RunConfig:
     seed: int = 1234
     log_interval: int = 1
     save_interval: int = 0  # 0: only at the end
-    load: Optional[str] = None  # resume from this run folder / checkpoint
+    # resume from this run folder / checkpoint; "auto": from the newest complete checkpoint of
+    # run.output_dir when it has one, else start fresh (what a launcher's automatic restart needs)
+    load: Optional[str] = None
+    # Every process group's timeout (NCCL and gloo; NCCL's asynchronous error handling is on): a rank
+    # waiting this long in one collective for a dead or stuck peer fails instead of hanging the job.
+    # Also bounds how far apart the ranks may reach start-up (each runs its input checks first).
+    collective_timeout_s: float = 600.0
+    # Step watchdog (platform/watchdog.py): a rank that completes no training step (or checkpoint save)
+    # within step_timeout_s, or no first step within startup_timeout_s of joining the process group
+    # (model build, checkpoint load, first step; also the bound on the final HF export), writes every
+    # thread's stack, names itself in one line and exits 1 so the launcher acts. 0: off.
+    step_timeout_s: float = 1800.0
+    startup_timeout_s: float = 3600.0
     export_hf: bool = True  # export the final policy as a Hugging Face checkpoint
     tensorboard: bool = True
 

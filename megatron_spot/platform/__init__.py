@@ -15,11 +15,13 @@ from megatron_spot.platform.distributed import (
     RuntimeInfo,
     init_process_group,
     initialize,
+    patient_barrier,
+    patient_group,
     seed_everything,
     shutdown,
     validate_parallel_layout,
 )
 
 __all__ = ["accelerator_rng_state", "compute_capability", "current_device", "device_name", "move_to_device",
-           "peak_memory_bytes", "reset_peak_memory", "set_accelerator_rng_state", "RuntimeInfo", "has_cuda", "init_process_group", "initialize", "seed_everything", "shutdown",
+           "peak_memory_bytes", "reset_peak_memory", "set_accelerator_rng_state", "RuntimeInfo", "has_cuda", "init_process_group", "initialize", "patient_barrier", "patient_group", "seed_everything", "shutdown",
            "validate_parallel_layout", "Layout"]

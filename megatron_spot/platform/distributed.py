@@ -59,11 +59,26 @@ def validate_parallel_layout(parallel: ParallelConfig, world_size: int) -> Layou
     return Layout.from_config(parallel, world_size)
 
 
-def init_process_group(timeout_minutes: int = 30) -> tuple[int, int, int, str]:
-    """Start torch.distributed from torchrun's environment (or as a single process)."""
+# NCCL's default (gloo's is 30 minutes): how long a rank may wait in one collective for its peers.
+DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
+_patient_group = None  # a gloo group with a long timeout, for waits on one rank's slow work (patient_barrier)
+
+
+def init_process_group(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[int, int, int, str]:
+    """Start torch.distributed from torchrun's environment (or as a single process).
+
+    `timeout_s` bounds every collective of the default group: a peer that died or hangs makes the
+    waiting ranks fail after it (gloo raises; NCCL's watchdog aborts the communicator and, with
+    asynchronous error handling on, ends the process), so the launcher sees the failure.
+    """
     if not dist.is_initialized():
         backend = "nccl" if has_cuda() else "gloo"
-        timeout = datetime.timedelta(minutes=timeout_minutes)
+        timeout = datetime.timedelta(seconds=timeout_s)
+        # 1 = on an NCCL error or timeout, abort the communicators and end the process (torchrun sets the
+        # same for its workers); read by ProcessGroupNCCL at creation, so it must be set before. A value
+        # the user exported wins.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+        _warn_if_restarts_share_the_agent_store()
         if "RANK" in os.environ:  # torchrun / SLURM launcher: env:// rendezvous
             if has_cuda():
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -83,6 +98,32 @@ def init_process_group(timeout_minutes: int = 30) -> tuple[int, int, int, str]:
     return dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend()
 
 
+def _warn_if_restarts_share_the_agent_store() -> None:
+    """torchrun (c10d rendezvous) lets the workers' process groups share its own key-value store, and
+    keeps it across restarts: the restarted group then reads the dead group's connection keys and fails
+    to connect (pytorch/pytorch#135712, #167288; seen here with gloo). With
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's environment each attempt gets a fresh store."""
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0 and os.environ.get("RANK") == "0"):
+        log.warning("torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a restarted group would "
+                    "fail to connect (stale keys in torchrun's store); export it before torchrun (the examples/ "
+                    "launchers do)")
+
+
+def patient_group():
+    """The gloo group of patient_barrier() (None in a world of one or before initialize()): for
+    collectives whose ranks may wait long on other ranks' collective-free work."""
+    return _patient_group
+
+
+def patient_barrier() -> None:
+    """A barrier for ranks that wait on one rank's long, collective-free work (rank 0 publishing a
+    checkpoint or exporting the model): it runs on a gloo group whose timeout is initialize()'s
+    `patient_timeout_s`, not the short collective timeout a slow export would trip. Every rank calls it."""
+    if dist.get_world_size() > 1:
+        dist.barrier(group=_patient_group)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy, torch and Megatron's model-parallel RNG tracker reproducibly.
 
@@ -97,14 +138,21 @@ def seed_everything(seed: int) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
 
 
-def initialize(parallel: ParallelConfig, seed: int = 1234) -> RuntimeInfo:
-    """Start distributed, initialise Megatron-Core model-parallel groups, seed RNGs."""
+def initialize(parallel: ParallelConfig, seed: int = 1234, collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+               patient_timeout_s: float = 3600.0) -> RuntimeInfo:
+    """Start distributed, initialise Megatron-Core model-parallel groups, seed RNGs.
+
+    `collective_timeout_s` is the timeout of every process group (the default one and all of
+    Megatron-Core's, NCCL and gloo); `patient_timeout_s` that of patient_barrier()'s group."""
+    global _patient_group
     world_size_env = int(os.environ.get("WORLD_SIZE", "1"))
     validate_parallel_layout(parallel, dist.get_world_size() if dist.is_initialized() else world_size_env)
     if not has_cuda():
         cpu_compat.apply()
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
-    rank, world_size, local_rank, backend = init_process_group(parallel.distributed_timeout_minutes)
+    if not collective_timeout_s > 0:
+        raise ValueError(f"collective timeout must be positive, got {collective_timeout_s}")
+    rank, world_size, local_rank, backend = init_process_group(collective_timeout_s)
     layout = Layout.from_config(parallel, world_size)
 
     from megatron.core import parallel_state as ps
@@ -117,7 +165,11 @@ def initialize(parallel: ParallelConfig, seed: int = 1234) -> RuntimeInfo:
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=layout.cp,
+        distributed_timeout_minutes=collective_timeout_s / 60,  # Megatron makes timedelta(minutes=...)
     )
+    if _patient_group is None and world_size > 1:  # collective: every rank creates it, once per process
+        _patient_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+            seconds=max(patient_timeout_s, collective_timeout_s)))
     if ps.get_data_parallel_world_size() != layout.dp:  # our derivation and Megatron's must agree
         raise RuntimeError(f"internal: Megatron-Core's data-parallel size {ps.get_data_parallel_world_size()} "
                            f"!= {layout.describe()}")
@@ -139,6 +191,8 @@ def shutdown() -> None:
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    global _patient_group
     if dist.is_initialized():
         dist.barrier()
+        _patient_group = None
         dist.destroy_process_group()

@@ -225,7 +225,7 @@ def score_reference(cfg, progress: bool = True, force: bool = False) -> Optional
             print(f"reference log-probs already computed for this pack and model: {done} (--force recomputes)")
         return done
     check_sidecar_writable(cfg.data.pack, cfg.data.ref_logprobs)  # before the scoring, not after it
-    info = initialize(cfg.parallel, seed=cfg.run.seed)
+    info = initialize(cfg.parallel, seed=cfg.run.seed, collective_timeout_s=cfg.run.collective_timeout_s)
     engine = Engine(cfg, model_cfg, 1, trainable=False, load_weights=lambda chunks: load_model_checkpoint(chunks, weights))
     values = score_pairs(engine, dataset, info.dp_rank, plan.layout.dp, plan.micro_batch_size, info.device,
                          pad_to_multiple_of=cfg.data.pad_to_multiple_of, max_length=cfg.data.seq_length,

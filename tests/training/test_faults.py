@@ -253,3 +253,54 @@ def test_bad_settings_fail_in_the_preflight_with_one_line(ws, tmp_path):
             preflight(_cfg(ws, str(tmp_path / "out"), override), 1)
         assert message in str(exc.value) and "\n" not in str(exc.value), (override, str(exc.value))
     assert not (tmp_path / "out").exists()
+
+
+def _folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A tmpfs of its own, mounted by the test (needs root and mount(2)) and removed after."""
+    mnt = tmp_path / "fs"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+
+    def resize(size_bytes):
+        subprocess.run(["mount", "-o", f"remount,size={size_bytes}", str(mnt)], check=True)
+
+    try:
+        yield mnt, resize
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.mark.slow
+def test_a_save_onto_a_full_filesystem_keeps_the_last_good_checkpoint(ws, small_filesystem, tmp_path):
+    from megatron_spot.checkpoint.training_state import verify_training_checkpoint
+
+    mnt, resize = small_filesystem
+    out = str(mnt / "run")
+    first = _train(ws, out, "run.train_steps=1", "run.load=auto")  # one checkpoint, step_0000001
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = os.path.join(out, "checkpoints")
+    good = os.path.join(root, "step_0000001")
+    checkpoint_bytes = _folder_bytes(good)
+    # room for everything there is plus half a checkpoint: the next save runs out of space part-way
+    st = os.statvfs(mnt)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    resize(used + checkpoint_bytes // 2)
+    second = _train(ws, out, "run.train_steps=2", "run.load=auto")  # resumes at step 1, saves step 2
+    assert second.returncode == 1, second.stderr[-3000:]
+    last = second.stderr.strip().splitlines()[-1]
+    print(last)
+    assert last.startswith("error: checkpoint ") and "step_0000002 not saved" in last, second.stderr[-3000:]
+    assert "No space left on device" in last and f"the last good checkpoint is still {good}" in last, last
+    assert open(os.path.join(root, "latest")).read().strip() == "step_0000001"
+    assert sorted(os.listdir(root)) == ["latest", "step_0000001"]  # no step_0000002, no temp left
+    # the last good checkpoint is complete and loads: its files check out, its model converts to HF
+    assert verify_training_checkpoint(good)["step"] == 1
+    finite, n = _read_model_finite(os.path.join(good, "model"), str(tmp_path / "hf"))
+    assert finite and n > 10
