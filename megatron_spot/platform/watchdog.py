@@ -158,8 +158,8 @@ class StepWatchdog:
                 who = self._store.get(f"{self._prefix}who/{r}").decode()
             except Exception:
                 who = "host ?, pid ?"
-            last = after[r].split()[1] if after[r] else "?"
-            parts.append(f"rank {r} ({who}, last completed step {last})")
+            last = after[r].split()[1] if after[r] else "?"  # as of its last heartbeat: it may be one behind
+            parts.append(f"rank {r} ({who}, last step it reported: {'none' if last == 'None' else last})")
         return "; ".join(parts)
 
     def _fire(self, what: str, bound: float) -> None:
