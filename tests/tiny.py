@@ -99,3 +99,27 @@ def build_train_workspace(root: str, num_pairs: int = 32, preset: str = "qwen3-t
     pack_pairs([jsonl], ws["hf"], ws["pack"], preset="trl")
     convert_hf_to_mcore(ws["hf"], ws["mcore"], dtype="fp32", progress=False)
     return ws
+
+
+def write_reference_sidecar(ws: dict) -> None:
+    """The sidecar tools/score_logprobs.py would write for ws['mcore'], with the sequence log-probs
+    computed by transformers (sum over response tokens, EOS included); saves a process start."""
+    import numpy as np
+    import transformers
+
+    from megatron_spot.data import PairDataset
+    from megatron_spot.training.reference import reference_identity, save_ref_logps
+
+    ds = PairDataset(ws["pack"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(ws["hf"], dtype=torch.float32).eval()
+    values = np.zeros((len(ds), 2))
+    with torch.no_grad():
+        for i in range(len(ds)):
+            prompt, *responses = ds.pair(i)
+            for k, resp in enumerate(responses):
+                ids = torch.as_tensor(np.concatenate([prompt, resp]).astype(np.int64))[None]
+                logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+                targets = ids[0, 1:]
+                values[i, k] = logps[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum().item()
+    save_ref_logps(values, ws["pack"], ds.fingerprint, model=ws["mcore"],
+                   identity=reference_identity(ws["mcore"], ds.tokenizer_hash))

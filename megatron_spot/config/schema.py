@@ -117,12 +117,13 @@ class RunConfig:
     load: Optional[str] = None
     # Every process group's timeout (NCCL and gloo; NCCL's asynchronous error handling is on): a rank
     # waiting this long in one collective for a dead or stuck peer fails instead of hanging the job.
-    # Also bounds how far apart the ranks may reach start-up (each runs its input checks first).
     collective_timeout_s: float = 600.0
     # Step watchdog (platform/watchdog.py): a rank that completes no training step (or checkpoint save)
     # within step_timeout_s, or no first step within startup_timeout_s of joining the process group
     # (model build, checkpoint load, first step; also the bound on the final HF export), writes every
     # thread's stack, names itself in one line and exits 1 so the launcher acts. 0: off.
+    # startup_timeout_s also bounds how long ranks wait for each other to join the process group (each
+    # runs its input checks first) and for rank 0's checkpoint publish and export.
     step_timeout_s: float = 1800.0
     startup_timeout_s: float = 3600.0
     export_hf: bool = True  # export the final policy as a Hugging Face checkpoint

@@ -64,19 +64,19 @@ DEFAULT_COLLECTIVE_TIMEOUT_S = 600.0
 _patient_group = None  # a gloo group with a long timeout, for waits on one rank's slow work (patient_barrier)
 
 
-def init_process_group(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple[int, int, int, str]:
+def init_process_group(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S,
+                       join_timeout_s: Optional[float] = None) -> tuple[int, int, int, str]:
     """Start torch.distributed from torchrun's environment (or as a single process).
 
     `timeout_s` bounds every collective of the default group: a peer that died or hangs makes the
     waiting ranks fail after it (gloo raises; NCCL's watchdog aborts the communicator and, with
     asynchronous error handling on, ends the process), so the launcher sees the failure.
+    `join_timeout_s` (default: the same) bounds how long the ranks wait for each other to join: each
+    runs its input checks first, which take longer on some ranks than on others.
     """
     if not dist.is_initialized():
         backend = "nccl" if has_cuda() else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s)
-        # 1 = on an NCCL error or timeout, abort the communicators and end the process (torchrun sets the
-        # same for its workers); read by ProcessGroupNCCL at creation, so it must be set before. A value
-        # the user exported wins.
+        timeout = datetime.timedelta(seconds=max(timeout_s, join_timeout_s or 0))
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         _warn_if_restarts_share_the_agent_store()
         if "RANK" in os.environ:  # torchrun / SLURM launcher: env:// rendezvous
@@ -92,10 +92,23 @@ def init_process_group(timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S) -> tuple
                 torch.cuda.set_device(0)
             dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{_free_port()}",
                                     rank=0, world_size=1, timeout=timeout)
+        if timeout.total_seconds() > timeout_s:  # joined: from now on a collective may wait timeout_s
+            _set_group_timeout(datetime.timedelta(seconds=timeout_s))
     local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
     if has_cuda():
         torch.cuda.set_device(local_rank)
     return dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend()
+
+
+def _set_group_timeout(timeout: datetime.timedelta, group=None) -> None:
+    """The timeout of an existing group (default: the world). torch has it as the private
+    _set_pg_timeout, which Megatron-Core's parallel_state.update_pg_timeout also calls (that one needs
+    CUDA); without it the group keeps its longer join timeout, which is safe, only slower to fail."""
+    setter = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if setter is None:
+        log.warning("torch.distributed has no _set_pg_timeout: collectives keep the join timeout of %s", timeout)
+        return
+    setter(timeout, group)
 
 
 def _warn_if_restarts_share_the_agent_store() -> None:
@@ -143,7 +156,8 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, collective_timeout_s:
     """Start distributed, initialise Megatron-Core model-parallel groups, seed RNGs.
 
     `collective_timeout_s` is the timeout of every process group (the default one and all of
-    Megatron-Core's, NCCL and gloo); `patient_timeout_s` that of patient_barrier()'s group."""
+    Megatron-Core's, NCCL and gloo); `patient_timeout_s` that of patient_barrier()'s group and how long
+    the ranks wait for each other to join the default group."""
     global _patient_group
     world_size_env = int(os.environ.get("WORLD_SIZE", "1"))
     validate_parallel_layout(parallel, dist.get_world_size() if dist.is_initialized() else world_size_env)
@@ -152,7 +166,7 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, collective_timeout_s:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
     if not collective_timeout_s > 0:
         raise ValueError(f"collective timeout must be positive, got {collective_timeout_s}")
-    rank, world_size, local_rank, backend = init_process_group(collective_timeout_s)
+    rank, world_size, local_rank, backend = init_process_group(collective_timeout_s, join_timeout_s=patient_timeout_s)
     layout = Layout.from_config(parallel, world_size)
 
     from megatron.core import parallel_state as ps

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
@@ -49,37 +48,14 @@ def _cfg(ws, out, *extra):
 def ws(tmp_path_factory):
     """Tiny HF Qwen3 + tokenizer, 32 packed pairs, its Megatron checkpoint, a copy of it with other
     weight bytes, and the first model's reference log-probs."""
-    from tests.tiny import build_train_workspace
+    from tests.tiny import build_train_workspace, write_reference_sidecar
 
     # its own workspace, not the session's: the reference sidecar written below sits beside the pack
     ws = build_train_workspace(str(tmp_path_factory.mktemp("faults")))
     # "the checkpoint replaced in place": same files, names, sizes and tokenizer, other weight bytes
     ws["mcore_other"] = copy_with_other_weights(ws["mcore"], os.path.join(ws["root"], "mcore_other"))
-    _write_reference_sidecar(ws)
+    write_reference_sidecar(ws)
     return ws
-
-
-def _write_reference_sidecar(ws):
-    """The sidecar tools/score_logprobs.py would write for ws['mcore'], with the sequence log-probs
-    computed by transformers (sum over response tokens, EOS included); saves a process start."""
-    import transformers
-
-    from megatron_spot.data import PairDataset
-    from megatron_spot.training.reference import reference_identity, save_ref_logps
-
-    ds = PairDataset(ws["pack"])
-    model = transformers.AutoModelForCausalLM.from_pretrained(ws["hf"], dtype=torch.float32).eval()
-    values = np.zeros((len(ds), 2))
-    with torch.no_grad():
-        for i in range(len(ds)):
-            prompt, *responses = ds.pair(i)
-            for k, resp in enumerate(responses):
-                ids = torch.as_tensor(np.concatenate([prompt, resp]).astype(np.int64))[None]
-                logps = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
-                targets = ids[0, 1:]
-                values[i, k] = logps[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum().item()
-    save_ref_logps(values, ws["pack"], ds.fingerprint, model=ws["mcore"],
-                   identity=reference_identity(ws["mcore"], ds.tokenizer_hash))
 
 
 def _read_model_finite(ckpt_model_dir, out_dir):
