@@ -53,9 +53,14 @@ class _Job:
     def __init__(self, log_dir):
         self.log_dir, self.agents, self.logs = log_dir, [], []
 
-    def start(self, ws, out, nproc, torchrun_args, extra=(), fault=None):
-        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER and k != "MEGATRON_SPOT_TEST_FAULT"}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    def start(self, ws, out, nproc, torchrun_args, extra=(), fault=None, fresh_store_per_attempt=False):
+        env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER + (
+            "MEGATRON_SPOT_TEST_FAULT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        if fresh_store_per_attempt:  # what the examples/ launchers set for restarts (see README); without
+            # restarts the agent's own store avoids its one race: the port it picks for rank 0's store
+            # can be taken by another process before rank 0 binds it (seen on this shared box: EADDRINUSE)
+            env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
         if fault:
             env["MEGATRON_SPOT_TEST_FAULT"] = fault
         log = os.path.join(self.log_dir, f"agent{len(self.agents)}.log")
@@ -147,7 +152,7 @@ def uninterrupted(ws, tmp_path_factory):
 def test_a_killed_rank_is_restarted_by_torchrun_and_resumes_exactly(ws, uninterrupted, job, tmp_path):
     out = str(tmp_path / "run")
     job.start(ws, out, 4, ["--standalone", "--max-restarts", "1"], ["run.save_interval=1", "run.load=auto"],
-              fault="SIGKILL:rank=1:step=3")
+              fault="SIGKILL:rank=1:step=3", fresh_store_per_attempt=True)
     assert job.wait(400) == [0], job.output()
     log = job.output(tail=None)
     assert "run.load=auto: no checkpoint" in log and f"resuming from {out}/checkpoints/step_0000002" in log, log

@@ -280,3 +280,41 @@ def test_a_save_onto_a_full_filesystem_keeps_the_last_good_checkpoint(ws, small_
     assert verify_training_checkpoint(good)["step"] == 1
     finite, n = _read_model_finite(os.path.join(good, "model"), str(tmp_path / "hf"))
     assert finite and n > 10
+
+
+def test_run_load_auto_resumes_the_newest_complete_checkpoint_or_starts_fresh(tmp_path):
+    from megatron_spot.config import ConfigError, TrainConfig, load_config
+    from megatron_spot.train import _check_run, _checkpoint_to_resume
+
+    def resume_of(out, *extra):
+        return _checkpoint_to_resume(load_config(TrainConfig, None, [f"run.output_dir={out}", "run.load=auto", *extra]))
+
+    out = tmp_path / "run"
+    assert resume_of(out) is None  # no folder yet: a fresh start
+    root = out / "checkpoints"
+    for step in (1, 2):
+        (root / f"step_{step:07d}").mkdir(parents=True)
+        (root / f"step_{step:07d}" / "trainer_state.json").write_text("{}")
+    (root / "step_0000003.tmp-99999999-0123abcd").mkdir()  # a save that died half-way
+    assert resume_of(out) is None  # no `latest` yet: nothing was ever published
+    (root / "latest").write_text("step_0000002")
+    assert resume_of(out) == str(root / "step_0000002")
+    (root / "latest").write_text("step_0000007")  # names a checkpoint that is not there
+    with pytest.raises(ConfigError, match="latest names a checkpoint that is missing or incomplete"):
+        resume_of(out)
+    for bad, message in (("run.collective_timeout_s=0", "must be positive"),
+                         ("run.step_timeout_s=-1", "must not be negative")):
+        with pytest.raises(ConfigError, match=message):
+            _check_run(load_config(TrainConfig, None, [bad]))
+
+
+def test_test_fault_specs_are_parsed_strictly():
+    import signal
+
+    from megatron_spot.training.fault_injection import parse_fault
+
+    assert parse_fault("SIGKILL:rank=1:step=3") == (signal.SIGKILL, 1, 3, 0)
+    assert parse_fault("sigstop:rank=0:step=2:attempt=1") == (signal.SIGSTOP, 0, 2, 1)
+    for bad in ("SIGKILL:rank=1", "SIGNOPE:rank=1:step=3", "SIGKILL:rank=x:step=3", "SIGKILL:rank=1:step=3:when=now"):
+        with pytest.raises(ValueError, match="MEGATRON_SPOT_TEST_FAULT"):
+            parse_fault(bad)
