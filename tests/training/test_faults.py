@@ -318,3 +318,32 @@ def test_test_fault_specs_are_parsed_strictly():
     for bad in ("SIGKILL:rank=1", "SIGNOPE:rank=1:step=3", "SIGKILL:rank=x:step=3", "SIGKILL:rank=1:step=3:when=now"):
         with pytest.raises(ValueError, match="MEGATRON_SPOT_TEST_FAULT"):
             parse_fault(bad)
+
+
+def test_a_checkpoint_folder_that_cannot_be_created_fails_the_save_with_one_line(tmp_path):
+    """The unwritable-folder case (as root, modes do not stop writes: a file stands where the checkpoints
+    folder goes): CheckpointSaveError naming the path, before any rank writes anything."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").write_text("a file, not a folder")
+    child = (
+        "import sys, torch.distributed as dist\n"
+        "from megatron_spot.checkpoint.errors import CheckpointSaveError\n"
+        "from megatron_spot.checkpoint.training_state import save_training_checkpoint\n"
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:%d' % int(sys.argv[2]), rank=0, world_size=1)\n"
+        "try:\n"
+        "    save_training_checkpoint(sys.argv[1], 5, engine=None, trainer_state={})\n"
+        "except CheckpointSaveError as exc:\n"
+        "    print(exc)\n")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run([sys.executable, "-c", child, str(run_dir), str(port)], capture_output=True, text=True,
+                          cwd=ROOT, env=_env(), timeout=300)
+    out = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(out) == 1, proc.stderr[-3000:]
+    assert out[0].startswith(f"checkpoint {run_dir}/checkpoints/step_0000005 not saved (") and \
+        "the last good checkpoint is still none" in out[0], out[0]
+    assert (run_dir / "checkpoints").read_text() == "a file, not a folder"
