@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
@@ -48,15 +49,18 @@ def _free_port():
 
 class _Job:
     """torchrun agents started in their own sessions; stop() kills whatever of them is left, including
-    processes their ranks left behind (Megatron's checkpoint-writer helper outlives a SIGKILLed rank)."""
+    processes their ranks left behind: torchrun puts each rank in a session of its own, and Megatron-Core's
+    checkpoint writer starts a multiprocessing Manager process per rank that outlives a SIGKILLed rank. All
+    carry this job's tag in their environment."""
 
     def __init__(self, log_dir):
         self.log_dir, self.agents, self.logs = log_dir, [], []
+        self.tag = uuid.uuid4().hex
 
     def start(self, ws, out, nproc, torchrun_args, extra=(), fault=None, fresh_store_per_attempt=False):
         env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER + (
             "MEGATRON_SPOT_TEST_FAULT", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE")}
-        env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+        env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, MEGATRON_SPOT_TEST_JOB=self.tag)
         if fresh_store_per_attempt:  # what the examples/ launchers set for restarts (see README); without
             # restarts the agent's own store avoids its one race: the port it picks for rank 0's store
             # can be taken by another process before rank 0 binds it (seen on this shared box: EADDRINUSE)
@@ -101,12 +105,11 @@ class _Job:
                          for log in self.logs)
 
     def stop(self):
-        sessions = {a.pid for a in self.agents}
         for proc in psutil.process_iter():
             try:
-                if os.getsid(proc.pid) in sessions:
+                if proc.pid != os.getpid() and proc.environ().get("MEGATRON_SPOT_TEST_JOB") == self.tag:
                     proc.kill()
-            except (ProcessLookupError, psutil.Error):
+            except psutil.Error:  # gone meanwhile, or a zombie
                 pass
         for agent in self.agents:
             agent.wait(timeout=30)
