@@ -122,6 +122,14 @@ def job(tmp_path):
     j.stop()
 
 
+def _gone(proc):
+    """Exited (a zombie its agent has not reaped yet counts): psutil raises if it goes meanwhile."""
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
@@ -181,7 +189,7 @@ def test_two_nodes_train_like_one_and_a_killed_rank_ends_every_process_on_both(w
     deadline = time.time() + 300
     while len(gone) < 4 and time.time() < deadline:
         for rank, proc in workers.items():
-            if rank not in gone and (not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE):
+            if rank not in gone and _gone(proc):
                 gone[rank] = time.time()
         time.sleep(0.1)
     assert len(gone) == 4, job.output()
@@ -217,8 +225,7 @@ def test_a_stopped_rank_ends_the_job_within_the_watchdog_bound_naming_it(ws, job
     healthy_gone = {}
     while len(healthy_gone) < 3 and time.time() < stopped_at + 120:
         for rank in (0, 1, 3):
-            p = workers[rank]
-            if rank not in healthy_gone and (not p.is_running() or p.status() == psutil.STATUS_ZOMBIE):
+            if rank not in healthy_gone and _gone(workers[rank]):
                 healthy_gone[rank] = time.time() - stopped_at
         time.sleep(0.1)
     codes = job.wait(120)
