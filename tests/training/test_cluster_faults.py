@@ -235,7 +235,9 @@ def test_a_stopped_rank_ends_the_job_within_the_watchdog_bound_naming_it(ws, job
     assert codes != [0]
     # the watchdog bound, its heartbeat check of the peers (3 beats) and some scheduling slack on 2 cores
     assert len(healthy_gone) == 3 and max(healthy_gone.values()) <= step_timeout + 15, (healthy_gone, log)
-    assert ended <= step_timeout + 15 + 30 + 10, log  # + torchrun's SIGTERM grace for the stopped rank
+    # then torchrun ends the stopped rank (SIGTERM, SIGKILL 30 s later) and itself: measured 48 s on a quiet
+    # box, 72 s at load average ~100 (its own shutdown took ~25 s there)
+    assert ended <= step_timeout + 15 + 30 + 45, log
     lines = [ln for ln in log.splitlines() if ln.startswith("watchdog: rank ") and "made no progress" in ln]
     assert lines, log
     line = lines[0]
