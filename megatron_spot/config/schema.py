@@ -31,6 +31,11 @@ class ParallelConfig:
     # virtual pipeline stages per rank (interleaved 1F1B); None = not interleaved
     virtual_pipeline: Optional[int] = None
     context_parallel: int = 1
+    # mixture-of-experts models only: ranks the experts of each MoE layer are spread over (the all-to-all
+    # token dispatcher's group), and the tensor-parallel size inside each expert; None = tensor_parallel
+    # (Megatron-Core's default)
+    expert_parallel: int = 1
+    expert_tensor_parallel: Optional[int] = None
     sequence_parallel: bool = False  # Transformer Engine only
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False

@@ -13,7 +13,9 @@ megatron's modules, :func:`apply` (called by :mod:`megatron_spot.platform` only 
 3. the CUDA RNG API (and megatron's private CUDA RNG helpers) mapped onto the CPU default generator,
    so megatron's RNG tracker forks/restores the CPU generator exactly as it would the CUDA one;
 4. the mode re-entered inside autograd's backward (a TorchFunctionMode is not carried into
-   ``autograd.Function.backward``, where activation recompute reruns the forward).
+   ``autograd.Function.backward``, where activation recompute reruns the forward);
+5. the MoE all-to-all dispatcher's device-to-host copy of its split sizes (see
+   :func:`_patch_megatron_moe`).
 
 It never runs when CUDA is available, so GPU behaviour is untouched.
 Set ``MEGATRON_SPOT_CPU_COMPAT_TRACE=1`` to log the first hit of each rewritten call site: after a
@@ -192,6 +194,30 @@ def _patch_megatron_rng() -> None:
     mrandom._set_cuda_rng_state = set_state
 
 
+def _patch_megatron_moe() -> None:
+    """The all-to-all token dispatcher (expert parallel) on CPU tensors.
+
+    At its device-to-host point MoEAlltoAllTokenDispatcher turns the all-to-all split sizes into
+    NumPy arrays with ``maybe_move_tensor_to_cpu(t, as_numpy=True)``, which converts only tensors
+    that are on CUDA. On the CPU they stay tensors, and ``all_to_all_single`` refuses a tensor as
+    split sizes. The stand-in converts CPU tensors too when NumPy is asked for. (The router's
+    ``.to(torch.cuda.current_device())``, the dispatcher's ``torch.cuda.Stream()`` and
+    ``_AllToAll``'s ``device=torch.cuda.current_device()`` outputs are already handled by 1. and 2.)
+    """
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            _trace("MoE split sizes as NumPy")
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
 def _reenter_mode_in_backward() -> None:
     backward_cls = torch.autograd.function.BackwardCFunction
     original_apply = backward_cls.apply
@@ -220,6 +246,7 @@ def apply() -> bool:
         pass
     _stub_torch_cuda()
     _patch_megatron_rng()
+    _patch_megatron_moe()
     _reenter_mode_in_backward()
     _MODE = _CpuDeviceMode()
     _MODE.__enter__()  # process-wide: entered once, never exited

@@ -180,13 +180,16 @@ def initialize(parallel: ParallelConfig, seed: int = 1234, collective_timeout_s:
         virtual_pipeline_model_parallel_size=vpp,
         context_parallel_size=layout.cp,
         distributed_timeout_minutes=collective_timeout_s / 60,  # Megatron makes timedelta(minutes=...)
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.etp,
     )
     if _patient_group is None and world_size > 1:  # collective: every rank creates it, once per process
         _patient_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
             seconds=max(patient_timeout_s, collective_timeout_s)))
-    if ps.get_data_parallel_world_size() != layout.dp:  # our derivation and Megatron's must agree
-        raise RuntimeError(f"internal: Megatron-Core's data-parallel size {ps.get_data_parallel_world_size()} "
-                           f"!= {layout.describe()}")
+    # our derivation and Megatron's must agree
+    if (ps.get_data_parallel_world_size(), ps.get_expert_data_parallel_world_size()) != (layout.dp, layout.expert_dp):
+        raise RuntimeError(f"internal: Megatron-Core's data-parallel sizes (dense {ps.get_data_parallel_world_size()}, "
+                           f"experts {ps.get_expert_data_parallel_world_size()}) != {layout.describe()}")
     seed_everything(seed)
     device = current_device()
     info = RuntimeInfo(

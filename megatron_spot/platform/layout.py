@@ -1,10 +1,13 @@
 """The parallel layout of a run, derived and validated once (torchtitan's ParallelDims idea).
 
 ``Layout.from_config(parallel, world_size)`` checks everything that needs no model and no process group
-(sizes >= 1, the world divisible by TP x PP x CP, VPP only with PP >= 2, CP only with Transformer Engine
-on GPUs) and derives the data-parallel size. Nothing else in the package divides the world size by hand:
+(sizes >= 1, the world divisible by TP x PP x CP and by ETP x EP x PP, VPP only with PP >= 2, CP only with
+Transformer Engine on GPUs) and derives the data-parallel size of the dense layers (DP) and of the experts
+(expert DP). Megatron-Core lays out two grids over the same ranks: TP x CP x DP x PP for attention and
+the dense layers, ETP x EP x expert-DP x PP for the experts of MoE layers; PP is outermost in both, so
+their pipeline groups coincide. Nothing else in the package divides the world size by hand:
 training, scoring and profiling take ``layout.dp``. Model-specific checks (heads / KV groups by TP, layers
-by PP x VPP) live with the model family (models/gpt/config.py GPTConfig.layout_problems) and are called by
+by PP x VPP, experts by EP) live with the model family (models/gpt/config.py GPTConfig.layout_problems) and are called by
 training/plan.py's ``plan_run``.
 """
 from __future__ import annotations
@@ -24,6 +27,14 @@ class Layout:
     cp: int
     dp: int
     world: int
+    ep: int = 1  # expert parallel (MoE layers' all-to-all group)
+    etp: int = 1  # tensor parallel inside each expert
+
+    @property
+    def expert_dp(self) -> int:
+        """Data-parallel size of the expert weights: world / (ETP x EP x PP) (their gradients' all-reduce
+        and the distributed optimizer's shards run over these groups)."""
+        return self.world // (self.etp * self.ep * self.pp)
 
     @property
     def model_parallel(self) -> int:
@@ -37,7 +48,10 @@ class Layout:
 
     def describe(self) -> str:
         vpp = f" (VPP{self.vpp})" if self.vpp else ""
-        return f"world {self.world} = TP{self.tp} x PP{self.pp}{vpp} x CP{self.cp} x DP{self.dp}"
+        dense = f"world {self.world} = TP{self.tp} x PP{self.pp}{vpp} x CP{self.cp} x DP{self.dp}"
+        if self.ep == 1 and self.etp == self.tp:
+            return dense
+        return f"{dense}; experts: ETP{self.etp} x EP{self.ep} x PP{self.pp} x expert-DP{self.expert_dp}"
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int, allow_context_parallel: Optional[bool] = None
@@ -47,8 +61,11 @@ class Layout:
         allow_context_parallel: whether CP > 1 can run here (None: ask platform.device whether CUDA is present).
         """
         tp, pp, cp = parallel.tensor_parallel, parallel.pipeline_parallel, parallel.context_parallel
+        ep = parallel.expert_parallel
+        etp = tp if parallel.expert_tensor_parallel is None else parallel.expert_tensor_parallel
         for name, value in (("parallel.tensor_parallel", tp), ("parallel.pipeline_parallel", pp),
-                            ("parallel.context_parallel", cp)):
+                            ("parallel.context_parallel", cp), ("parallel.expert_parallel", ep),
+                            ("parallel.expert_tensor_parallel", etp)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name}={value} must be an integer >= 1")
         if world_size < 1:
@@ -58,6 +75,12 @@ class Layout:
                 f"world size {world_size} is not divisible by tensor_parallel x pipeline_parallel x "
                 f"context_parallel = {tp} x {pp} x {cp} = {tp * pp * cp}; launch a multiple of "
                 f"{tp * pp * cp} processes or change parallel.tensor_parallel/pipeline_parallel"
+            )
+        if world_size % (etp * ep * pp) != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by expert_tensor_parallel x expert_parallel x "
+                f"pipeline_parallel = {etp} x {ep} x {pp} = {etp * ep * pp} (the experts' grid); change "
+                "parallel.expert_parallel/expert_tensor_parallel (expert_tensor_parallel defaults to tensor_parallel)"
             )
         vpp = parallel.virtual_pipeline
         if vpp is not None and vpp < 1:
@@ -78,4 +101,4 @@ class Layout:
                     "set parallel.context_parallel=1 on CPU"
                 )
         return cls(tp=tp, pp=pp, vpp=vpp if (vpp or 1) > 1 else None, cp=cp, dp=world_size // (tp * pp * cp),
-                   world=world_size)
+                   world=world_size, ep=ep, etp=etp)

@@ -22,8 +22,29 @@ def test_layout_derives_dp(tp, pp, vpp, cp, world, dp):
         layout.dp = 3
 
 
+@pytest.mark.parametrize("tp, pp, ep, etp, world, dp, expert_dp", [
+    (1, 1, 2, None, 2, 2, 1), (2, 1, 2, 1, 4, 2, 2), (2, 1, 2, None, 4, 2, 1), (1, 2, 2, 1, 4, 2, 1),
+    (2, 2, 4, 1, 16, 4, 2), (1, 1, 1, None, 4, 4, 4),
+])
+def test_layout_derives_expert_data_parallel(tp, pp, ep, etp, world, dp, expert_dp):
+    """Megatron-Core's two grids: TP x CP x DP x PP for dense layers, ETP x EP x expert-DP x PP for experts;
+    expert_tensor_parallel=None means ETP = TP (Megatron-Core's default)."""
+    parallel = ParallelConfig(tensor_parallel=tp, pipeline_parallel=pp, expert_parallel=ep, expert_tensor_parallel=etp)
+    layout = Layout.from_config(parallel, world)
+    assert (layout.dp, layout.ep, layout.etp, layout.expert_dp) == (dp, ep, tp if etp is None else etp, expert_dp)
+    assert layout.etp * layout.ep * layout.pp * layout.expert_dp == world
+
+
 @pytest.mark.parametrize("parallel, world, match", [
     (ParallelConfig(tensor_parallel=2, pipeline_parallel=2), 6, "world size 6 is not divisible"),
+    (ParallelConfig(expert_parallel=0), 1, r"parallel.expert_parallel=0 must be an integer >= 1"),
+    (ParallelConfig(expert_tensor_parallel=0), 1, r"parallel.expert_tensor_parallel=0 must be an integer >= 1"),
+    (ParallelConfig(expert_parallel=4), 2,
+     r"world size 2 is not divisible by expert_tensor_parallel x expert_parallel x pipeline_parallel = 1 x 4 x 1 = 4"),
+    (ParallelConfig(tensor_parallel=2, expert_parallel=2), 2,
+     r"world size 2 is not divisible by expert_tensor_parallel x expert_parallel x pipeline_parallel = 2 x 2 x 1"),
+    (ParallelConfig(pipeline_parallel=2, expert_parallel=2), 6,  # the dense grid fits (DP3), the experts' does not
+     r"world size 6 is not divisible by expert_tensor_parallel x expert_parallel x pipeline_parallel = 1 x 2 x 2 = 4"),
     (ParallelConfig(tensor_parallel=0), 1, r"parallel.tensor_parallel=0 must be an integer >= 1"),
     (ParallelConfig(pipeline_parallel=1, virtual_pipeline=2), 1, "virtual_pipeline=2 needs parallel.pipeline_parallel >= 2"),
     (ParallelConfig(context_parallel=2), 2, "context_parallel > 1 needs Transformer Engine"),
