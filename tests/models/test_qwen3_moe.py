@@ -140,6 +140,18 @@ def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
             logits = model.eval()(x, pos, None)[..., : TINY.vocab_size]
         out[ep] = {"diff": (logits - refs[rank]).abs().max().item(), "scale": refs[rank].abs().max().item(),
                    "local_experts": local_experts, "layout": info.layout.describe()}
+    # training forwards at EP2 with an aux-loss coefficient: the step's load-balancing loss and expert load
+    from megatron_spot.training.moe_metrics import MoEStepMetrics
+
+    model = GPTModel(config=_transformer_config(QWEN3_MOE_TINY, ep=2, aux_loss_coeff=0.01), transformer_layer_spec=spec,
+                     vocab_size=TINY.padded_vocab_size, max_sequence_length=1024, position_embedding_type="rope",
+                     rotary_base=1_000_000)
+    _load(model, full, rows, TINY)
+    meter = MoEStepMetrics([model], num_layers=4, num_experts=TINY.num_experts)
+    with torch.no_grad():  # not counted: no autograd (reference scoring, evaluation)
+        model.train()(x, pos, None)
+    model.train()(x, pos, None).sum().backward()
+    out["metrics"] = meter.collect(num_micro_batches=1)
     return out
 
 
@@ -154,8 +166,9 @@ def hf_checkpoint(tmp_path_factory):
     files = load_file(str(folder / "model.safetensors"))
     tokens = [torch.randint(0, TINY.vocab_size, (2, 24), generator=torch.Generator().manual_seed(r)) for r in range(2)]
     with torch.no_grad():
-        refs = [model(t).logits for t in tokens]
-    return {"files": files, "tokens": tokens, "refs": refs, "model": model}
+        outputs = [model(t, output_router_logits=True) for t in tokens]
+    return {"files": files, "tokens": tokens, "refs": [o.logits for o in outputs],
+            "router_logits": [o.router_logits for o in outputs]}
 
 
 def test_mapping_names_and_shapes_are_the_checkpoint_files(hf_checkpoint):
@@ -212,3 +225,31 @@ def test_megatron_moe_matches_transformers(logits_at_ep1_and_ep2, ep):
         assert r["diff"] <= 1e-5, (rank, r)
     if ep == 2:
         assert "EP2" in logits_at_ep1_and_ep2[0][2]["layout"]
+
+
+@pytest.mark.slow
+def test_step_metrics_report_aux_loss_and_expert_load(hf_checkpoint, logits_at_ep1_and_ep2):
+    """MoEStepMetrics at EP2 against the same quantities from transformers' router logits: tokens routed to
+    each expert per layer summed over both ranks' tokens, and Megatron-Core's per-micro-batch
+    switch loss E / (k T^2) * sum_e P_e c_e (P_e: summed router probabilities, c_e: tokens sent to e, over
+    one rank's T tokens), averaged over layers and data-parallel ranks."""
+    k, experts = QWEN3_MOE_TINY["num_experts_per_tok"], TINY.num_experts
+    counts = torch.zeros(4, experts)
+    aux = []
+    for per_layer in hf_checkpoint["router_logits"]:  # one rank's tokens
+        for layer, logits in enumerate(per_layer):
+            probs = logits.float().softmax(dim=-1)
+            chosen = torch.zeros_like(probs).scatter_(1, probs.topk(k, dim=-1).indices, 1.0)
+            counts[layer] += chosen.sum(0)
+            tokens = probs.shape[0]
+            aux.append(experts / (k * tokens * tokens) * (probs.sum(0) * chosen.sum(0)).sum())
+    expected_aux = torch.stack(aux).mean().item()
+    for result in logits_at_ep1_and_ep2:
+        metrics = result["metrics"]
+        assert metrics["moe_aux_loss"] == pytest.approx(expected_aux, rel=1e-5)
+        load = metrics["moe_expert_load"]
+        assert [entry["layer"] for entry in load] == [0, 1, 2, 3]
+        for entry, row in zip(load, counts):
+            assert entry["max"] == row.max().item() and entry["mean"] == pytest.approx(row.mean().item())
+            assert entry["max_over_mean"] == pytest.approx((row.max() / row.mean()).item())
+    assert counts.max() > counts.mean() * 1.2  # a load worth measuring: not uniform by construction

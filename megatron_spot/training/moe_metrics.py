@@ -1,0 +1,94 @@
+"""Mixture-of-experts metrics of one training step: the load-balancing losses and each MoE layer's
+expert load.
+
+- Load-balancing losses: Megatron-Core's routers record them (divided by their coefficient, i.e. the
+  loss itself) per layer in its MoE metrics tracker; :meth:`MoEStepMetrics.collect` reports their mean over
+  MoE layers and micro-batches, reduced the way Megatron-Core's own training loop does.
+- Expert load: a forward hook on every router counts the tokens routed to each expert (its routing
+  map, before the all-to-all). Counted only when autograd records (training forwards; Megatron's
+  activation recompute runs the first forward without grad), so reference scoring and evaluation do
+  not count. Summed over the ranks that see different tokens, the per-layer max / mean tokens per expert
+  (1.0 = perfectly balanced) is what an aux-loss coefficient is meant to hold down.
+
+Every call of :meth:`collect` is collective (all ranks, same order) and clears what it reports.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+# Megatron-Core's tracker names of the load-balancing losses (router.py), and our metrics.jsonl keys
+_TRACKER_LOSSES = {"load_balancing_loss": "moe_aux_loss", "seq_load_balancing_loss": "moe_seq_aux_loss",
+                   "global_load_balancing_loss": "moe_global_aux_loss", "z_loss": "moe_z_loss"}
+
+
+def _routers(chunks: Iterable) -> list:
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, TopKRouter)]
+
+
+class MoEStepMetrics:
+    """Hooks on this rank's routers; :meth:`collect` once per optimizer step on every rank."""
+
+    def __init__(self, chunks: Iterable, num_layers: int, num_experts: int, sequence_parallel: bool = False):
+        self.routers = _routers(chunks)
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.sequence_parallel = sequence_parallel
+        from megatron_spot.platform.device import current_device
+
+        self.device = current_device()
+        # on the routers' device: counting costs no host sync per forward
+        self.tokens = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=self.device)
+        self._handles = [r.register_forward_hook(self._count) for r in self.routers]
+
+    def _count(self, router, _inputs, output) -> None:
+        if not torch.is_grad_enabled():
+            return
+        routing_map = output[1]  # [tokens, experts] bool: token t is sent to expert e
+        self.tokens[router.layer_number - 1] += routing_map.detach().sum(dim=0).to(torch.float64)
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def collect(self, num_micro_batches: int) -> dict:
+        """{moe_aux_loss..., moe_expert_load: [{layer, max, mean, max_over_mean}]} for the step just run."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        out = {}
+        tracker = get_moe_metrics_tracker()
+        # every rank reports the same names (a pipeline stage without MoE layers still joins the all-reduce)
+        names = sorted(_TRACKER_LOSSES)
+        for name in names:
+            tracker.ensure_initialized(name, self.num_layers, device=self.device)
+        scalars: dict = {}
+        tracker.report(loss_scale=1.0 / num_micro_batches, iteration=0, track_names=names, force_initialize=True,
+                       num_layers=self.num_layers, total_loss_dict=scalars)
+        for name in names:
+            value = float(scalars.get(name, 0.0))
+            if value:
+                out[_TRACKER_LOSSES[name]] = value
+        # tokens per expert: every rank counted its own tokens of the layers it holds. Tensor-parallel ranks
+        # without sequence parallel route the same tokens, so one of them counts for the group.
+        tokens = self.tokens.clone()
+        dist.all_reduce(tokens)
+        tokens = tokens.cpu()
+        if not self.sequence_parallel:
+            tokens /= ps.get_tensor_model_parallel_world_size()
+        self.tokens.zero_()
+        load = []
+        for layer in range(self.num_layers):
+            row = tokens[layer]
+            if row.sum() == 0:  # not an MoE layer (or no training forward this step)
+                continue
+            mean = row.mean().item()
+            load.append({"layer": layer, "max": round(row.max().item()), "mean": mean,
+                         "max_over_mean": row.max().item() / mean})
+        if load:
+            out["moe_expert_load"] = load
+        return out
