@@ -1,4 +1,4 @@
-"""Tiny models of every family (Qwen3, Llama 3), batches and a training workspace shared by tests (random
+"""Tiny models of every family (Qwen3, Qwen3-MoE, Llama 3), batches and a training workspace shared by tests (random
 weights, fp32, nothing downloaded)."""
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def hf_config_of(cfg: GPTConfig, **changes):
 
 
 def hf_model_of(cfg: GPTConfig, seed: int = 0):
-    """A transformers model of `cfg`'s family (Qwen3ForCausalLM, LlamaForCausalLM; eager attention, fp32)
+    """A transformers model of `cfg`'s family (Qwen3ForCausalLM, Qwen3MoeForCausalLM, LlamaForCausalLM; eager attention, fp32)
     with seeded random weights."""
     import transformers
 
@@ -32,6 +32,10 @@ def hf_model_of(cfg: GPTConfig, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("mlp.gate.weight"):
+                # an MoE router (Qwen3-MoE): HF's std 0.02 makes every token's expert scores nearly equal;
+                # widened, routing depends on the token and a wrong router or expert mapping shows
+                p.normal_(0.0, 0.5)
     return model
 
 
@@ -124,36 +128,3 @@ def write_reference_sidecar(ws: dict) -> None:
     save_ref_logps(values, ws["pack"], ds.fingerprint, model=ws["mcore"],
                    identity=reference_identity(ws["mcore"], ds.tokenizer_hash))
 
-
-# A tiny Qwen3-MoE (config.json values): 8 experts, top-2, renormalised top-k (norm_topk_prob, as the
-# released models), 4 layers / 4 heads / 2 KV groups like qwen3-tiny, so TP2, PP2 and EP2/4/8 split.
-QWEN3_MOE_TINY = dict(
-    architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=300, hidden_size=64,
-    intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
-    decoder_sparse_step=1, mlp_only_layers=[], router_aux_loss_coef=0.001, tie_word_embeddings=False,
-    rms_norm_eps=1e-6, rope_theta=1_000_000.0, max_position_embeddings=1024, bos_token_id=None, eos_token_id=1,
-    torch_dtype="float32",
-)
-
-
-def hf_moe_model(hf_config: dict = QWEN3_MOE_TINY, seed: int = 0):
-    """A transformers Qwen3MoeForCausalLM (eager attention, fp32) with seeded random weights. Norms are
-    randomised (HF initialises them to 1) and router weights widened (HF's init std 0.02 makes every
-    token's router scores nearly equal), so the mapping of every tensor and the routing are tested."""
-    import transformers
-
-    torch.manual_seed(seed)
-    values = dict(hf_config)
-    rope_theta = values.pop("rope_theta")
-    values.pop("torch_dtype", None)
-    cfg = transformers.Qwen3MoeConfig(**values, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-                                      attn_implementation="eager")
-    model = transformers.Qwen3MoeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            elif name.endswith("mlp.gate.weight"):
-                p.normal_(0.0, 0.5)
-    return model

@@ -198,9 +198,10 @@ def checkpoint_model_config(ckpt_dir: str) -> GPTConfig:
     return config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
 
 
-def check_layout(cfg: GPTConfig, tp: int, pp: int = 1, vpp: Optional[int] = None, where: str = "") -> None:
-    """Raise CheckpointError if the checkpoint's model cannot be split at TP/PP/VPP (the adapter's rules)."""
-    problems = cfg.layout_problems(tp, pp, vpp)
+def check_layout(cfg: GPTConfig, tp: int, pp: int = 1, vpp: Optional[int] = None, where: str = "", ep: int = 1,
+                 etp: Optional[int] = None) -> None:
+    """Raise CheckpointError if the checkpoint's model cannot be split at TP/PP/VPP/EP/ETP (the family's rules)."""
+    problems = cfg.layout_problems(tp, pp, vpp, ep, etp)
     if problems:
         raise CheckpointError((f"{where}: " if where else "") + "; ".join(problems))
 
@@ -293,7 +294,8 @@ def load_model_checkpoint(chunks, ckpt_dir: str) -> dict:
     meta = read_checkpoint_metadata(ckpt_dir)
     cfg = config_from_hf_dict(meta["hf_config"], source=os.path.join(ckpt_dir, METADATA_NAME))
     check_layout(cfg, ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-                 ps.get_virtual_pipeline_model_parallel_world_size(), where=ckpt_dir)
+                 ps.get_virtual_pipeline_model_parallel_world_size(), where=ckpt_dir,
+                 ep=ps.get_expert_model_parallel_world_size(), etp=ps.get_expert_tensor_parallel_world_size())
     models = [_unwrap(c) for c in chunks]
     for m in models:
         _check_model_matches(m, cfg, ckpt_dir)

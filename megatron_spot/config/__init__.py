@@ -4,6 +4,7 @@ from megatron_spot.config.schema import (
     DataConfig,
     LossConfig,
     ModelConfig,
+    MoEConfig,
     OptimizerConfig,
     ParallelConfig,
     PrecisionConfig,
@@ -14,6 +15,6 @@ from megatron_spot.config.schema import (
 
 __all__ = [
     "ConfigError", "apply_overrides", "dump_config", "from_dict", "load_config", "to_dict",
-    "DataConfig", "LossConfig", "ModelConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig",
+    "DataConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig",
     "RecomputeConfig", "RunConfig", "TrainConfig",
 ]

@@ -25,6 +25,20 @@ class ModelConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-experts training settings (ignored for dense models)."""
+    # load-balancing loss: aux_loss (Switch-style, per micro-batch; what Qwen3-MoE's router_aux_loss_coef
+    # means), seq_aux_loss (per sequence), global_aux_loss (over the global batch), or none
+    load_balancing: str = "aux_loss"
+    # its coefficient; None = the model's config.json router_aux_loss_coef (0.001 for the released Qwen3-MoE)
+    aux_loss_coeff: Optional[float] = None
+    z_loss_coeff: Optional[float] = None  # router z-loss (ST-MoE); None = off
+    # tokens per expert capped at capacity_factor x (tokens x top-k / experts), the rest dropped;
+    # None = dropless (every token reaches its top-k experts, as in transformers)
+    capacity_factor: Optional[float] = None
+
+
+@dataclass
 class ParallelConfig:
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
@@ -139,6 +153,7 @@ class RunConfig:
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
     data: DataConfig = field(default_factory=DataConfig)

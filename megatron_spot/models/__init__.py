@@ -4,9 +4,9 @@ Callers outside models/ import only from here: a config for a preset, config.jso
 (:func:`load_model_config`, :func:`config_from_hf_dict`), the family behind it (:func:`family_of`), and
 the family-independent machinery every GPT-style family shares (models/gpt/): TransformerConfig and
 model construction, the layout fit, the state-dict adapter over mapping objects. A family's folder
-(qwen3/, llama/) holds only its differences; importing this package registers every family.
+(qwen3/, qwen3_moe/, llama/) holds only its differences; importing this package registers every family.
 """
-from megatron_spot.models import llama, qwen3  # noqa: F401  (registers the families)
+from megatron_spot.models import llama, qwen3, qwen3_moe  # noqa: F401  (registers the families)
 from megatron_spot.models.gpt import state_dict as state_dict_adapter
 from megatron_spot.models.gpt.config import VOCAB_PAD_MULTIPLE, GPTConfig, replace
 from megatron_spot.models.gpt.provider import (

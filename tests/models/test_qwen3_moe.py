@@ -1,210 +1,169 @@
-"""Qwen3-MoE on Megatron-Core: logits equal transformers' Qwen3MoeForCausalLM at EP1 and EP2 (2 gloo ranks,
-CPU), through the expert mapping objects (models/qwen3_moe/mappings.py) and the HF checkpoint files'
-per-expert tensors (what transformers' save_pretrained writes)."""
+"""The qwen3_moe family: presets and parameter counts against transformers, config.json refusals, layout
+rules, the router/expert mapping objects against the files transformers writes, and Megatron-Core's MoE
+model (router, all-to-all dispatcher, SequentialMLP experts) equal to transformers' Qwen3MoeForCausalLM at
+EP1 and EP2 on 2 gloo ranks (CPU), with the step metrics (aux loss, expert load)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
 
 import pytest
 import torch
 
-from megatron_spot.models.qwen3_moe.mappings import (
-    ExpertFC2,
-    ExpertGatedFC1,
-    Router,
-    expert_rows,
-    global_expert_name,
-)
+from megatron_spot.config import ConfigError, MoEConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
+from megatron_spot.models import family_of, load_model_config, state_dict_adapter, validate_model_layout
+from megatron_spot.models.qwen3_moe import PRESETS, Qwen3MoeConfig
+from megatron_spot.models.qwen3_moe.mappings import ExpertFC2, ExpertGatedFC1, expert_rows
 from tests.multiprocess import run_on_ranks
-from tests.tiny import QWEN3_MOE_TINY, hf_moe_model
+from tests.tiny import hf_config_of, hf_model_of
+
+TINY = "qwen3-moe-tiny"
 
 
-@dataclass(frozen=True)
-class _MoeShape:
-    """The fields of the tiny config the mappings read (the family config comes with the registry)."""
-    vocab_size: int
-    hidden_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    num_experts: int
-    moe_intermediate_size: int
+# ---------------------------------------------------------------------------------------------- config
+@pytest.mark.parametrize("preset, active_billions", [("qwen3-30b-a3b", 3), ("qwen3-235b-a22b", 22)])
+def test_released_presets_count_what_transformers_builds(preset, active_billions):
+    """Total parameters equal transformers' Qwen3MoeForCausalLM built on the meta device from our
+    config.json; active parameters (top-k experts) round to the released name's A3B / A22B."""
+    import transformers
 
-    @property
-    def num_query_groups(self):
-        return self.num_key_value_heads
-
-    @property
-    def padded_vocab_size(self):
-        return (self.vocab_size + 127) // 128 * 128
+    cfg = load_model_config(preset)
+    assert family_of(cfg).name == "qwen3_moe" and cfg.num_experts == 128 and cfg.num_experts_per_tok == 8
+    assert cfg.norm_topk_prob and not cfg.tie_word_embeddings
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config_of(cfg))
+    assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
+    assert round(cfg.active_parameters() / 1e9) == active_billions
+    # the 6N of a token: its top-k experts, not all 128
+    assert cfg.matmul_params_per_token() < cfg.active_parameters() < cfg.num_parameters() / 8
 
 
-TINY = _MoeShape(**{k: QWEN3_MOE_TINY[k] for k in _MoeShape.__dataclass_fields__})
+def test_config_json_round_trip_and_refusals(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(PRESETS["qwen3-30b-a3b"]))
+    cfg = load_model_config(str(tmp_path))
+    assert cfg == load_model_config("qwen3-30b-a3b")
+    assert Qwen3MoeConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    tiny = PRESETS[TINY]
+    for changes, match in [
+        (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
+        (dict(mlp_only_layers=[0]), r"mlp_only_layers=\[0\]"),
+        (dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size"),
+        (dict(num_experts=None), "missing field.*num_experts"),
+        (dict(num_experts_per_tok=9), "num_experts_per_tok=9"),
+        (dict(use_sliding_window=True, sliding_window=128), "sliding-window"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            Qwen3MoeConfig.from_hf_dict(dict(tiny, **changes))
 
 
-def _transformer_config(hf: dict, tp=1, pp=1, ep=1, etp=1, aux_loss_coeff=0.0):
-    """Test-local builder: Megatron-Core's MoE settings that equal HF's Qwen3-MoE block."""
-    import torch.nn.functional as F
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], ffn_hidden_size=hf["intermediate_size"],
-        num_attention_heads=hf["num_attention_heads"], num_query_groups=hf["num_key_value_heads"],
-        kv_channels=hf["head_dim"], normalization="RMSNorm", layernorm_epsilon=hf["rms_norm_eps"],
-        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, qk_layernorm=True,
-        hidden_dropout=0.0, attention_dropout=0.0, attention_softmax_in_fp32=True,
-        num_moe_experts=hf["num_experts"], moe_router_topk=hf["num_experts_per_tok"],
-        moe_ffn_hidden_size=hf["moe_intermediate_size"],
-        # HF: softmax over all experts, top-k, renormalised when norm_topk_prob. Megatron without pre-softmax
-        # takes the top-k logits and softmaxes them: the same renormalised probabilities.
-        moe_router_score_function="softmax", moe_router_pre_softmax=not hf["norm_topk_prob"],
-        moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=aux_loss_coeff,
-        moe_token_dispatcher_type="alltoall", moe_grouped_gemm=False, moe_expert_capacity_factor=None,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp, use_cpu_initialization=True, bias_activation_fusion=False,
-        masked_softmax_fusion=False, persist_layer_norm=False, bias_dropout_fusion=False, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-    )
+@pytest.mark.parametrize("preset, parallel, match", [
+    (TINY, ParallelConfig(expert_parallel=3), "expert_parallel=3 does not divide the 8 experts"),
+    (TINY, ParallelConfig(tensor_parallel=2, expert_tensor_parallel=3), "expert_tensor_parallel=3 does not divide"),
+    (TINY, ParallelConfig(tensor_parallel=2), "needs parallel.sequence_parallel=true"),
+    ("qwen3-tiny", ParallelConfig(expert_parallel=2), "expert_parallel=2 needs a mixture-of-experts model"),
+])
+def test_bad_expert_layouts_fail_fast(preset, parallel, match):
+    with pytest.raises(ConfigError, match=match):
+        validate_model_layout(load_model_config(preset), parallel, PrecisionConfig(), RecomputeConfig())
 
 
-def _mapping_rows(cfg: _MoeShape) -> list:
-    """Dense Qwen3 rows (attention, norms, embeddings) + the MoE rows, one list for the whole model."""
-    from megatron_spot.models.qwen3.state_dict_adapter import (
-        EMBEDDING,
-        FINAL_NORM,
-        LAYER_MAPPINGS,
-        OUTPUT_LAYER,
-        TensorMapping,
-    )
-
-    rows = [TensorMapping(*EMBEDDING)]
-    attention = [r for r in LAYER_MAPPINGS if ".mlp." not in r[0]]
-    for i in range(4):
-        rows += [TensorMapping(m.format(i=i), tuple(n.format(i=i) for n in hf), kind) for m, hf, kind in attention]
-        rows += [m.at(i) for m in expert_rows(cfg.num_experts)]
-    return rows + [TensorMapping(*FINAL_NORM), TensorMapping(*OUTPUT_LAYER)]
+def test_tensor_parallel_without_sequence_parallel_may_score():
+    """Megatron-Core's MoELayer refuses TP > 1 without sequence parallel only in training."""
+    validate_model_layout(load_model_config(TINY), ParallelConfig(tensor_parallel=2), PrecisionConfig(), training=False)
 
 
-def _to_mcore(row, hf: dict, cfg: _MoeShape) -> torch.Tensor:
-    from megatron_spot.models.qwen3.state_dict_adapter import to_mcore
-
-    tensors = [hf[n] for n in row.hf]
-    return row.to_mcore(tensors, cfg) if hasattr(row, "to_mcore") else to_mcore(row, tensors, cfg)
-
-
-@torch.no_grad()
-def _load(model, full: dict, rows: dict, cfg: _MoeShape) -> None:
-    """Put unsharded Megatron tensors into this rank's model: global layer and expert numbers, TP/ETP shards."""
-    from megatron.core import parallel_state as ps
-
-    from megatron_spot.models.qwen3.state_dict_adapter import _global_name, _shard
-
-    ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
-    for local_name, param in model.named_parameters():
-        rank_name = _global_name(model, local_name)  # global layer number, local expert number
-        name = global_expert_name(rank_name, ep_rank, cfg.num_experts // ep)
-        row, tensor = rows[name], full[name]
-        if isinstance(row, (ExpertGatedFC1, ExpertFC2)):
-            assert row.ep_rank(cfg, ep) == ep_rank and row.local_mcore(cfg, ep) == rank_name
-            tensor = row.tp_shard(tensor, param.partition_dim, ps.get_expert_tensor_parallel_rank(),
-                                  ps.get_expert_tensor_parallel_world_size())
-        else:
-            tensor = _shard(tensor, param, name, ps.get_tensor_model_parallel_rank(),
-                            ps.get_tensor_model_parallel_world_size())
-        param.copy_(tensor)
+def test_moe_settings_reach_megatron():
+    cfg = load_model_config(TINY)
+    kw = cfg.moe_transformer_config_kwargs(MoEConfig(), use_te=False)
+    assert (kw["num_moe_experts"], kw["moe_router_topk"], kw["moe_ffn_hidden_size"]) == (8, 2, 32)
+    assert kw["moe_aux_loss_coeff"] == 0.001 and kw["moe_expert_capacity_factor"] is None  # released, dropless
+    assert kw["moe_router_pre_softmax"] is False  # norm_topk_prob: softmax over the top-k logits
+    assert cfg.moe_transformer_config_kwargs(MoEConfig(aux_loss_coeff=0.0), use_te=False)["moe_aux_loss_coeff"] == 0
+    with pytest.raises(ConfigError, match="moe.load_balancing='sinkhorn'"):
+        cfg.moe_transformer_config_kwargs(MoEConfig(load_balancing="sinkhorn"), use_te=False)
 
 
-def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    from megatron_spot.config import ParallelConfig
-    from megatron_spot.platform import initialize
-
-    rows = {r.mcore: r for r in _mapping_rows(TINY)}
-    full = {name: _to_mcore(row, hf_files, TINY) for name, row in rows.items()}
-    out = {}
-    for ep in (1, 2):
-        info = initialize(ParallelConfig(expert_parallel=ep), seed=3)
-        spec = get_gpt_layer_local_spec(num_experts=TINY.num_experts, moe_grouped_gemm=False, qk_layernorm=True,
-                                        normalization="RMSNorm")
-        model = GPTModel(config=_transformer_config(QWEN3_MOE_TINY, ep=ep), transformer_layer_spec=spec,
-                         vocab_size=TINY.padded_vocab_size, max_sequence_length=1024, position_embedding_type="rope",
-                         rotary_base=1_000_000)
-        _load(model, full, rows, TINY)
-        local_experts = len(model.decoder.layers[0].mlp.experts.local_experts)
-        # each rank its own tokens: the all-to-all exchanges unequal numbers of tokens per expert
-        x = tokens[rank]
-        pos = torch.arange(x.shape[1]).unsqueeze(0).expand_as(x)
-        with torch.no_grad():
-            logits = model.eval()(x, pos, None)[..., : TINY.vocab_size]
-        out[ep] = {"diff": (logits - refs[rank]).abs().max().item(), "scale": refs[rank].abs().max().item(),
-                   "local_experts": local_experts, "layout": info.layout.describe()}
-    # training forwards at EP2 with an aux-loss coefficient: the step's load-balancing loss and expert load
-    from megatron_spot.training.moe_metrics import MoEStepMetrics
-
-    model = GPTModel(config=_transformer_config(QWEN3_MOE_TINY, ep=2, aux_loss_coeff=0.01), transformer_layer_spec=spec,
-                     vocab_size=TINY.padded_vocab_size, max_sequence_length=1024, position_embedding_type="rope",
-                     rotary_base=1_000_000)
-    _load(model, full, rows, TINY)
-    meter = MoEStepMetrics([model], num_layers=4, num_experts=TINY.num_experts)
-    with torch.no_grad():  # not counted: no autograd (reference scoring, evaluation)
-        model.train()(x, pos, None)
-    model.train()(x, pos, None).sum().backward()
-    out["metrics"] = meter.collect(num_micro_batches=1)
-    return out
-
-
+# ---------------------------------------------------------------------------------------------- mappings
 @pytest.fixture(scope="module")
 def hf_checkpoint(tmp_path_factory):
-    """The tiny model's files as transformers writes them (per-expert tensors), its reference logits."""
+    """The tiny model's files as transformers writes them (per-expert tensors), and its reference outputs
+    on two batches (one per rank)."""
     from safetensors.torch import load_file
 
-    model = hf_moe_model()
+    cfg = load_model_config(TINY)
+    model = hf_model_of(cfg, seed=0)
     folder = tmp_path_factory.mktemp("qwen3_moe_hf")
     model.save_pretrained(folder)
     files = load_file(str(folder / "model.safetensors"))
-    tokens = [torch.randint(0, TINY.vocab_size, (2, 24), generator=torch.Generator().manual_seed(r)) for r in range(2)]
+    tokens = [torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(r)) for r in range(2)]
     with torch.no_grad():
         outputs = [model(t, output_router_logits=True) for t in tokens]
     return {"files": files, "tokens": tokens, "refs": [o.logits for o in outputs],
-            "router_logits": [o.router_logits for o in outputs]}
+            "router_logits": [o.router_logits for o in outputs], "folder": str(folder)}
 
 
-def test_mapping_names_and_shapes_are_the_checkpoint_files(hf_checkpoint):
-    """The HF side of every row is a tensor of save_pretrained's files with the shape the row states, and
-    every file tensor is covered once."""
-    files = hf_checkpoint["files"]
-    covered = []
-    for row in _mapping_rows(TINY):
-        if hasattr(row, "hf_shapes"):
-            assert [tuple(files[n].shape) for n in row.hf] == [tuple(s) for s in row.hf_shapes(TINY)], row.mcore
-        covered += row.hf
-    assert sorted(covered) == sorted(files)
+def test_mapping_covers_the_checkpoint_files(hf_checkpoint):
+    """Every row's HF tensors are tensors of save_pretrained's files with the shapes the row states, and
+    the rows cover every file tensor once (transformers 5 splits its fused experts when it saves)."""
+    cfg, files = load_model_config(TINY), hf_checkpoint["files"]
+    assert state_dict_adapter.hf_shapes(cfg) == {n: tuple(t.shape) for n, t in files.items()}
+    assert state_dict_adapter.hf_tensor_problems({n: t.shape for n, t in files.items()}, cfg)[0] is None
 
 
-def test_expert_mappings_round_trip_bit_exact(hf_checkpoint):
-    files = hf_checkpoint["files"]
-    for row in _mapping_rows(TINY):
-        if not isinstance(row, (Router, ExpertGatedFC1, ExpertFC2)):
-            continue
-        mcore = row.to_mcore([files[n] for n in row.hf], TINY)
-        assert tuple(mcore.shape) == row.mcore_shape(TINY)
-        for name, back in zip(row.hf, row.to_hf(mcore, TINY)):
+def test_mappings_round_trip_bit_exact(hf_checkpoint):
+    cfg, files = load_model_config(TINY), hf_checkpoint["files"]
+    for row in state_dict_adapter.mapping_table(cfg):
+        mcore = row.to_mcore([files[n] for n in row.hf], cfg)
+        assert tuple(mcore.shape) == row.mcore_shape(cfg), row.mcore
+        for name, back in zip(row.hf, row.to_hf(mcore, cfg)):
             assert torch.equal(back, files[name]), name
 
 
 def test_expert_placement_over_ranks():
     """Megatron-Core's contiguous blocks: at EP4 with 8 experts, rank r holds experts 2r, 2r+1."""
+    cfg = load_model_config(TINY)
     fc1 = [r.at(3) for r in expert_rows(8) if isinstance(r, ExpertGatedFC1)]
-    assert [r.ep_rank(TINY, 4) for r in fc1] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert fc1[5].local_mcore(TINY, 4) == "decoder.layers.3.mlp.experts.local_experts.1.linear_fc1.weight"
-    assert global_expert_name("decoder.layers.0.mlp.experts.local_experts.1.linear_fc2.weight", 2, 2) == \
-        "decoder.layers.0.mlp.experts.local_experts.5.linear_fc2.weight"
-    assert global_expert_name("decoder.layers.0.mlp.router.weight", 2, 2) == "decoder.layers.0.mlp.router.weight"
-    # ETP2: each expert's [gate; up] split as [gate_r; up_r], down_proj along its input dim
+    assert [r.ep_rank(cfg, 4) for r in fc1] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert fc1[5].local_mcore(cfg, 4) == "decoder.layers.3.mlp.experts.local_experts.1.linear_fc1.weight"
+    fc2 = [r.at(0) for r in expert_rows(8) if isinstance(r, ExpertFC2)]
+    assert fc2[7].mcore == "decoder.layers.0.mlp.experts.local_experts.7.linear_fc2.weight"
+    assert fc2[7].hf == ("model.layers.0.mlp.experts.7.down_proj.weight",)
+    # ETP2: each expert's [gate; up] split as [gate_r; up_r]
     full = torch.arange(2 * 4 * 3.0).view(8, 3)
     assert torch.equal(fc1[0].tp_shard(full, 0, 1, 2), torch.cat([full[2:4], full[6:8]]))
+
+
+# ---------------------------------------------------------------------------------------------- numerics
+def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
+    from megatron_spot.models import build_model_chunks, build_transformer_config
+    from megatron_spot.platform import initialize
+    from megatron_spot.training.moe_metrics import MoEStepMetrics
+
+    cfg = load_model_config(TINY)
+    full = state_dict_adapter.hf_to_mcore_state_dict(hf_files, cfg)
+    x = tokens[rank]  # each rank its own tokens: the all-to-all exchanges unequal numbers per expert
+    pos = torch.arange(x.shape[1]).unsqueeze(0).expand_as(x)
+    out = {}
+    for ep in (1, 2):
+        parallel = ParallelConfig(expert_parallel=ep)
+        info = initialize(parallel, seed=3)
+        tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=MoEConfig(aux_loss_coeff=0.0))
+        model = build_model_chunks(cfg, tc)[0]
+        state_dict_adapter.load_full_state_dict([model], full)
+        with torch.no_grad():
+            logits = model.eval()(x, pos, None)[..., : cfg.vocab_size]
+        out[ep] = {"diff": (logits - refs[rank]).abs().max().item(), "scale": refs[rank].abs().max().item(),
+                   "local_experts": len(model.decoder.layers[0].mlp.experts.local_experts),
+                   "layout": info.layout.describe()}
+    # training forwards at EP2 with an aux-loss coefficient: the step's load-balancing loss and expert load
+    tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=MoEConfig(aux_loss_coeff=0.01))
+    model = build_model_chunks(cfg, tc)[0]
+    state_dict_adapter.load_full_state_dict([model], full)
+    meter = MoEStepMetrics([model], num_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts)
+    with torch.no_grad():  # not counted: no autograd (reference scoring, evaluation)
+        model.train()(x, pos, None)
+    model.train()(x, pos, None).sum().backward()
+    out["metrics"] = meter.collect(num_micro_batches=1)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -216,8 +175,8 @@ def logits_at_ep1_and_ep2(hf_checkpoint):
 @pytest.mark.slow
 @pytest.mark.parametrize("ep", [1, 2])
 def test_megatron_moe_matches_transformers(logits_at_ep1_and_ep2, ep):
-    """fp32 logits of Megatron-Core's MoE GPTModel (router, all-to-all dispatcher, SequentialMLP experts)
-    equal transformers' Qwen3MoeForCausalLM on the same weights, on both ranks' different tokens."""
+    """fp32 logits of the family's Megatron-Core model (weights from the HF files through the mappings)
+    equal transformers' Qwen3MoeForCausalLM, on both ranks' different tokens."""
     for rank, result in enumerate(logits_at_ep1_and_ep2):
         r = result[ep]
         assert r["local_experts"] == 8 // ep, r
@@ -233,8 +192,9 @@ def test_step_metrics_report_aux_loss_and_expert_load(hf_checkpoint, logits_at_e
     each expert per layer summed over both ranks' tokens, and Megatron-Core's per-micro-batch
     switch loss E / (k T^2) * sum_e P_e c_e (P_e: summed router probabilities, c_e: tokens sent to e, over
     one rank's T tokens), averaged over layers and data-parallel ranks."""
-    k, experts = QWEN3_MOE_TINY["num_experts_per_tok"], TINY.num_experts
-    counts = torch.zeros(4, experts)
+    cfg = load_model_config(TINY)
+    k, experts = cfg.num_experts_per_tok, cfg.num_experts
+    counts = torch.zeros(cfg.num_hidden_layers, experts)
     aux = []
     for per_layer in hf_checkpoint["router_logits"]:  # one rank's tokens
         for layer, logits in enumerate(per_layer):

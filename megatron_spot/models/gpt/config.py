@@ -192,9 +192,10 @@ class GPTConfig:
         """TransformerConfig settings that differ between families (the shared ones are the provider's)."""
         return {"qk_layernorm": self.qk_layernorm}
 
-    def layer_spec_kwargs(self) -> dict[str, Any]:
+    def layer_spec_kwargs(self, use_te: bool) -> dict[str, Any]:
         """Arguments of Megatron-Core's layer-spec builders (get_gpt_layer_local_spec and the TE one) that
-        differ between families (an MoE family adds num_experts and its grouped-GEMM choice here)."""
+        differ between families (an MoE family adds num_experts and its grouped-GEMM choice, which depends on
+        `use_te`: the TE spec or the local one)."""
         return {"qk_layernorm": self.qk_layernorm}
 
     def gpt_model_kwargs(self) -> dict[str, Any]:
@@ -204,16 +205,30 @@ class GPTConfig:
     def configure_model(self, model) -> None:
         """Adjust a built GPTModel chunk in ways its constructor cannot express (none for the base)."""
 
+    # --- mixture of experts (a dense family keeps these defaults) ---
+    @property
+    def num_moe_experts(self) -> int:
+        """Routed experts per MoE layer; 0 for a dense model."""
+        return 0
+
+    def moe_transformer_config_kwargs(self, moe, use_te: bool) -> dict[str, Any]:
+        """TransformerConfig MoE settings from the model and the run's `moe:` section (config/schema.py MoEConfig)."""
+        return {}
+
     def layer_mappings(self, layer: int) -> tuple:
         """Layer `layer`'s HF <-> Megatron mapping objects, "{i}" unfilled (see models/gpt/mappings.py)."""
         from megatron_spot.models.gpt.mappings import DENSE_LAYER
 
         return DENSE_LAYER
 
-    def layout_problems(self, tp: int, pp: int = 1, vpp: Optional[int] = None) -> list[str]:
-        """Why the model cannot be split at TP/PP/VPP (empty when it can): the one copy of these rules,
-        asked by preflight and by checkpoint loading."""
+    def layout_problems(self, tp: int, pp: int = 1, vpp: Optional[int] = None, ep: int = 1,
+                        etp: Optional[int] = None) -> list[str]:
+        """Why the model cannot be split at TP/PP/VPP and expert parallel EP / expert tensor parallel ETP
+        (empty when it can): the one copy of these rules, asked by preflight and by checkpoint loading."""
         out = []
+        if ep > 1 and not self.num_moe_experts:
+            out.append(f"parallel.expert_parallel={ep} needs a mixture-of-experts model; {self.architecture} has no "
+                       "experts (set parallel.expert_parallel=1)")
         if self.num_query_groups % tp:
             out.append(f"parallel.tensor_parallel={tp} does not divide the {self.num_query_groups} query groups "
                        f"(KV heads); use a TP that divides {self.num_query_groups}")

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from megatron_spot.config.dtypes import TORCH_DTYPES
 from megatron_spot.config.loader import ConfigError
-from megatron_spot.config.schema import ParallelConfig, PrecisionConfig, RecomputeConfig
+from megatron_spot.config.schema import MoEConfig, ParallelConfig, PrecisionConfig, RecomputeConfig
 from megatron_spot.models.gpt.config import GPTConfig
 from megatron_spot.platform.device import compute_capability, has_cuda, move_to_device, transformer_engine_available
 
@@ -26,13 +26,16 @@ _FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
 def validate_model_layout(cfg: GPTConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                          recompute: Optional[RecomputeConfig] = None, world_size: Optional[int] = None) -> None:
+                          recompute: Optional[RecomputeConfig] = None, world_size: Optional[int] = None,
+                          training: bool = True) -> None:
     """Check that the model fits the layout and the platform; raise before anything is allocated.
 
-    world_size: accepted for callers' convenience and ignored (the world is platform/layout.py's business)."""
+    world_size: accepted for callers' convenience and ignored (the world is platform/layout.py's business).
+    training: False for forward-only use (scoring, evaluation), which some layouts allow."""
     tp = parallel.tensor_parallel
     # the world-size rules are platform/layout.py's (Layout.from_config); this checks only the model's fit
-    problems = cfg.layout_problems(tp, parallel.pipeline_parallel, parallel.virtual_pipeline)
+    problems = cfg.layout_problems(tp, parallel.pipeline_parallel, parallel.virtual_pipeline,
+                                   parallel.expert_parallel, parallel.expert_tensor_parallel)
     if problems:
         raise ConfigError("; ".join(problems))
     if precision.dtype not in TORCH_DTYPES:
@@ -60,6 +63,11 @@ def validate_model_layout(cfg: GPTConfig, parallel: ParallelConfig, precision: P
         )
     if parallel.sequence_parallel and tp == 1:
         raise ConfigError("parallel.sequence_parallel needs parallel.tensor_parallel > 1")
+    if cfg.num_moe_experts and tp > 1 and not parallel.sequence_parallel and training:
+        # Megatron-Core's MoELayer refuses to train so (each TP rank would route the same tokens)
+        raise ConfigError(f"training a mixture-of-experts model at parallel.tensor_parallel={tp} needs "
+                          "parallel.sequence_parallel=true (Transformer Engine on GPUs); on CPU use "
+                          "parallel.tensor_parallel=1 with parallel.expert_parallel")
     if recompute is not None and recompute.granularity not in (None, "selective", "full"):
         raise ConfigError(f"recompute.granularity={recompute.granularity!r}: choose selective, full or null")
     if recompute is not None and recompute.method not in ("uniform", "block"):
@@ -67,11 +75,13 @@ def validate_model_layout(cfg: GPTConfig, parallel: ParallelConfig, precision: P
 
 
 def build_transformer_config(cfg: GPTConfig, parallel: ParallelConfig, precision: PrecisionConfig,
-                             recompute: Optional[RecomputeConfig] = None, use_te: Optional[bool] = None):
+                             recompute: Optional[RecomputeConfig] = None, use_te: Optional[bool] = None,
+                             moe: Optional[MoEConfig] = None, training: bool = True):
+    """moe: the run's `moe:` section (load balancing, capacity); used by mixture-of-experts families only."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     recompute = recompute or RecomputeConfig()
-    validate_model_layout(cfg, parallel, precision, recompute)
+    validate_model_layout(cfg, parallel, precision, recompute, training=training)
     use_te = transformer_engine_available() if use_te is None else use_te
     on_gpu = has_cuda()
     dtype = TORCH_DTYPES[precision.dtype]
@@ -133,9 +143,12 @@ def build_transformer_config(cfg: GPTConfig, parallel: ParallelConfig, precision
         apply_rope_fusion=fused and use_te,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        expert_model_parallel_size=parallel.expert_parallel,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel or parallel.tensor_parallel,
         **fp8_kwargs,
         **recompute_kwargs,
         **cfg.transformer_config_kwargs(),
+        **cfg.moe_transformer_config_kwargs(moe or MoEConfig(), use_te),
     )
 
 
@@ -146,10 +159,10 @@ def layer_spec(cfg: GPTConfig, use_te: bool):
     )
 
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(**cfg.layer_spec_kwargs())
+        return get_gpt_layer_with_transformer_engine_spec(**cfg.layer_spec_kwargs(use_te))
     from megatron_spot.models.gpt.packed_attention import PackedDotProductAttention
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **cfg.layer_spec_kwargs())
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **cfg.layer_spec_kwargs(use_te))
     # packed pairs (THD): the local spec's attention refuses PackedSeqParams; this drop-in honours them
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     return spec
@@ -200,7 +213,7 @@ def meta_parameter_count(cfg: GPTConfig, parallel: Optional[ParallelConfig] = No
     Parallel state must be initialised; at TP1PP1 this is the whole model (padded vocabulary).
     """
     parallel = parallel or ParallelConfig()
-    tc = build_transformer_config(cfg, parallel, PrecisionConfig(dtype="bf16"), use_te=False)
+    tc = build_transformer_config(cfg, parallel, PrecisionConfig(dtype="bf16"), use_te=False, training=False)
     tc.perform_initialization = False
     tc.use_cpu_initialization = True  # factories without an explicit device follow the meta context
     with torch.device("meta"):
@@ -210,6 +223,6 @@ def meta_parameter_count(cfg: GPTConfig, parallel: Optional[ParallelConfig] = No
 
 def build_unsharded_model(cfg: GPTConfig, dtype: str) -> list:
     """The TP1PP1 model chunks in `dtype`, without random init (a converter overwrites every weight)."""
-    tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig(dtype=dtype))
+    tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig(dtype=dtype), training=False)
     tc.perform_initialization = False
     return build_model_chunks(cfg, tc)

@@ -97,6 +97,7 @@ def model_mismatches(chunk, cfg: GPTConfig) -> list[str]:
              ("num_key_value_heads", cfg.num_query_groups, tc.num_query_groups or tc.num_attention_heads),
              ("head_dim", cfg.head_dim, tc.kv_channels),
              ("q/k norm", cfg.qk_layernorm, bool(tc.qk_layernorm)),
+             ("experts", cfg.num_moe_experts, tc.num_moe_experts or 0),
              ("padded vocab", cfg.padded_vocab_size, chunk.vocab_size),
              ("tie_word_embeddings", cfg.tie_word_embeddings, chunk.share_embeddings_and_output_weights)]
     return [f"{name}: checkpoint {a}, model {b}" for name, a, b in pairs if a != b]
@@ -133,6 +134,10 @@ _TE_NAMES = {
 }
 
 
+# an expert of Megatron-Core's SequentialMLP: this rank holds experts [ep_rank * n, (ep_rank + 1) * n)
+_LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
 def _global_name(chunk, local_name: str) -> str:
     m = _LAYER.match(local_name)
     if not m:
@@ -142,6 +147,11 @@ def _global_name(chunk, local_name: str) -> str:
     for local_suffix, te_suffix in _TE_NAMES.items():
         if rest == te_suffix:
             rest = local_suffix
+    expert = _LOCAL_EXPERT.match(rest)
+    if expert:  # global expert number, as in the unsharded (EP1) names of the mapping table
+        experts = layer.mlp.experts
+        first = experts.ep_group.rank() * experts.num_local_experts
+        rest = f"{expert.group(1)}{first + int(expert.group(2))}{expert.group(3)}"
     return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 
@@ -162,6 +172,8 @@ def load_full_state_dict(chunks: Iterable, full: Mapping[str, torch.Tensor],
 
     chunks = list(chunks)
     tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    # experts are split over their own tensor-parallel group (ETP), not the dense layers' TP
+    etp_rank, etp_size = ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()
     cfg = getattr(getattr(chunks[0], "module", chunks[0]), "family_config", None) if chunks else None
     mappings = {m.mcore: m for m in mapping_table(cfg)} if cfg is not None else {}
     loaded = 0
@@ -171,9 +183,10 @@ def load_full_state_dict(chunks: Iterable, full: Mapping[str, torch.Tensor],
         if name not in full:
             raise KeyError(f"no tensor for parameter {local_name} (global name {name})")
         shard = full[name]
-        if tp_size > 1 and getattr(param, "tensor_model_parallel", False):
+        rank, size = (etp_rank, etp_size) if ".mlp.experts." in name else (tp_rank, tp_size)
+        if size > 1 and getattr(param, "tensor_model_parallel", False):
             mapping = mappings.get(name) or TensorMapping(name, ())
-            shard = mapping.tp_shard(shard, param.partition_dim, tp_rank, tp_size)
+            shard = mapping.tp_shard(shard, param.partition_dim, rank, size)
         if tuple(shard.shape) != tuple(param.shape):
             raise ValueError(f"{name}: shard shape {tuple(shard.shape)} != parameter shape {tuple(param.shape)}")
         param.copy_(shard.to(param.dtype))

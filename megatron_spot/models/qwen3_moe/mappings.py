@@ -4,7 +4,8 @@ Each object owns its transform both ways, its shapes and how it is split across 
 the dense rows: Megatron-Bridge's mapping objects). Megatron names are the unsharded ones (TP1, EP1,
 global layer and GLOBAL expert numbers) of the local layer spec's SequentialMLP; a rank at expert
 parallel EP holds experts [r * E/EP, (r + 1) * E/EP) as its local_experts.0 .. E/EP - 1
-(:meth:`ExpertMapping.ep_rank`, :meth:`ExpertMapping.local_mcore`).
+(:meth:`ExpertPlacement.ep_rank`, :meth:`ExpertPlacement.local_mcore`); models/gpt/state_dict.py maps a
+rank's local expert numbers to global ones when it loads.
 
 HF side: the checkpoint files (safetensors) of the released models and of transformers' save_pretrained
 hold one tensor per expert, `model.layers.{i}.mlp.experts.{e}.{gate,up,down}_proj.weight`, and the router
@@ -21,54 +22,19 @@ Tensors:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import ClassVar
 
-import torch
+from megatron_spot.models.gpt.mappings import Copy, GatedMLP, TensorMapping
 
 _L, _H = "decoder.layers.{i}.", "model.layers.{i}."
-_LOCAL_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+# mlp.gate.weight [E, H] <-> mlp.router.weight [E, H]: replicated on every TP and EP rank, never split
+ROUTER = Copy(_L + "mlp.router.weight", (_H + "mlp.gate.weight",), shape=lambda c: (c.num_experts, c.hidden_size))
 
 
-@dataclass(frozen=True)
-class Router:
-    """mlp.gate.weight [E, H] <-> mlp.router.weight [E, H]: replicated, never split."""
-    mcore: str = _L + "mlp.router.weight"
-    hf: tuple = (_H + "mlp.gate.weight",)
-    row_copy: ClassVar[bool] = True
-    stacked: ClassVar[bool] = False
-
-    def at(self, layer: int) -> "Router":
-        return type(self)(self.mcore.format(i=layer), tuple(n.format(i=layer) for n in self.hf))
-
-    def hf_shapes(self, cfg) -> list[tuple]:
-        return [(cfg.num_experts, cfg.hidden_size)]
-
-    def mcore_shape(self, cfg) -> tuple:
-        return (cfg.num_experts, cfg.hidden_size)
-
-    def to_mcore(self, hf_tensors, cfg):
-        return hf_tensors[0]
-
-    def to_hf(self, tensor, cfg):
-        return [tensor]
-
-    def tp_shard(self, full, dim, tp_rank, tp_size):  # the router is not tensor-parallel
-        return full
-
-
-@dataclass(frozen=True)
-class ExpertMapping:
-    """One expert's tensor of one MoE layer; `expert` is its global index."""
-    mcore: str
-    hf: tuple
+class ExpertPlacement:
+    """Where one expert's tensor lives at expert parallel EP (`expert`: its global index)."""
     expert: int
-    row_copy: ClassVar[bool] = False
-    stacked: ClassVar[bool] = False
-
-    def at(self, layer: int) -> "ExpertMapping":
-        return type(self)(self.mcore.format(i=layer), tuple(n.format(i=layer) for n in self.hf), self.expert)
 
     def ep_rank(self, cfg, ep_size: int) -> int:
         """The expert-parallel rank that holds this expert (Megatron-Core: contiguous blocks of E/EP)."""
@@ -76,67 +42,37 @@ class ExpertMapping:
 
     def local_mcore(self, cfg, ep_size: int) -> str:
         """This tensor's parameter name on its EP rank (local expert index)."""
-        return self.mcore.replace(f"local_experts.{self.expert}.", f"local_experts.{self.expert % (cfg.num_experts // ep_size)}.")
-
-    def tp_shard(self, full, dim, tp_rank, tp_size):
-        """Shard for expert-tensor-parallel rank `tp_rank` of `tp_size` (the ETP group, not the dense TP)."""
-        return full.chunk(tp_size, dim=dim)[tp_rank]
+        local = self.expert % (cfg.num_experts // ep_size)
+        return self.mcore.replace(f"local_experts.{self.expert}.", f"local_experts.{local}.")
 
 
 @dataclass(frozen=True)
-class ExpertGatedFC1(ExpertMapping):
-    """experts.{e}.gate_proj, up_proj [I, H] each -> local_experts.{e}.linear_fc1 = [gate; up] [2I, H]."""
-    stacked: ClassVar[bool] = True
-
-    def hf_shapes(self, cfg):
-        return [(cfg.moe_intermediate_size, cfg.hidden_size)] * 2
-
-    def mcore_shape(self, cfg):
-        return (2 * cfg.moe_intermediate_size, cfg.hidden_size)
-
-    def to_mcore(self, hf_tensors, cfg):
-        return torch.cat(hf_tensors, dim=0)
-
-    def to_hf(self, tensor, cfg):
-        gate, up = tensor.chunk(2, dim=0)
-        return [gate, up]
-
-    def tp_shard(self, full, dim, tp_rank, tp_size):
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp_size, dim=0)[tp_rank], up.chunk(tp_size, dim=0)[tp_rank]], dim=0)
+class ExpertGatedFC1(ExpertPlacement, GatedMLP):
+    """experts.{e}.gate_proj, up_proj [I, H] -> local_experts.{e}.linear_fc1 = [gate; up] [2I, H]; a rank of
+    the expert-tensor-parallel group holds [gate_r; up_r] (GatedMLP's split)."""
+    expert: int = 0
 
 
 @dataclass(frozen=True)
-class ExpertFC2(ExpertMapping):
+class ExpertFC2(ExpertPlacement, Copy):
     """experts.{e}.down_proj [H, I] <-> local_experts.{e}.linear_fc2 [H, I] (row-parallel: split along dim 1)."""
-    row_copy: ClassVar[bool] = True
-
-    def hf_shapes(self, cfg):
-        return [(cfg.hidden_size, cfg.moe_intermediate_size)]
-
-    def mcore_shape(self, cfg):
-        return (cfg.hidden_size, cfg.moe_intermediate_size)
-
-    def to_mcore(self, hf_tensors, cfg):
-        return hf_tensors[0]
-
-    def to_hf(self, tensor, cfg):
-        return [tensor]
+    expert: int = 0
 
 
-def expert_rows(num_experts: int) -> tuple:
+def _moe_rows(c) -> int:
+    return c.moe_intermediate_size
+
+
+def _down_shape(c) -> tuple:
+    return (c.hidden_size, c.moe_intermediate_size)
+
+
+def expert_rows(num_experts: int) -> tuple[TensorMapping, ...]:
     """The router and every expert's two tensors of one MoE layer, "{i}" unfilled, in checkpoint order."""
-    rows: list = [Router()]
+    rows: list[TensorMapping] = [ROUTER]
     for e in range(num_experts):
         x, h = f"{_L}mlp.experts.local_experts.{e}.", f"{_H}mlp.experts.{e}."
-        rows.append(ExpertGatedFC1(x + "linear_fc1.weight", (h + "gate_proj.weight", h + "up_proj.weight"), e))
-        rows.append(ExpertFC2(x + "linear_fc2.weight", (h + "down_proj.weight",), e))
+        rows.append(ExpertGatedFC1(x + "linear_fc1.weight", (h + "gate_proj.weight", h + "up_proj.weight"),
+                                   rows=_moe_rows, expert=e))
+        rows.append(ExpertFC2(x + "linear_fc2.weight", (h + "down_proj.weight",), shape=_down_shape, expert=e))
     return tuple(rows)
-
-
-def global_expert_name(local_name: str, ep_rank: int, num_local_experts: int) -> str:
-    """A parameter name with its local expert index replaced by the global one (unchanged when not an expert)."""
-    m = _LOCAL_EXPERT.match(local_name)
-    if not m:
-        return local_name
-    return f"{m.group(1)}{ep_rank * num_local_experts + int(m.group(2))}{m.group(3)}"
