@@ -1,5 +1,5 @@
 """Shared fixtures: tiny HF checkpoints (Qwen3 tied / untied / vocab 300 / real 151,936 vocab; Llama 3 tied and
-untied), converted once."""
+untied; Qwen3-MoE), converted once."""
 from __future__ import annotations
 
 import pytest
@@ -26,6 +26,8 @@ def ckpts(tmp_path_factory):
         # the second family (Llama 3: llama3 RoPE scaling, no q/k norm), untied and tied (sharded input)
         "llama": dict(preset="llama3-tiny", seed=4),
         "llama-tied": dict(preset="llama3-tiny-tied", seed=5, vocab_size=300, max_shard_size="200KB"),
+        # mixture of experts (Qwen3-MoE: router + 8 experts per layer, per-expert HF tensors; sharded input)
+        "moe": dict(preset="qwen3-moe-tiny", seed=6, vocab_size=300, max_shard_size="200KB"),
     }
     out = {}
     for name, spec in cases.items():

@@ -2,7 +2,9 @@
 load HF-converted checkpoints at TP2PP2 and TP1PP2xVPP2 (x DP2) and compare logits with
 transformers (tied, untied, the real 151,936-token vocabulary at TP2); save at TP2PP2 and check
 that it loads at TP1PP1 bit-exact and exports to the original HF tensors, the export done by
-rank 0 of the 4-rank world (which converts in a child process of its own)."""
+rank 0 of the 4-rank world (which converts in a child process of its own). The Qwen3-MoE checkpoint
+also loads at PP2 x EP2 and TP2 x EP2 x ETP2 (experts split over ranks and inside each expert) with the
+same logits, and saved at PP2 x EP2 it loads at TP1PP1 and exports bit-exact."""
 from __future__ import annotations
 
 import os
@@ -29,6 +31,7 @@ def _pipeline_logits(chunks, tok, pos):
     hidden = chunks[0].config.hidden_size
     out = None
     for v, chunk in enumerate(chunks):
+        chunk.eval()  # (an MoE layer at TP > 1 without sequence parallel runs only forward-only)
         first = pp_rank == 0 and v == 0
         last = pp_rank == pp - 1 and v == len(chunks) - 1
         if not first:
@@ -57,21 +60,24 @@ def _worker(rank, world_size, cases, save_root):
     from megatron_spot.platform import initialize
 
     results = {}
-    for layout in ("tp2pp2", "tp1pp2vpp2"):
-        parallel = (ParallelConfig(tensor_parallel=2, pipeline_parallel=2) if layout == "tp2pp2"
-                    else ParallelConfig(tensor_parallel=1, pipeline_parallel=2, virtual_pipeline=2))
+    layouts = {"tp2pp2": ParallelConfig(tensor_parallel=2, pipeline_parallel=2),
+               "tp1pp2vpp2": ParallelConfig(tensor_parallel=1, pipeline_parallel=2, virtual_pipeline=2),
+               "pp2ep2": ParallelConfig(pipeline_parallel=2, expert_parallel=2),
+               "tp2ep2": ParallelConfig(tensor_parallel=2, expert_parallel=2)}  # ETP = TP = 2
+    for layout, parallel in layouts.items():
         initialize(parallel, seed=0)
         for name, (ckpt, tok, pos, vocab) in cases.items():
-            if layout != "tp2pp2" and name == "vocab151936":
+            if (layout != "tp2pp2" and name == "vocab151936") or ("ep" in layout and name != "moe"):
                 continue
             cfg = model_ckpt.checkpoint_model_config(ckpt)
-            chunks = build_model_chunks(cfg, build_transformer_config(cfg, parallel, PrecisionConfig(dtype="fp32")))
+            chunks = build_model_chunks(cfg, build_transformer_config(cfg, parallel, PrecisionConfig(dtype="fp32"),
+                                                                      training=False))
             model_ckpt.load_model_checkpoint(chunks, ckpt)
             logits = _pipeline_logits(chunks, tok, pos)
             if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
                 assert logits.shape[-1] == cfg.padded_vocab_size
                 results[(layout, name)] = logits[..., :vocab].clone()
-            if layout == "tp2pp2" and name in ("untied", "tied"):
+            if (layout, name) in (("tp2pp2", "untied"), ("tp2pp2", "tied"), ("pp2ep2", "moe")):
                 model_ckpt.save_model_checkpoint(chunks, os.path.join(save_root, name), cfg, hf_side_files_from=ckpt)
     # the end-of-training export: one rank of a multi-rank world converts (in a child process)
     import torch.distributed as dist
@@ -89,7 +95,7 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     from megatron_spot.models import build_unsharded_model
 
     cases = {n: (ckpts[n]["mcore"], ckpts[n]["tok"], ckpts[n]["pos"], ckpts[n]["vocab"])
-             for n in ("untied", "tied", "vocab151936")}
+             for n in ("untied", "tied", "vocab151936", "moe")}
     save_root = str(tmp_path / "saved")
     per_rank = run_on_ranks(_worker, 4, args=(cases, save_root))
     results = {}
@@ -100,17 +106,18 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     src, dst = helpers.read_hf_tensors(ckpts["untied"]["hf"]), helpers.read_hf_tensors(export["out"])
     assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
     assert set(results) == {("tp2pp2", "untied"), ("tp2pp2", "tied"), ("tp2pp2", "vocab151936"),
-                            ("tp1pp2vpp2", "untied"), ("tp1pp2vpp2", "tied")}
+                            ("tp1pp2vpp2", "untied"), ("tp1pp2vpp2", "tied"), ("tp2pp2", "moe"),
+                            ("tp1pp2vpp2", "moe"), ("pp2ep2", "moe"), ("tp2ep2", "moe")}
     for (layout, name), logits in sorted(results.items()):
         diff = (logits - ckpts[name]["ref"]).abs().max().item()
         print(f"{layout} {name}: max abs logit diff vs transformers {diff:.3g}")
         assert diff <= 1e-4, (layout, name, diff)
 
-    # saved at TP2PP2 -> loads at TP1PP1 with the very same tensors, and exports to the original HF
-    for name in ("untied", "tied"):
+    # saved at TP2PP2 (MoE: PP2 x EP2) -> loads at TP1PP1 with the very same tensors, and exports to the original HF
+    for name in ("untied", "tied", "moe"):
         saved = os.path.join(save_root, name)
         meta = model_ckpt.read_checkpoint_metadata(saved)
-        assert meta["saved_layout"] == {"tp": 2, "pp": 2, "vpp": None} and meta["dtype"] == "fp32"
+        assert meta["saved_layout"] == {"tp": 1 if name == "moe" else 2, "pp": 2, "vpp": None} and meta["dtype"] == "fp32"
         assert os.path.isfile(os.path.join(saved, "chat_template.jinja"))
         cfg = model_ckpt.checkpoint_model_config(saved)
         a, b = build_unsharded_model(cfg, "fp32"), build_unsharded_model(cfg, "fp32")
@@ -120,7 +127,7 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
         assert set(pa) == set(pb)
         for k in pa:
             assert torch.equal(pa[k], pb[k]), (name, k)
-        if name == "tied":  # (untied: exported by rank 0 of the 4-rank world above)
+        if name != "untied":  # (untied: exported by rank 0 of the 4-rank world above)
             out = str(tmp_path / f"{name}-export")
             hc.convert_mcore_to_hf(saved, out, progress=False)
             src, dst = helpers.read_hf_tensors(ckpts[name]["hf"]), helpers.read_hf_tensors(out)

@@ -48,16 +48,18 @@ class Qwen3MoeConfig(Qwen3Config):
         if hf.get("shared_expert_intermediate_size"):
             raise ConfigError(f"{source}: shared_expert_intermediate_size={hf['shared_expert_intermediate_size']} "
                               "(a shared expert) is not supported; Qwen3-MoE has none")
-        missing = [k for k in ("num_experts", "moe_intermediate_size") if not hf.get(k)]
+        experts = _num_experts(hf, source)
+        missing = [k for k, v in (("num_experts", experts), ("moe_intermediate_size", hf.get("moe_intermediate_size")))
+                   if not v]
         if missing:
             raise ConfigError(f"{source}: missing field(s) {', '.join(missing)} (a Qwen3-MoE config.json names them)")
         top_k = hf.get("num_experts_per_tok", 8)
-        if not 1 <= top_k <= hf["num_experts"]:
-            raise ConfigError(f"{source}: num_experts_per_tok={top_k} must be between 1 and num_experts={hf['num_experts']}")
+        if not 1 <= top_k <= experts:
+            raise ConfigError(f"{source}: num_experts_per_tok={top_k} must be between 1 and num_experts={experts}")
 
     @classmethod
     def _family_fields(cls, hf: dict[str, Any], rope: dict[str, Any], source: str) -> dict[str, Any]:
-        return dict(num_experts=int(hf["num_experts"]), num_experts_per_tok=int(hf.get("num_experts_per_tok", 8)),
+        return dict(num_experts=int(_num_experts(hf, source)), num_experts_per_tok=int(hf.get("num_experts_per_tok", 8)),
                     moe_intermediate_size=int(hf["moe_intermediate_size"]),
                     # transformers' default is False; every released Qwen3-MoE sets it true
                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
@@ -143,6 +145,14 @@ class Qwen3MoeConfig(Qwen3Config):
             out.append(f"parallel.expert_tensor_parallel={etp} does not divide moe_intermediate_size "
                        f"{self.moe_intermediate_size}")
         return out
+
+
+def _num_experts(hf: dict[str, Any], source: str) -> Optional[int]:
+    """The released config.json says num_experts; transformers 5 writes it as num_local_experts."""
+    a, b = hf.get("num_experts"), hf.get("num_local_experts")
+    if a and b and a != b:
+        raise ConfigError(f"{source}: num_experts={a} and num_local_experts={b} disagree")
+    return a or b
 
 
 def _preset(vocab, hidden, inter, moe_inter, layers, heads, kv, experts, top_k, **extra) -> dict[str, Any]:
