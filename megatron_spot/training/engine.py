@@ -33,7 +33,8 @@ class Engine:
         self.timers = timers
         self.model_cfg = model_cfg
         self.total_steps = max(1, total_steps)
-        self.transformer_config = build_transformer_config(model_cfg, cfg.parallel, cfg.precision, cfg.recompute)
+        self.transformer_config = build_transformer_config(model_cfg, cfg.parallel, cfg.precision, cfg.recompute,
+                                                           moe=cfg.moe, training=trainable)
         if timers is not None:
             self.transformer_config.timers = timers
         self.packing = bool(cfg.data.packing)
@@ -49,6 +50,12 @@ class Engine:
                                     fused_linear_loss=cfg.model.fused_linear_loss)  # the config's loss head
         if load_weights is not None:
             load_weights(chunks)  # before the optimizer copies fp32 main params from the model
+        self.moe_metrics = None  # mixture of experts: load-balancing loss and expert load of each step
+        if trainable and model_cfg.num_moe_experts:
+            from megatron_spot.training.moe_metrics import MoEStepMetrics
+
+            self.moe_metrics = MoEStepMetrics(chunks, model_cfg.num_hidden_layers, model_cfg.num_moe_experts,
+                                              sequence_parallel=cfg.parallel.sequence_parallel)
         self.device = current_device()
         self.pp_last = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.pp_first = ps.is_pipeline_first_stage(ignore_virtual=True)
@@ -225,6 +232,8 @@ class Engine:
         loss_func = self._timed("loss-compute", self._packed_train_loss if self.packing else self._train_loss)
         reported = self._run_schedule(micro_batches, loss_func, forward_only=False)
         metrics = self._reduce_metrics(reported)
+        if self.moe_metrics is not None:  # collective, on every rank
+            metrics.update(self.moe_metrics.collect(len(micro_batches)))
         lr = self.optimizer.param_groups[0]["lr"]
         # Megatron's FP32/BF16 optimizers apply an update whatever the gradients hold: check the loss
         # and the reduced gradients first, so a diverged step never reaches the weights (train.py

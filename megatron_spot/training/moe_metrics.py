@@ -7,8 +7,9 @@ expert load.
 - Expert load: a forward hook on every router counts the tokens routed to each expert (its routing
   map, before the all-to-all). Counted only when autograd records (training forwards; Megatron's
   activation recompute runs the first forward without grad), so reference scoring and evaluation do
-  not count. Summed over the ranks that see different tokens, the per-layer max / mean tokens per expert
-  (1.0 = perfectly balanced) is what an aux-loss coefficient is meant to hold down.
+  not count. Summed over the ranks that see different tokens, each layer's max / mean tokens per expert
+  (1.0 = perfectly balanced) is what an aux-loss coefficient is meant to hold down; with expert parallel
+  the busiest expert's rank sets the step time.
 
 Every call of :meth:`collect` is collective (all ranks, same order) and clears what it reports.
 """
@@ -55,7 +56,10 @@ class MoEStepMetrics:
         self._handles = []
 
     def collect(self, num_micro_batches: int) -> dict:
-        """{moe_aux_loss..., moe_expert_load: [{layer, max, mean, max_over_mean}]} for the step just run."""
+        """The step just run: moe_aux_loss (and the other load-balancing losses that are on), the tokens routed to
+        the busiest expert of each MoE layer (moe_expert_load_max, a list in layer order), the tokens per expert
+        if balanced (moe_expert_load_mean) and the worst layer's max / mean (moe_load_imbalance, 1.0 =
+        balanced)."""
         import torch.distributed as dist
         from megatron.core import parallel_state as ps
         from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
@@ -81,14 +85,11 @@ class MoEStepMetrics:
         if not self.sequence_parallel:
             tokens /= ps.get_tensor_model_parallel_world_size()
         self.tokens.zero_()
-        load = []
-        for layer in range(self.num_layers):
-            row = tokens[layer]
-            if row.sum() == 0:  # not an MoE layer (or no training forward this step)
-                continue
-            mean = row.mean().item()
-            load.append({"layer": layer, "max": round(row.max().item()), "mean": mean,
-                         "max_over_mean": row.max().item() / mean})
-        if load:
-            out["moe_expert_load"] = load
+        moe_layers = tokens.sum(dim=1) > 0  # (layers without a router, or no training forward: left out)
+        if moe_layers.any():
+            tokens = tokens[moe_layers]
+            mean = tokens.mean(dim=1)  # = routed tokens x top-k / experts: the same in every MoE layer
+            out["moe_expert_load_max"] = [round(v) for v in tokens.max(dim=1).values.tolist()]
+            out["moe_expert_load_mean"] = float(mean.mean())
+            out["moe_load_imbalance"] = float((tokens.max(dim=1).values / mean).max())
         return out

@@ -161,9 +161,40 @@ def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
     meter = MoEStepMetrics([model], num_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts)
     with torch.no_grad():  # not counted: no autograd (reference scoring, evaluation)
         model.train()(x, pos, None)
-    model.train()(x, pos, None).sum().backward()
-    out["metrics"] = meter.collect(num_micro_batches=1)
+    model.train()(x, pos, None)  # a training forward (no backward: Megatron-Core's aux-loss scale is the
+    out["metrics"] = meter.collect(num_micro_batches=1)  # pipeline schedule's to set, as in the engine below)
+    meter.remove()
+    # SPoT training through the engine at EP1 and EP2 (DP2 both), the same global batch
+    from tests.tiny import random_pairs_batch
+
+    global_batch = [random_pairs_batch(1, 8, 16, cfg.vocab_size, seed=100 + i) for i in range(4)]
+    out["train"] = {(ep, aux): _train(cfg, full, global_batch, ep, aux) for ep, aux in ((1, 0.0), (2, 0.0), (2, None))}
     return out
+
+
+TRAIN_STEPS = 4
+
+
+def _train(cfg, full, global_batch, ep, aux_loss_coeff):
+    """Per-step losses and the last step's metrics of spot-bco training (fp32, AdamW, distributed optimizer)."""
+    from megatron_spot.config import TrainConfig
+    from megatron_spot.platform import initialize
+    from megatron_spot.training.engine import Engine
+
+    tc = TrainConfig()
+    tc.parallel.expert_parallel = ep
+    tc.loss.objective = "spot-bco"
+    tc.optimizer.lr, tc.optimizer.warmup_fraction = 1e-3, 0.0
+    tc.moe.aux_loss_coeff = aux_loss_coeff
+    info = initialize(tc.parallel, seed=7)
+    engine = Engine(tc, cfg, total_steps=TRAIN_STEPS,
+                    load_weights=lambda chunks: state_dict_adapter.load_full_state_dict(chunks, full))
+    per_rank = len(global_batch) // info.dp
+    mine = [dict(mb) for mb in global_batch[info.dp_rank * per_rank:(info.dp_rank + 1) * per_rank]]
+    for mb, seq in zip(mine, engine.sequence_logps(mine)):  # reference = the starting model
+        mb["ref_logps"] = seq.float()
+    steps = [engine.train_step(mine) for _ in range(TRAIN_STEPS)]
+    return {"losses": [s["loss"] for s in steps], "last": steps[-1], "dp": info.dp}
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +210,7 @@ def test_megatron_moe_matches_transformers(logits_at_ep1_and_ep2, ep):
     equal transformers' Qwen3MoeForCausalLM, on both ranks' different tokens."""
     for rank, result in enumerate(logits_at_ep1_and_ep2):
         r = result[ep]
+        print(f"EP{ep} rank {rank}: max abs logit diff vs transformers {r['diff']:.3g}")
         assert r["local_experts"] == 8 // ep, r
         assert r["scale"] > 0.1, r  # real logits, not a degenerate model
         assert r["diff"] <= 1e-5, (rank, r)
@@ -207,9 +239,29 @@ def test_step_metrics_report_aux_loss_and_expert_load(hf_checkpoint, logits_at_e
     for result in logits_at_ep1_and_ep2:
         metrics = result["metrics"]
         assert metrics["moe_aux_loss"] == pytest.approx(expected_aux, rel=1e-5)
-        load = metrics["moe_expert_load"]
-        assert [entry["layer"] for entry in load] == [0, 1, 2, 3]
-        for entry, row in zip(load, counts):
-            assert entry["max"] == row.max().item() and entry["mean"] == pytest.approx(row.mean().item())
-            assert entry["max_over_mean"] == pytest.approx((row.max() / row.mean()).item())
+        assert metrics["moe_expert_load_max"] == counts.max(dim=1).values.tolist()  # per layer
+        assert metrics["moe_expert_load_mean"] == counts.mean().item() == 2 * 2 * 24 * k / experts  # ranks x rows x len
+        assert metrics["moe_load_imbalance"] == pytest.approx((counts.max(dim=1).values / counts.mean()).max().item())
     assert counts.max() > counts.mean() * 1.2  # a load worth measuring: not uniform by construction
+
+
+@pytest.mark.slow
+def test_expert_parallel_trains_like_one_rank(logits_at_ep1_and_ep2):
+    """With the aux-loss coefficient 0, spot-bco losses at EP2 equal EP1's step by step (fp32; the experts'
+    gradients are summed in another order, nothing else differs); the released coefficient (0.001) adds
+    the load-balancing loss's gradient and logs it with the expert load."""
+    train = logits_at_ep1_and_ep2[0]["train"]
+    ep1, ep2, released = train[(1, 0.0)], train[(2, 0.0)], train[(2, None)]
+    assert ep1["dp"] == ep2["dp"] == 2
+    assert len(set(ep1["losses"])) == TRAIN_STEPS  # it trains: every step's loss differs
+    print(f"spot-bco losses EP1 {ep1['losses']} EP2 {ep2['losses']}: max diff "
+          f"{max(abs(a - b) for a, b in zip(ep1['losses'], ep2['losses'])):.3g}")
+    for a, b in zip(ep1["losses"], ep2["losses"]):
+        assert abs(a - b) <= 1e-5, (ep1["losses"], ep2["losses"])
+    assert "moe_aux_loss" not in ep2["last"] and len(ep2["last"]["moe_expert_load_max"]) == 4
+    assert released["last"]["moe_aux_loss"] > 0 and released["last"]["moe_load_imbalance"] >= 1.0
+    assert released["losses"][0] == pytest.approx(ep2["losses"][0], abs=1e-6)  # aux loss: not in the SPoT loss
+    assert released["losses"][1:] != ep2["losses"][1:]  # but its gradient moved the routers
+    # every rank reports the same metrics
+    assert [r["train"][(2, None)]["last"]["moe_aux_loss"] for r in logits_at_ep1_and_ep2] == \
+        [released["last"]["moe_aux_loss"]] * 2
