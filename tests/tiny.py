@@ -39,6 +39,15 @@ def hf_model_of(cfg: GPTConfig, seed: int = 0):
     return model
 
 
+def hf_state_dict(model) -> dict:
+    """A transformers model's tensors under their checkpoint-file names (what save_pretrained writes and the
+    converter reads): transformers 5 keeps some fused in memory (Qwen3-MoE's experts as 3-D gate_up_proj /
+    down_proj) and splits them when it saves; for other models this is model.state_dict()."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, model.state_dict())
+
+
 def hf_model(preset: str = "qwen3-tiny", seed: int = 0, **changes):
     """(cfg, model): the preset's config with `changes` (config fields, e.g. vocab_size=300) and
     hf_model_of(cfg, seed)."""

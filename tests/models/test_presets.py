@@ -1,4 +1,4 @@
-"""Every family's presets (Qwen3, Llama 3.x), config validation, parameter counts and parity with transformers."""
+"""Every family's presets (Qwen3, Qwen3-MoE, Llama 3.x), config validation, parameter counts and parity with transformers."""
 import pytest
 import torch
 
@@ -97,9 +97,13 @@ def shrunk(preset: str):
     q_width = heads * head_dim
     hidden = 8 * max(1, round(q_width * full.hidden_size / (full.num_attention_heads * full.head_dim) / 8))
     inter = 8 * max(1, round(hidden * full.intermediate_size / full.hidden_size / 8))
+    moe = {}
+    if full.num_moe_experts:  # 16 experts keep the released top-8 routing selective; the expert width ratio kept
+        moe = dict(num_experts=16, moe_intermediate_size=8 * max(1, round(hidden * full.moe_intermediate_size
+                                                                           / full.hidden_size / 8)))
     return replace(full, vocab_size=300, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
                    num_attention_heads=heads, num_key_value_heads=groups, head_dim=head_dim,
-                   max_position_embeddings=256)
+                   max_position_embeddings=256, **moe)
 
 
 def test_shrunk_presets_keep_the_architecture_flags():
@@ -117,7 +121,7 @@ def _single_rank(rank, world_size):
     from megatron_spot.models import build_model_chunks, build_transformer_config, meta_parameter_count
     from megatron_spot.models.gpt.state_dict import hf_to_mcore_state_dict, load_full_state_dict
     from megatron_spot.platform import cpu_compat, initialize
-    from tests.tiny import hf_model, hf_model_of
+    from tests.tiny import hf_model, hf_model_of, hf_state_dict
 
     initialize(ParallelConfig(), seed=3)
     out = {"compat": cpu_compat.is_applied(), "cuda_factory": torch.empty(2, device="cuda").device.type,
@@ -127,7 +131,7 @@ def _single_rank(rank, world_size):
     for preset, (cfg, hf) in models.items():
         hf = hf if hf is not None else hf_model_of(cfg, seed=1)
         chunks = build_model_chunks(cfg, build_transformer_config(cfg, ParallelConfig(), PrecisionConfig()))
-        load_full_state_dict(chunks, hf_to_mcore_state_dict(hf.state_dict(), cfg))
+        load_full_state_dict(chunks, hf_to_mcore_state_dict(hf_state_dict(hf), cfg))
         tokens = torch.randint(0, cfg.vocab_size, (3, 40), generator=torch.Generator().manual_seed(0))
         pos = torch.arange(40).unsqueeze(0).expand(3, 40)
         with torch.no_grad():
@@ -141,7 +145,7 @@ def _single_rank(rank, world_size):
         for granularity in (None, "full"):
             tc = build_transformer_config(cfg, ParallelConfig(), PrecisionConfig(), RecomputeConfig(granularity=granularity))
             model = build_model_chunks(cfg, tc)[0]
-            load_full_state_dict([model], hf_to_mcore_state_dict(hf.state_dict(), cfg))
+            load_full_state_dict([model], hf_to_mcore_state_dict(hf_state_dict(hf), cfg))
             model(tokens, pos, None).square().mean().backward()
             grads.append(model.decoder.layers[0].mlp.linear_fc1.weight.grad.clone())
         out[preset + "/recompute"] = (grads[0] - grads[1]).abs().max().item()
