@@ -1,7 +1,10 @@
 """Every family other than Qwen3 through the whole pipeline on CPU: a tiny Llama-3.1-style model (llama3 RoPE
-scaling on) is converted, its pairs packed, reference log-probs scored and SPoT trained at TP1 (DP2) and TP2;
-per-step losses of spot-bco (TRL's bco_pair) and dpo (TRL's sigmoid) equal the plain PyTorch + transformers
-implementation of the same recipe (tests/training/recipe.py) for 10 steps.
+scaling on) and a tiny Qwen3-MoE (8 experts, top-2) are converted, their pairs packed, reference log-probs
+scored and SPoT trained at TP1 (DP2) and TP2 (Llama) or EP1 and EP2 (Qwen3-MoE, both DP2); per-step losses
+of spot-bco (TRL's bco_pair) and dpo (TRL's sigmoid) equal the plain PyTorch + transformers implementation
+of the same recipe (tests/training/recipe.py) for 10 steps. The MoE runs use aux-loss coefficient 0: what
+TRL 0.20 trains with the released Qwen3-MoE config (output_router_logits false: no aux loss). An EP2 run
+resumed from its step-5 checkpoint repeats steps 6..10 exactly.
 """
 import os
 
@@ -12,11 +15,19 @@ from tests.multiprocess import run_on_ranks
 from tests.training.recipe import overrides, reference_losses
 
 STEPS = 10
-FAMILY_PRESETS = ["llama3-tiny"]  # tied Llama and every layout: tests/platform/test_layouts.py
-LAYOUTS = [(1, 1), (2, 1)]  # (tp, pp) on 2 ranks: TP1 x DP2 and TP2 x DP1
+FAMILY_PRESETS = ["llama3-tiny", "qwen3-moe-tiny"]  # tied Llama and every layout: tests/platform/test_layouts.py
+# (tp, pp, ep) on 2 ranks: TP1 x DP2 and TP2 x DP1; MoE: EP1 x DP2 and EP2 x DP2 (training an MoE model at
+# TP2 needs sequence parallel, a GPU feature)
+LAYOUTS = {"llama3-tiny": [(1, 1, 1), (2, 1, 1)], "qwen3-moe-tiny": [(1, 1, 1), (1, 1, 2)]}
+MOE = {"qwen3-moe-tiny"}
+RESUME_FROM = 5
 
 
-def _worker(rank, world_size, ws):
+def _losses_of(summary) -> list:
+    return [h["loss"] for h in summary["history"]]
+
+
+def _worker(rank, world_size, ws, preset):
     from megatron_spot.config import TrainConfig, load_config
     from megatron_spot.train import run
     from megatron_spot.training.reference import score_reference
@@ -24,12 +35,22 @@ def _worker(rank, world_size, ws):
     out = {}
     score_reference(load_config(TrainConfig, None, overrides(ws, os.path.join(ws["root"], "score"), tp=1, pp=1,
                                                              steps=STEPS)), progress=False)
-    for tp, pp in LAYOUTS:
+    for tp, pp, ep in LAYOUTS[preset]:
+        extra = [f"parallel.expert_parallel={ep}", "moe.aux_loss_coeff=0"] if preset in MOE else []
         for objective in ("spot-bco", "dpo"):
-            run_dir = os.path.join(ws["root"], f"run_{objective}_tp{tp}pp{pp}")
-            summary = run(load_config(TrainConfig, None, overrides(ws, run_dir, objective, tp, pp, steps=STEPS)))
-            out[(tp, pp, objective)] = {"losses": [h["loss"] for h in summary["history"]],
-                                        "margin": summary["history"][-1]["rewards/margin"]}
+            resumable = preset in MOE and ep > 1 and objective == "spot-bco"
+            run_dir = os.path.join(ws["root"], f"run_{objective}_tp{tp}pp{pp}ep{ep}")
+            summary = run(load_config(TrainConfig, None, overrides(
+                ws, run_dir, objective, tp, pp, steps=STEPS,
+                extra=extra + ([f"run.save_interval={RESUME_FROM}"] if resumable else []))))
+            out[(tp, pp, ep, objective)] = {"losses": _losses_of(summary),
+                                            "margin": summary["history"][-1]["rewards/margin"],
+                                            "last": summary["history"][-1]}
+            if resumable:  # a new run from the step-5 checkpoint (model, optimizer, data position)
+                ckpt = os.path.join(run_dir, "checkpoints", f"step_{RESUME_FROM:07d}")
+                resumed = run(load_config(TrainConfig, None, overrides(
+                    ws, run_dir + "_resumed", objective, tp, pp, steps=STEPS, extra=extra + [f"run.load={ckpt}"])))
+                out["resumed"] = {"uninterrupted": _losses_of(summary)[RESUME_FROM:], "resumed": _losses_of(resumed)}
     return out
 
 
@@ -38,7 +59,7 @@ def family_run(request, tmp_path_factory):
     from tests.tiny import build_train_workspace
 
     ws = build_train_workspace(str(tmp_path_factory.mktemp(request.param)), num_pairs=8 * STEPS, preset=request.param)
-    return ws, run_on_ranks(_worker, world_size=2, args=(ws,))[0]
+    return ws, request.param, run_on_ranks(_worker, world_size=2, args=(ws, request.param))[0]
 
 
 _REFERENCE: dict = {}
@@ -53,12 +74,27 @@ def _reference(ws, objective, dp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp, pp", LAYOUTS, ids=[f"tp{t}pp{p}" for t, p in LAYOUTS])
 @pytest.mark.parametrize("objective", ["spot-bco", "dpo"])
-def test_family_trains_like_the_plain_pytorch_reference(family_run, tp, pp, objective):
-    ws, results = family_run
-    got = results[(tp, pp, objective)]
-    assert len(got["losses"]) == STEPS
-    assert abs(got["margin"]) > 1e-2 and abs(got["losses"][-1] - got["losses"][0]) > 1e-2  # training moved
-    ref = _reference(ws, objective, dp=2 // (tp * pp))  # 2 ranks
-    np.testing.assert_allclose(got["losses"][1:], ref[1:], rtol=1e-5)
+def test_family_trains_like_the_plain_pytorch_reference(family_run, objective):
+    ws, preset, results = family_run
+    for tp, pp, ep in LAYOUTS[preset]:
+        got = results[(tp, pp, ep, objective)]
+        assert len(got["losses"]) == STEPS
+        # training moved: the reward margin and the loss clear of float noise (~1e-6; the tiny MoE's dpo loss
+        # moves 3.1e-3 in 10 steps at a 0.108 margin)
+        assert abs(got["margin"]) > 1e-2 and abs(got["losses"][-1] - got["losses"][0]) > 1e-3
+        ref = _reference(ws, objective, dp=2 // (tp * pp))  # 2 ranks
+        np.testing.assert_allclose(got["losses"][1:], ref[1:], rtol=1e-5, err_msg=f"{preset} tp{tp} pp{pp} ep{ep}")
+
+
+@pytest.mark.slow
+def test_moe_resume_is_exact_and_logs_expert_load(family_run):
+    ws, preset, results = family_run
+    if preset not in MOE:
+        pytest.skip("mixture-of-experts only")
+    resumed = results["resumed"]
+    assert len(resumed["resumed"]) == STEPS - RESUME_FROM
+    assert resumed["resumed"] == resumed["uninterrupted"]  # bit-exact
+    last = results[(1, 1, 2, "spot-bco")]["last"]
+    assert len(last["moe_expert_load_max"]) == 4 and last["moe_expert_load_mean"] > 0
+    assert last["moe_load_imbalance"] >= 1.0 and "moe_aux_loss" not in last  # coefficient 0: no aux loss
