@@ -195,12 +195,14 @@ def _layout(args, model_cfg, world: int, on_gpu: bool, recipe=None):
     if args.predict_only:  # FP8/SP need TE here; a prediction for a GPU cluster must not check this box
         checked = copy.deepcopy(cfg)
         checked.parallel.sequence_parallel, checked.precision.fp8 = False, None
-    plan = plan_run(checked, world, model=model_cfg)
+    # (an MoE model trains at TP > 1 only with sequence parallel: requested here, that is the GPU's to check)
+    plan = plan_run(checked, world, model=model_cfg,
+                    training_rules=not (args.predict_only and cfg.parallel.sequence_parallel))
     m = plan.micro_batches_per_step
     if args.vpp and args.vpp > 1 and m % args.pp:
         raise ConfigError(f"interleaved pipelines need --num-micro-batches ({m}) divisible by --pp ({args.pp})")
     layout = StepShape(tp=plan.layout.tp, pp=plan.layout.pp, vpp=args.vpp, dp=plan.layout.dp, cp=plan.layout.cp,
-                       micro_batch_size=plan.micro_batch_size, num_micro_batches=m, seq_length=args.seq_length,
+                       ep=plan.layout.ep, etp=plan.layout.etp, micro_batch_size=plan.micro_batch_size, num_micro_batches=m, seq_length=args.seq_length,
                        dtype=dtype, fp8=fp8, recompute=cfg.recompute.granularity,
                        sequence_parallel=bool(args.sequence_parallel),
                        distributed_optimizer=cfg.parallel.use_distributed_optimizer, flash_attention=on_gpu,

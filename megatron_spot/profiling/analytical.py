@@ -19,6 +19,13 @@ an 8x or 64x H100 run. Conventions:
   selective recompute, and ``2 sbh`` (the layer input) with full recompute. The same per-tensor
   derivation is redone here for a Qwen3 / Llama layer (RMSNorm, GQA, qk-norm where present, SwiGLU, no dropout) -- see
   :func:`layer_activation_bytes`; :func:`korthikanti_gpt_layer_bytes` is the paper's formula itself.
+* Mixture of experts: expert weights are split over EP x ETP instead of TP, and their gradients and
+  optimizer state shard over the expert-data-parallel group (world / (ETP x EP x PP)); FLOPs count the
+  top-k experts a token reaches (the active parameters). The MLP activations keep the dense formula with
+  the config's intermediate_size: Qwen3-MoE's released intermediate_size equals top-k x
+  moe_intermediate_size (8 x 768 = 6144, 8 x 1536 = 12288), what each token's experts hold together; the
+  dispatcher's permutation buffers are not counted. The all-to-all volume (dispatch and combine, forward
+  and backward) is reported, not turned into time.
 * Pipelining (1F1B): stage i keeps min(PP - i, m) micro-batches of activations alive, so stage 0
   holds PP of them; the interleaved schedule keeps (1 + (PP-1)/(PP*VPP)) x PP micro-batches' worth of
   its layers (paper, Sec. 4.2.3). Bubble: (PP-1)/(m*VPP) of the ideal compute time (Narayanan et al.,
@@ -48,6 +55,9 @@ class StepShape:
     # context parallel: each sequence is split over cp ranks (activations per rank / cp; the
     # distributed optimizer shards over DP x CP, as Megatron-Core's data-parallel-with-CP group does)
     cp: int = 1
+    # mixture of experts: expert parallel and the tensor parallel inside each expert (None: = tp)
+    ep: int = 1
+    etp: Optional[int] = None
     micro_batch_size: int = 1
     num_micro_batches: int = 1
     seq_length: int = 2048
@@ -64,6 +74,15 @@ class StepShape:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def expert_tp(self) -> int:
+        return self.tp if self.etp is None else self.etp
+
+    @property
+    def expert_dp(self) -> int:
+        """The expert-data-parallel size: world / (ETP x EP x PP) (Megatron-Core's expert grid)."""
+        return max(1, self.world_size // (self.expert_tp * self.ep * self.pp))
 
     @property
     def rows(self) -> int:  # sequences per micro-batch
@@ -103,15 +122,24 @@ def step_flops(cfg: GPTConfig, layout: StepShape, executed: bool = False, vocab:
 
 # --------------------------------------------------------------------------------------------------
 # Parameters and model-state memory
-def layer_parameters(cfg: GPTConfig, tp: int = 1) -> int:
-    # matmul weights are split by TP; norms (input/pre-MLP RMSNorm, q/k norms where the family has them) are not
-    return cfg.layer_matmul_parameters() // tp + cfg.layer_norm_parameters()
+def layer_parameters(cfg: GPTConfig, tp: int = 1, ep: int = 1, etp: Optional[int] = None) -> int:
+    # matmul weights are split by TP, routed experts by EP x ETP; norms (input/pre-MLP RMSNorm, q/k norms where
+    # the family has them) are not split
+    return layer_dense_parameters(cfg, tp) + layer_expert_parameters(cfg, ep, tp if etp is None else etp)
+
+
+def layer_dense_parameters(cfg: GPTConfig, tp: int = 1) -> int:
+    return (cfg.layer_matmul_parameters() - cfg.layer_expert_parameters()) // tp + cfg.layer_norm_parameters()
+
+
+def layer_expert_parameters(cfg: GPTConfig, ep: int = 1, etp: int = 1) -> int:
+    return cfg.layer_expert_parameters() // (ep * etp)
 
 
 def stage_parameters(cfg: GPTConfig, layout: StepShape, stage: int) -> int:
     """Parameters held by a rank of pipeline stage `stage` (all its virtual chunks), padded vocab."""
     layers = cfg.num_hidden_layers // layout.pp
-    n = layers * layer_parameters(cfg, layout.tp)
+    n = layers * layer_parameters(cfg, layout.tp, layout.ep, layout.etp)
     emb = cfg.padded_vocab_size * cfg.hidden_size // layout.tp
     first, last = stage == 0, stage == layout.pp - 1
     if first:
@@ -125,12 +153,33 @@ def stage_parameters(cfg: GPTConfig, layout: StepShape, stage: int) -> int:
 
 def model_state_bytes(cfg: GPTConfig, layout: StepShape, stage: int = 0) -> dict:
     n = stage_parameters(cfg, layout, stage)
+    # routed experts' optimizer state shards over the expert-data-parallel group, the rest over DP x CP
+    experts = cfg.num_hidden_layers // layout.pp * layer_expert_parameters(cfg, layout.ep, layout.expert_tp)
     shard = layout.dp * layout.cp if layout.distributed_optimizer else 1
-    if layout.dtype == "fp32":
-        weights, grads, opt = 4 * n, 4 * n, 8 * n / shard
-    else:
-        weights, grads, opt = 2 * n, 4 * n, 12 * n / shard
-    return {"parameters": n, "weights": weights, "grads": grads, "optimizer": int(math.ceil(opt))}
+    expert_shard = layout.expert_dp if layout.distributed_optimizer else 1
+    per_param = 8 if layout.dtype == "fp32" else 12  # fp32 main copy (unless fp32 params) + Adam m and v
+    opt = per_param * ((n - experts) / shard + experts / expert_shard)
+    weights = (4 if layout.dtype == "fp32" else 2) * n
+    out = {"parameters": n, "weights": weights, "grads": 4 * n, "optimizer": int(math.ceil(opt))}
+    if experts:
+        out["expert_parameters"] = experts
+    return out
+
+
+def all_to_all_bytes(cfg: GPTConfig, layout: StepShape) -> float:
+    """Bytes one rank sends through the MoE token dispatcher in one step: for every MoE layer of its stage
+    and micro-batch, its tokens x top-k hidden vectors go out (dispatch) and come back (combine), forward
+    and again in backward; the share that stays on the rank, 1/EP, does not cross. 0 when dense or EP1."""
+    top_k = getattr(cfg, "num_experts_per_tok", 0)
+    if not cfg.layer_expert_parameters() or layout.ep == 1 or not top_k:
+        return 0.0
+    p = BYTES_PER_ELEMENT[layout.dtype]
+    tokens = layout.rows * -(-layout.seq_length // layout.cp)  # this rank's tokens of one micro-batch
+    if layout.sequence_parallel:
+        tokens /= layout.tp
+    layers = cfg.num_hidden_layers // layout.pp
+    per_layer = 4 * tokens * top_k * cfg.hidden_size * p * (layout.ep - 1) / layout.ep
+    return per_layer * layers * layout.num_micro_batches
 
 
 # --------------------------------------------------------------------------------------------------
@@ -253,6 +302,7 @@ class Prediction:
     tokens_per_step: int
     bubble_fraction: float
     memory: dict
+    all_to_all_bytes_per_rank: float = 0.0  # MoE token dispatch + combine of one step (see all_to_all_bytes)
     peak_tflops: Optional[float] = None
     assumed_mfu: Optional[float] = None
     step_time_s: Optional[float] = None
@@ -274,7 +324,8 @@ def predict(cfg: GPTConfig, layout: StepShape, peak_tflops: Optional[float] = No
     pred = Prediction(layout=asdict(layout), flops_per_step=flops, executed_flops_per_step=executed,
                       tokens_per_step=layout.tokens_per_step,
                       bubble_fraction=bubble_fraction(layout.pp, layout.num_micro_batches, layout.vpp),
-                      memory=memory_per_rank(cfg, layout), peak_tflops=peak_tflops, assumed_mfu=assumed_mfu)
+                      memory=memory_per_rank(cfg, layout), all_to_all_bytes_per_rank=all_to_all_bytes(cfg, layout),
+                      peak_tflops=peak_tflops, assumed_mfu=assumed_mfu)
     if peak_tflops and assumed_mfu:
         compute = executed / layout.world_size / (peak_tflops * 1e12 * assumed_mfu)
         pred.step_time_s = compute * (1 + pred.bubble_fraction)

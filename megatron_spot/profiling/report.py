@@ -12,8 +12,10 @@ GiB = 2**30
 
 def print_prediction(d: dict, model_cfg) -> None:
     L = d["layout"]
+    experts = f" EP{L['ep']}" + (f" ETP{L['etp']}" if L.get("etp") not in (None, L["tp"]) else "") \
+        if L.get("ep", 1) > 1 or L.get("etp") not in (None, L["tp"]) else ""
     print(f"Prediction: {d.get('gpu', '?')} x {d['world_size']}, TP{L['tp']} PP{L['pp']}"
-          f"{' VPP' + str(L['vpp']) if L['vpp'] else ''} DP{L['dp']}, {L['dtype']}{' + FP8' if L['fp8'] else ''}, "
+          f"{' VPP' + str(L['vpp']) if L['vpp'] else ''} DP{L['dp']}{experts}, {L['dtype']}{' + FP8' if L['fp8'] else ''}, "
           f"mbs {L['micro_batch_size']} pairs x {L['num_micro_batches']} micro-batches, seq {L['seq_length']}")
     print(f"  tokens/step {d['tokens_per_step']:,}  model FLOPs/step {d['flops_per_step']:.3e}  "
           f"bubble {d['bubble_fraction']:.1%} of compute")
@@ -21,6 +23,9 @@ def print_prediction(d: dict, model_cfg) -> None:
         print(f"  at {d['assumed_mfu']:.0%} of {d['peak_tflops']:.0f} TFLOP/s: step {d['step_time_s']:.3f} s, "
               f"{d['tokens_per_s']:,.0f} tokens/s ({d['tokens_per_s'] / d['world_size']:,.0f} per GPU), "
               f"{d['tflops_per_device']:.0f} model TFLOP/s per GPU")
+    if d.get("all_to_all_bytes_per_rank"):
+        print(f"  MoE all-to-all (dispatch + combine, forward + backward): "
+              f"{d['all_to_all_bytes_per_rank'] / GiB:.2f} GiB sent per GPU per step")
     for st in d["memory"]["stages"]:
         print(f"  stage {st['stage']}: weights {st['weights'] / GiB:.2f} GiB, grads {st['grads'] / GiB:.2f}, "
               f"optimizer {st['optimizer'] / GiB:.2f}, activations {st['activations'] / GiB:.2f} -> "

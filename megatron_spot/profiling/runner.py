@@ -182,7 +182,9 @@ def run_profile(cfg: TrainConfig, model_cfg: GPTConfig, steps: int, warmup_steps
     device = engine.device
     L, pairs = cfg.data.seq_length, cfg.data.micro_batch_size
     layout = analytical.StepShape(
-        tp=info.tp, pp=info.pp, vpp=info.vpp, dp=info.dp, micro_batch_size=pairs,
+        tp=info.tp, pp=info.pp, vpp=info.vpp, dp=info.dp, ep=info.layout.ep if info.layout else 1,
+        etp=info.layout.etp if info.layout else None,
+        micro_batch_size=pairs,
         num_micro_batches=num_micro_batches, seq_length=L, dtype=cfg.precision.dtype, fp8=fp8,
         recompute=cfg.recompute.granularity, sequence_parallel=cfg.parallel.sequence_parallel,
         distributed_optimizer=cfg.parallel.use_distributed_optimizer,

@@ -28,18 +28,20 @@ class RunPlan:
         return self.micro_batch_size * self.layout.dp * self.micro_batches_per_step
 
 
-def plan_run(cfg, world_size: int, model=None, optimizer_steps: bool = True) -> RunPlan:
+def plan_run(cfg, world_size: int, model=None, optimizer_steps: bool = True, training_rules: bool = True) -> RunPlan:
     """The run's Layout and micro-batch counts; one-line ConfigErrors naming the setting.
 
     cfg: a TrainConfig (parallel, precision, recompute, data). model: the family config when known (its fit to
     the layout is checked). optimizer_steps: False for runs without optimizer steps (reference scoring), which
-    have no global batch and no micro-batch count.
+    have no global batch and no micro-batch count (and forward-only layout rules). training_rules: False to skip
+    the rules only training has, where the caller checks them itself (the profiler predicting for GPUs).
     """
     layout = Layout.from_config(cfg.parallel, world_size)
     if model is not None:
         from megatron_spot.models import validate_model_layout
 
-        validate_model_layout(model, cfg.parallel, cfg.precision, cfg.recompute)
+        validate_model_layout(model, cfg.parallel, cfg.precision, cfg.recompute,
+                              training=optimizer_steps and training_rules)
     mbs = cfg.data.micro_batch_size
     if not isinstance(mbs, int) or mbs < 1:
         raise ConfigError(f"data.micro_batch_size={mbs} must be an integer >= 1")

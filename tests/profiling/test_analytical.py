@@ -1,5 +1,6 @@
 """The analytical model against formulas and known numbers (no processes, fast)."""
 import json
+import math
 import os
 
 import pytest
@@ -201,3 +202,27 @@ def test_fused_loss_head_holds_no_logits_in_the_prediction():
     logits = 2 * tokens * cfg.padded_vocab_size / 2
     assert head_activation_bytes(cfg, unfused) - head_activation_bytes(cfg, fused) == pytest.approx(
         logits - DEFAULT_CHUNK_BYTES - 12 * tokens)
+
+
+def test_expert_parallel_splits_expert_weights_and_their_optimizer_state():
+    """Qwen3-30B-A3B on 8 ranks: at EP8 a rank holds 1/8 of the experts, and their optimizer state is not
+    sharded further (expert-DP = 8 / EP = 1) while the dense part's still is over DP8; FLOPs count the top-8
+    experts only, whatever the layout; the all-to-all moves each token's top-8 hidden vectors 4 times
+    (dispatch, combine; forward, backward) per MoE layer, 7/8 of them off the rank."""
+    from megatron_spot.profiling.analytical import all_to_all_bytes
+
+    cfg = load_model_config("qwen3-30b-a3b")
+    base = dict(tp=1, pp=1, dp=8, micro_batch_size=1, seq_length=4096, dtype="bf16")
+    ep1, ep8 = StepShape(**base), StepShape(**base, ep=8)
+    assert (ep1.expert_dp, ep8.expert_dp) == (8, 1)
+    m1, m8 = model_state_bytes(cfg, ep1), model_state_bytes(cfg, ep8)
+    experts = cfg.num_hidden_layers * cfg.num_experts * 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    assert m1["parameters"] == cfg.num_parameters() + cfg.hidden_size * (cfg.padded_vocab_size - cfg.vocab_size) * 2
+    assert m1["parameters"] - m8["parameters"] == experts - experts // 8 == 7 * m8["expert_parameters"]
+    assert m1["optimizer"] == math.ceil(12 * m1["parameters"] / 8)
+    assert m8["optimizer"] == math.ceil(12 * ((m8["parameters"] - experts // 8) / 8 + experts // 8))
+    assert step_flops(cfg, ep1) == step_flops(cfg, ep8)
+    assert step_flops(cfg, ep1) < 6 * ep1.tokens_per_step * cfg.active_parameters() * 1.2  # 6N over active N
+    tokens = 2 * 4096  # chosen + rejected of one pair per micro-batch
+    assert all_to_all_bytes(cfg, ep1) == 0
+    assert all_to_all_bytes(cfg, ep8) == 4 * tokens * 8 * cfg.hidden_size * 2 * 7 / 8 * cfg.num_hidden_layers

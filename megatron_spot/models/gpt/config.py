@@ -82,6 +82,10 @@ class GPTConfig:
         q, kv = self.num_attention_heads * d, self.num_key_value_heads * d
         return h * (q + 2 * kv) + q * h + 3 * h * f
 
+    def layer_expert_parameters(self) -> int:
+        """The part of layer_matmul_parameters() held by routed experts (split over EP x ETP, not TP); 0 when dense."""
+        return 0
+
     def layer_norm_parameters(self) -> int:
         """Weights of one layer's norms (pre-attention and pre-MLP RMSNorm; q/k norms where the family has them)."""
         return 2 * self.hidden_size + (2 * self.head_dim if self.qk_layernorm else 0)

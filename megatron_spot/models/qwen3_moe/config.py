@@ -84,6 +84,9 @@ class Qwen3MoeConfig(Qwen3Config):
         """All of one layer's matmul weights: attention, router, every expert."""
         return self._attention_parameters() + self.num_experts * (self.hidden_size + self._expert_parameters())
 
+    def layer_expert_parameters(self) -> int:
+        return self.num_experts * self._expert_parameters()
+
     def active_parameters(self) -> int:
         """Parameters one token uses (its top-k experts): the "A3B" / "A22B" of the released names."""
         per_layer = (self._attention_parameters() + self.num_experts * self.hidden_size
