@@ -223,9 +223,9 @@ def _train(cfg: TrainConfig, info, watchdog, model_cfg, weights, resume, dataset
                            peak_tflops=gpu_peak_tflops(bool(cfg.precision.fp8)), tensorboard=cfg.run.tensorboard)
     if info.rank == 0:
         log.info("training %s: %d pairs, %d steps/epoch x %d epochs -> %d steps, %d micro-batches x %d pairs "
-                 "per rank per step, world %d (TP%d PP%d DP%d)", model_cfg.num_parameters(), len(dataset),
-                 steps_per_epoch, cfg.run.epochs, total, num_mb, cfg.data.micro_batch_size, info.world_size,
-                 info.tp, info.pp, info.dp)
+                 "per rank per step, %s", model_cfg.num_parameters(), len(dataset),
+                 steps_per_epoch, cfg.run.epochs, total, num_mb, cfg.data.micro_batch_size,
+                 info.layout.describe() if info.layout else f"world {info.world_size} (TP{info.tp} PP{info.pp} DP{info.dp})")
     last_ckpt, history, t0 = resume, [], time.time()
     for epoch, step_in_epoch, indices in sampler.iter_epochs(cfg.run.epochs):
         if step >= total:
@@ -287,7 +287,7 @@ def _train(cfg: TrainConfig, info, watchdog, model_cfg, weights, resume, dataset
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_spot.train",
-        description="Train a policy (Qwen3, Llama 3.x) with SPoT objectives on packed pairs (Megatron-Core TP/PP/DP). "
+        description="Train a policy (Qwen3, Qwen3-MoE, Llama 3.x) with SPoT objectives on packed pairs (Megatron-Core TP/PP/DP/EP). "
                     "Launch with torchrun for several processes.",
         epilog="Overrides are dotted keys, e.g. parallel.tensor_parallel=2 loss.objective=spot-bco:1,sft:0.1 "
                "run.train_steps=10. See megatron_spot/config/schema.py for every key.",

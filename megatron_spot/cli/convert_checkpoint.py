@@ -1,4 +1,4 @@
-"""Convert checkpoints of every registered model family (Qwen3, Llama 3.x) between Hugging Face and Megatron-Core dist_checkpointing (torch_dist).
+"""Convert checkpoints of every registered model family (Qwen3, Qwen3-MoE, Llama 3.x) between Hugging Face and Megatron-Core dist_checkpointing (torch_dist).
 
   hf-to-mcore  a HF model folder (config.json + model.safetensors, or sharded with
                model.safetensors.index.json) -> a Megatron-Core checkpoint that loads at any
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                "130 interrupted.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{hf-to-mcore,mcore-to-hf}")
     a = sub.add_parser("hf-to-mcore", help="Hugging Face folder -> Megatron-Core dist checkpoint",
-                       description="Convert a HF folder (Qwen3, Llama 3.x; the family comes from config.json) into a Megatron-Core dist checkpoint (torch_dist).")
+                       description="Convert a HF folder (Qwen3, Qwen3-MoE, Llama 3.x; the family comes from config.json) into a Megatron-Core dist checkpoint (torch_dist).")
     a.add_argument("--hf", required=True, metavar="DIR", help="HF checkpoint folder (config.json + *.safetensors)")
     a.add_argument("--out", required=True, metavar="DIR", help="output checkpoint folder (must not exist unless --force)")
     a.add_argument("--dtype", default=None, choices=["bf16", "fp32", "fp16"],
