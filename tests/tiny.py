@@ -136,4 +136,3 @@ def write_reference_sidecar(ws: dict) -> None:
                 values[i, k] = logps[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum().item()
     save_ref_logps(values, ws["pack"], ds.fingerprint, model=ws["mcore"],
                    identity=reference_identity(ws["mcore"], ds.tokenizer_hash))
-
