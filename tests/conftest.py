@@ -28,6 +28,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def tree(tmp_path):
+    """A folder holding a file (afile) and a folder with one file (adir/inside): the things an output path
+    can wrongly be (the output-path tests of utils/ and of every tool's flags)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "adir" / "inside").write_text("y")
+    return tmp_path
+
+
+@pytest.fixture
 def read_only_dir(tmp_path):
     """A folder nothing can be written in: a read-only tmpfs where this process may mount one (root: chmod
     does not stop root), a chmod 0500 folder for other users; removed after the test."""

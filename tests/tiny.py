@@ -136,3 +136,23 @@ def write_reference_sidecar(ws: dict) -> None:
                 values[i, k] = logps[len(prompt) - 1:].gather(1, targets[len(prompt) - 1:, None]).sum().item()
     save_ref_logps(values, ws["pack"], ds.fingerprint, model=ws["mcore"],
                    identity=reference_identity(ws["mcore"], ds.tokenizer_hash))
+
+
+def build_local_chat_model(folder: str) -> str:
+    """A tiny Qwen3 with the byte-level tokenizer and a minimal chat template in `folder`, for the
+    `--local-model` generation tests (random weights: they test the machinery, not the answers)."""
+    import transformers
+
+    from megatron_spot.data.tiny_tokenizer import build_tiny_tokenizer
+
+    d = build_tiny_tokenizer(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(d)
+    if not tok.chat_template:
+        tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16)).save_pretrained(d)
+    return d

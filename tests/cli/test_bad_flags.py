@@ -110,14 +110,6 @@ def test_profile_trace_steps_past_the_measured_steps(tmp_path, capsys, no_work):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.fixture
-def tree(tmp_path):
-    (tmp_path / "afile").write_text("x")
-    (tmp_path / "adir").mkdir()
-    (tmp_path / "adir" / "inside").write_text("y")
-    return tmp_path
-
-
 def _paths_case_list():
     return [  # (tool, argv with {t} = the tree, flag, message)
         (pack_pairs, ["-i", "in.jsonl", "-t", "tok", "-o", "{t}/adir/", "-q"], "--output-prefix", "is a folder"),

@@ -13,19 +13,9 @@ from megatron_spot.rectify.cache import RequestCache, request_key
 @pytest.mark.slow
 def test_local_model_mixed_caps_and_resume(tmp_path, capsys):
     torch = pytest.importorskip("torch")
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+    from tests.tiny import build_local_chat_model
 
-    from megatron_spot.data.tiny_tokenizer import build_tiny_tokenizer
-
-    d = build_tiny_tokenizer(str(tmp_path / "tiny"))
-    tok = AutoTokenizer.from_pretrained(d)
-    if not tok.chat_template:
-        tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16)).save_pretrained(d)
+    d = build_local_chat_model(str(tmp_path / "tiny"))
     bench = {
         "connect4": [{"state": "Current Game Board: (0,0):X", "answer": [[[0, 1]], []]}],
         "ifeval": [{"key": 1, "prompt": "Answer without commas.", "instruction_id_list": ["punctuation:no_comma"],

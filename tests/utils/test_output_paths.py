@@ -6,14 +6,6 @@ import pytest
 from megatron_spot.utils.output_paths import OutputPathError, check_output_dir, check_output_file, check_output_prefix
 
 
-@pytest.fixture
-def tree(tmp_path):
-    (tmp_path / "afile").write_text("x")
-    (tmp_path / "adir").mkdir()
-    (tmp_path / "adir" / "inside").write_text("y")
-    return tmp_path
-
-
 def _listing(root):
     return sorted(os.path.relpath(os.path.join(d, f), root) for d, dirs, files in os.walk(root) for f in dirs + files)
 
