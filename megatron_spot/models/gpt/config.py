@@ -127,6 +127,8 @@ class GPTConfig:
         d = cls.DEFAULTS
         heads = hf["num_attention_heads"]
         eos = hf.get("eos_token_id", d.get("eos_token_id"))
+        if isinstance(eos, list):  # several end tokens stay a tuple (hashable, frozen); one is an int
+            eos = tuple(eos) if len(eos) > 1 else eos[0]
         rope = rope_parameters(hf)
         return cls(
             vocab_size=hf["vocab_size"],
@@ -141,7 +143,7 @@ class GPTConfig:
             rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10_000.0))),
             max_position_embeddings=hf.get("max_position_embeddings", d.get("max_position_embeddings", 4096)),
             bos_token_id=hf.get("bos_token_id", d.get("bos_token_id")),
-            eos_token_id=tuple(eos) if isinstance(eos, list) and len(eos) > 1 else (eos[0] if isinstance(eos, list) else eos),
+            eos_token_id=eos,
             torch_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"),
             **cls._family_fields(hf, rope, source),
         )

@@ -33,11 +33,6 @@ class LlamaRopeScaling:
 
 @dataclass(frozen=True)
 class LlamaConfig(GPTConfig):
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 500_000.0
-    max_position_embeddings: int = 131072
-    bos_token_id: Any = 128000
-    eos_token_id: Any = 128001
     rope_scaling: Optional[LlamaRopeScaling] = None
 
     family: ClassVar[str] = "llama"

@@ -11,12 +11,7 @@ from megatron_spot.models.gpt.mappings import DENSE_LAYER, QK_NORMS
 
 @dataclass(frozen=True)
 class Qwen3Config(GPTConfig):
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 40960
-    bos_token_id: Any = 151643
-    eos_token_id: Any = 151645
-
+    # config.json defaults live in DEFAULTS (configs are only ever built by from_hf_dict)
     family: ClassVar[str] = "qwen3"
     model_type: ClassVar[str] = "qwen3"
     architecture: ClassVar[str] = "Qwen3ForCausalLM"
