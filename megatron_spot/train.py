@@ -226,6 +226,9 @@ def _train(cfg: TrainConfig, info, watchdog, model_cfg, weights, resume, dataset
                  "per rank per step, %s", model_cfg.num_parameters(), len(dataset),
                  steps_per_epoch, cfg.run.epochs, total, num_mb, cfg.data.micro_batch_size,
                  info.layout.describe() if info.layout else f"world {info.world_size} (TP{info.tp} PP{info.pp} DP{info.dp})")
+        if engine.experts_module:
+            log.info("experts: %d per MoE layer, run by %s (moe.experts=%s)", model_cfg.num_moe_experts,
+                     engine.experts_module, cfg.moe.experts)
     last_ckpt, history, t0 = resume, [], time.time()
     for epoch, step_in_epoch, indices in sampler.iter_epochs(cfg.run.epochs):
         if step >= total:
@@ -265,6 +268,8 @@ def _train(cfg: TrainConfig, info, watchdog, model_cfg, weights, resume, dataset
                 log.info("saved checkpoint %s", last_ckpt)
     logger.close()
     summary = {"steps": step, "seconds": time.time() - t0, "checkpoint": last_ckpt, "history": history}
+    if engine.experts_module:
+        summary["experts_module"] = engine.experts_module
     hf_dir = None
     if cfg.run.export_hf and last_ckpt:
         watchdog.phase("the Hugging Face export")

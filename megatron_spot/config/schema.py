@@ -36,6 +36,11 @@ class MoEConfig:
     # tokens per expert capped at capacity_factor x (tokens x top-k / experts), the rest dropped;
     # None = dropless (every token reaches its top-k experts, as in transformers)
     capacity_factor: Optional[float] = None
+    # how each MoE layer's experts run: grouped (Megatron-Core's TEGroupedMLP, every local expert's weights
+    # `weight{e}` of one grouped linear: Transformer Engine's grouped GEMM on GPUs, a plain-PyTorch twin
+    # without TE), sequential (SequentialMLP, one MLP module per expert), or auto (grouped where Transformer
+    # Engine runs, sequential otherwise). Same numbers either way; checkpoints load into both.
+    experts: str = "auto"
 
 
 @dataclass

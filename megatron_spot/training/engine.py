@@ -50,6 +50,9 @@ class Engine:
                                     fused_linear_loss=cfg.model.fused_linear_loss)  # the config's loss head
         if load_weights is not None:
             load_weights(chunks)  # before the optimizer copies fp32 main params from the model
+        # mixture of experts: which module runs the experts (TEGroupedMLP or SequentialMLP, `moe.experts`)
+        self.experts_module = (type(chunks[0].decoder.layers[0].mlp.experts).__name__
+                               if model_cfg.num_moe_experts and len(chunks[0].decoder.layers) else None)
         self.moe_metrics = None  # mixture of experts: load-balancing loss and expert load of each step
         if trainable and model_cfg.num_moe_experts:
             from megatron_spot.training.moe_metrics import MoEStepMetrics

@@ -4,7 +4,11 @@ transformers (tied, untied, the real 151,936-token vocabulary at TP2); save at T
 that it loads at TP1PP1 bit-exact and exports to the original HF tensors, the export done by
 rank 0 of the 4-rank world (which converts in a child process of its own). The Qwen3-MoE checkpoint
 also loads at PP2 x EP2 and TP2 x EP2 x ETP2 (experts split over ranks and inside each expert) with the
-same logits, and saved at PP2 x EP2 it loads at TP1PP1 and exports bit-exact."""
+same logits, and saved at PP2 x EP2 it loads at TP1PP1 and exports bit-exact. Both expert layouts: the
+checkpoint (written by the converter through SequentialMLP's `local_experts.{e}`) also loads into grouped
+experts (TEGroupedMLP's `weight{e}`, models/gpt/grouped_experts.py without TE) at PP2 x EP2 and
+TP2 x EP2 x ETP2 with the same logits, and saved from the grouped model it loads back into SequentialMLP
+at TP1PP1 with the very same tensors and exports to the original HF files."""
 from __future__ import annotations
 
 import os
@@ -55,7 +59,7 @@ def _worker(rank, world_size, cases, save_root):
 
     from megatron_spot.checkpoint import hf_convert as hc
     from megatron_spot.checkpoint import model_checkpoint as model_ckpt
-    from megatron_spot.config.schema import ParallelConfig, PrecisionConfig
+    from megatron_spot.config.schema import MoEConfig, ParallelConfig, PrecisionConfig
     from megatron_spot.models import build_model_chunks, build_transformer_config
     from megatron_spot.platform import initialize
 
@@ -64,21 +68,26 @@ def _worker(rank, world_size, cases, save_root):
                "tp1pp2vpp2": ParallelConfig(tensor_parallel=1, pipeline_parallel=2, virtual_pipeline=2),
                "pp2ep2": ParallelConfig(pipeline_parallel=2, expert_parallel=2),
                "tp2ep2": ParallelConfig(tensor_parallel=2, expert_parallel=2)}  # ETP = TP = 2
+    layouts.update({f"{name}-grouped": layouts[name] for name in ("pp2ep2", "tp2ep2")})
     for layout, parallel in layouts.items():
+        experts = MoEConfig(experts="grouped" if layout.endswith("-grouped") else "sequential")
         initialize(parallel, seed=0)
         for name, (ckpt, tok, pos, vocab) in cases.items():
             if (layout != "tp2pp2" and name == "vocab151936") or ("ep" in layout and name != "moe"):
                 continue
             cfg = model_ckpt.checkpoint_model_config(ckpt)
             chunks = build_model_chunks(cfg, build_transformer_config(cfg, parallel, PrecisionConfig(dtype="fp32"),
-                                                                      training=False))
+                                                                      moe=experts, training=False))
+            if name == "moe":
+                results[(layout, "experts")] = type(chunks[0].decoder.layers[0].mlp.experts).__name__
             model_ckpt.load_model_checkpoint(chunks, ckpt)
             logits = _pipeline_logits(chunks, tok, pos)
             if logits is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
                 assert logits.shape[-1] == cfg.padded_vocab_size
                 results[(layout, name)] = logits[..., :vocab].clone()
-            if (layout, name) in (("tp2pp2", "untied"), ("tp2pp2", "tied"), ("pp2ep2", "moe")):
-                model_ckpt.save_model_checkpoint(chunks, os.path.join(save_root, name), cfg, hf_side_files_from=ckpt)
+            if (layout, name) in (("tp2pp2", "untied"), ("tp2pp2", "tied"), ("pp2ep2", "moe"), ("pp2ep2-grouped", "moe")):
+                saved = name + ("-grouped" if layout.endswith("-grouped") else "")
+                model_ckpt.save_model_checkpoint(chunks, os.path.join(save_root, saved), cfg, hf_side_files_from=ckpt)
     # the end-of-training export: one rank of a multi-rank world converts (in a child process)
     import torch.distributed as dist
 
@@ -102,20 +111,27 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     for r in per_rank:
         results.update(r)
     export = results.pop("export")
+    experts = {layout: results.pop((layout, "experts")) for layout in
+               ("tp2pp2", "tp1pp2vpp2", "pp2ep2", "tp2ep2", "pp2ep2-grouped", "tp2ep2-grouped")}
+    assert experts == {"tp2pp2": "SequentialMLP", "tp1pp2vpp2": "SequentialMLP", "pp2ep2": "SequentialMLP",
+                       "tp2ep2": "SequentialMLP", "pp2ep2-grouped": "TEGroupedMLP", "tp2ep2-grouped": "TEGroupedMLP"}
     assert export["tensors"] == 47 and export["files"] == ["model.safetensors"]
     src, dst = helpers.read_hf_tensors(ckpts["untied"]["hf"]), helpers.read_hf_tensors(export["out"])
     assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)
     assert set(results) == {("tp2pp2", "untied"), ("tp2pp2", "tied"), ("tp2pp2", "vocab151936"),
                             ("tp1pp2vpp2", "untied"), ("tp1pp2vpp2", "tied"), ("tp2pp2", "moe"),
-                            ("tp1pp2vpp2", "moe"), ("pp2ep2", "moe"), ("tp2ep2", "moe")}
+                            ("tp1pp2vpp2", "moe"), ("pp2ep2", "moe"), ("tp2ep2", "moe"), ("pp2ep2-grouped", "moe"),
+                            ("tp2ep2-grouped", "moe")}
     for (layout, name), logits in sorted(results.items()):
         diff = (logits - ckpts[name]["ref"]).abs().max().item()
         print(f"{layout} {name}: max abs logit diff vs transformers {diff:.3g}")
         assert diff <= 1e-4, (layout, name, diff)
 
-    # saved at TP2PP2 (MoE: PP2 x EP2) -> loads at TP1PP1 with the very same tensors, and exports to the original HF
-    for name in ("untied", "tied", "moe"):
-        saved = os.path.join(save_root, name)
+    # saved at TP2PP2 (MoE: PP2 x EP2, sequential and grouped experts) -> loads at TP1PP1 (SequentialMLP) with
+    # the very same tensors, and exports to the original HF
+    for saved_name in ("untied", "tied", "moe", "moe-grouped"):
+        name = saved_name.removesuffix("-grouped")
+        saved = os.path.join(save_root, saved_name)
         meta = model_ckpt.read_checkpoint_metadata(saved)
         assert meta["saved_layout"] == {"tp": 1 if name == "moe" else 2, "pp": 2, "vpp": None} and meta["dtype"] == "fp32"
         assert os.path.isfile(os.path.join(saved, "chat_template.jinja"))
@@ -128,7 +144,7 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
         for k in pa:
             assert torch.equal(pa[k], pb[k]), (name, k)
         if name != "untied":  # (untied: exported by rank 0 of the 4-rank world above)
-            out = str(tmp_path / f"{name}-export")
+            out = str(tmp_path / f"{saved_name}-export")
             hc.convert_mcore_to_hf(saved, out, progress=False)
             src, dst = helpers.read_hf_tensors(ckpts[name]["hf"]), helpers.read_hf_tensors(out)
             assert set(src) == set(dst) and all(torch.equal(src[k], dst[k]) for k in src)

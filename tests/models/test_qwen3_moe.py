@@ -1,7 +1,8 @@
 """The qwen3_moe family: presets and parameter counts against transformers, config.json refusals, layout
 rules, the router/expert mapping objects against the files transformers writes, and Megatron-Core's MoE
-model (router, all-to-all dispatcher, SequentialMLP experts) equal to transformers' Qwen3MoeForCausalLM at
-EP1 and EP2 on 2 gloo ranks (CPU), with the step metrics (aux loss, expert load)."""
+model (router, all-to-all dispatcher, SequentialMLP experts and grouped TEGroupedMLP experts) equal to
+transformers' Qwen3MoeForCausalLM at EP1 and EP2 on 2 gloo ranks (CPU), with the step metrics (aux loss,
+expert load), and training at EP1/EP2 with either expert layout."""
 from __future__ import annotations
 
 import json
@@ -80,6 +81,13 @@ def test_moe_settings_reach_megatron():
     assert cfg.moe_transformer_config_kwargs(MoEConfig(aux_loss_coeff=0.0), use_te=False)["moe_aux_loss_coeff"] == 0
     with pytest.raises(ConfigError, match="moe.load_balancing='sinkhorn'"):
         cfg.moe_transformer_config_kwargs(MoEConfig(load_balancing="sinkhorn"), use_te=False)
+    # expert layout: grouped (TEGroupedMLP) where Transformer Engine runs unless asked otherwise
+    grouped = {(experts, te): cfg.moe_transformer_config_kwargs(MoEConfig(experts=experts), use_te=te)["moe_grouped_gemm"]
+               for experts in ("auto", "grouped", "sequential") for te in (False, True)}
+    assert grouped == {("auto", False): False, ("auto", True): True, ("grouped", False): True,
+                       ("grouped", True): True, ("sequential", False): False, ("sequential", True): False}
+    with pytest.raises(ConfigError, match="moe.experts='fused'"):
+        cfg.moe_transformer_config_kwargs(MoEConfig(experts="fused"), use_te=False)
 
 
 # ---------------------------------------------------------------------------------------------- mappings
@@ -143,17 +151,20 @@ def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
     x = tokens[rank]  # each rank its own tokens: the all-to-all exchanges unequal numbers per expert
     pos = torch.arange(x.shape[1]).unsqueeze(0).expand_as(x)
     out = {}
-    for ep in (1, 2):
+    for ep, experts in ((1, "sequential"), (2, "sequential"), (1, "grouped"), (2, "grouped")):
         parallel = ParallelConfig(expert_parallel=ep)
         info = initialize(parallel, seed=3)
-        tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=MoEConfig(aux_loss_coeff=0.0))
+        tc = build_transformer_config(cfg, parallel, PrecisionConfig(),
+                                      moe=MoEConfig(aux_loss_coeff=0.0, experts=experts))
         model = build_model_chunks(cfg, tc)[0]
         state_dict_adapter.load_full_state_dict([model], full)
         with torch.no_grad():
             logits = model.eval()(x, pos, None)[..., : cfg.vocab_size]
-        out[ep] = {"diff": (logits - refs[rank]).abs().max().item(), "scale": refs[rank].abs().max().item(),
-                   "local_experts": len(model.decoder.layers[0].mlp.experts.local_experts),
-                   "layout": info.layout.describe()}
+        module = model.decoder.layers[0].mlp.experts
+        out[(ep, experts)] = {"diff": (logits - refs[rank]).abs().max().item(), "scale": refs[rank].abs().max().item(),
+                              "local_experts": module.num_local_experts, "module": type(module).__name__,
+                              "parameters": sorted(n for n, _ in module.named_parameters()),
+                              "layout": info.layout.describe()}
     # training forwards at EP2 with an aux-loss coefficient: the step's load-balancing loss and expert load
     tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=MoEConfig(aux_loss_coeff=0.01))
     model = build_model_chunks(cfg, tc)[0]
@@ -168,14 +179,16 @@ def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
     from tests.tiny import random_pairs_batch
 
     global_batch = [random_pairs_batch(1, 8, 16, cfg.vocab_size, seed=100 + i) for i in range(4)]
-    out["train"] = {(ep, aux): _train(cfg, full, global_batch, ep, aux) for ep, aux in ((1, 0.0), (2, 0.0), (2, None))}
+    out["train"] = {(ep, aux, experts): _train(cfg, full, global_batch, ep, aux, experts)
+                    for ep, aux, experts in ((1, 0.0, "sequential"), (2, 0.0, "sequential"), (2, None, "sequential"),
+                                             (2, 0.0, "grouped"))}
     return out
 
 
 TRAIN_STEPS = 4
 
 
-def _train(cfg, full, global_batch, ep, aux_loss_coeff):
+def _train(cfg, full, global_batch, ep, aux_loss_coeff, experts):
     """Per-step losses and the last step's metrics of spot-bco training (fp32, AdamW, distributed optimizer)."""
     from megatron_spot.config import TrainConfig
     from megatron_spot.platform import initialize
@@ -186,6 +199,7 @@ def _train(cfg, full, global_batch, ep, aux_loss_coeff):
     tc.loss.objective = "spot-bco"
     tc.optimizer.lr, tc.optimizer.warmup_fraction = 1e-3, 0.0
     tc.moe.aux_loss_coeff = aux_loss_coeff
+    tc.moe.experts = experts
     info = initialize(tc.parallel, seed=7)
     engine = Engine(tc, cfg, total_steps=TRAIN_STEPS,
                     load_weights=lambda chunks: state_dict_adapter.load_full_state_dict(chunks, full))
@@ -204,18 +218,26 @@ def logits_at_ep1_and_ep2(hf_checkpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("experts", ["sequential", "grouped"])
 @pytest.mark.parametrize("ep", [1, 2])
-def test_megatron_moe_matches_transformers(logits_at_ep1_and_ep2, ep):
+def test_megatron_moe_matches_transformers(logits_at_ep1_and_ep2, ep, experts):
     """fp32 logits of the family's Megatron-Core model (weights from the HF files through the mappings)
-    equal transformers' Qwen3MoeForCausalLM, on both ranks' different tokens."""
+    equal transformers' Qwen3MoeForCausalLM, on both ranks' different tokens, with either expert layout:
+    SequentialMLP (`local_experts.{e}`) or TEGroupedMLP (`weight{e}` of one grouped linear per layer)."""
     for rank, result in enumerate(logits_at_ep1_and_ep2):
-        r = result[ep]
-        print(f"EP{ep} rank {rank}: max abs logit diff vs transformers {r['diff']:.3g}")
+        r = result[(ep, experts)]
+        print(f"EP{ep} {experts} rank {rank}: max abs logit diff vs transformers {r['diff']:.3g}")
         assert r["local_experts"] == 8 // ep, r
         assert r["scale"] > 0.1, r  # real logits, not a degenerate model
         assert r["diff"] <= 1e-5, (rank, r)
+    r = logits_at_ep1_and_ep2[0][(ep, experts)]
+    if experts == "grouped":
+        assert r["module"] == "TEGroupedMLP"
+        assert r["parameters"] == sorted(f"linear_fc{i}.weight{e}" for i in (1, 2) for e in range(8 // ep))
+    else:
+        assert r["module"] == "SequentialMLP"
     if ep == 2:
-        assert "EP2" in logits_at_ep1_and_ep2[0][2]["layout"]
+        assert "EP2" in r["layout"]
 
 
 @pytest.mark.slow
@@ -251,17 +273,19 @@ def test_expert_parallel_trains_like_one_rank(logits_at_ep1_and_ep2):
     gradients are summed in another order, nothing else differs); the released coefficient (0.001) adds
     the load-balancing loss's gradient and logs it with the expert load."""
     train = logits_at_ep1_and_ep2[0]["train"]
-    ep1, ep2, released = train[(1, 0.0)], train[(2, 0.0)], train[(2, None)]
+    ep1, ep2, released = train[(1, 0.0, "sequential")], train[(2, 0.0, "sequential")], train[(2, None, "sequential")]
+    grouped = train[(2, 0.0, "grouped")]
     assert ep1["dp"] == ep2["dp"] == 2
     assert len(set(ep1["losses"])) == TRAIN_STEPS  # it trains: every step's loss differs
     print(f"spot-bco losses EP1 {ep1['losses']} EP2 {ep2['losses']}: max diff "
           f"{max(abs(a - b) for a, b in zip(ep1['losses'], ep2['losses'])):.3g}")
-    for a, b in zip(ep1["losses"], ep2["losses"]):
+    for a, b, c in zip(ep1["losses"], ep2["losses"], grouped["losses"]):
         assert abs(a - b) <= 1e-5, (ep1["losses"], ep2["losses"])
+        assert abs(c - b) <= 1e-6, (grouped["losses"], ep2["losses"])  # the same matmuls, another module
     assert "moe_aux_loss" not in ep2["last"] and len(ep2["last"]["moe_expert_load_max"]) == 4
     assert released["last"]["moe_aux_loss"] > 0 and released["last"]["moe_load_imbalance"] >= 1.0
     assert released["losses"][0] == pytest.approx(ep2["losses"][0], abs=1e-6)  # aux loss: not in the SPoT loss
     assert released["losses"][1:] != ep2["losses"][1:]  # but its gradient moved the routers
     # every rank reports the same metrics
-    assert [r["train"][(2, None)]["last"]["moe_aux_loss"] for r in logits_at_ep1_and_ep2] == \
+    assert [r["train"][(2, None, "sequential")]["last"]["moe_aux_loss"] for r in logits_at_ep1_and_ep2] == \
         [released["last"]["moe_aux_loss"]] * 2

@@ -4,7 +4,9 @@ scored and SPoT trained at TP1 (DP2) and TP2 (Llama) or EP1 and EP2 (Qwen3-MoE, 
 of spot-bco (TRL's bco_pair) and dpo (TRL's sigmoid) equal the plain PyTorch + transformers implementation
 of the same recipe (tests/training/recipe.py) for 10 steps. The MoE runs use aux-loss coefficient 0: what
 TRL 0.20 trains with the released Qwen3-MoE config (output_router_logits false: no aux loss). An EP2 run
-resumed from its step-5 checkpoint repeats steps 6..10 exactly.
+resumed from its step-5 checkpoint repeats steps 6..10 exactly; resumed from it with the other expert layout
+(grouped TEGroupedMLP instead of the SequentialMLP it was saved from: model and distributed-optimizer state
+through the shared sharded keys) it repeats them to float rounding.
 """
 import os
 
@@ -50,7 +52,12 @@ def _worker(rank, world_size, ws, preset):
                 ckpt = os.path.join(run_dir, "checkpoints", f"step_{RESUME_FROM:07d}")
                 resumed = run(load_config(TrainConfig, None, overrides(
                     ws, run_dir + "_resumed", objective, tp, pp, steps=STEPS, extra=extra + [f"run.load={ckpt}"])))
-                out["resumed"] = {"uninterrupted": _losses_of(summary)[RESUME_FROM:], "resumed": _losses_of(resumed)}
+                regrouped = run(load_config(TrainConfig, None, overrides(
+                    ws, run_dir + "_regrouped", objective, tp, pp, steps=STEPS,
+                    extra=extra + [f"run.load={ckpt}", "moe.experts=grouped"])))
+                out["resumed"] = {"uninterrupted": _losses_of(summary)[RESUME_FROM:], "resumed": _losses_of(resumed),
+                                  "grouped": _losses_of(regrouped),
+                                  "modules": (summary["experts_module"], regrouped["experts_module"])}
     return out
 
 
@@ -95,6 +102,9 @@ def test_moe_resume_is_exact_and_logs_expert_load(family_run):
     resumed = results["resumed"]
     assert len(resumed["resumed"]) == STEPS - RESUME_FROM
     assert resumed["resumed"] == resumed["uninterrupted"]  # bit-exact
+    # the same state in TEGroupedMLP's weight{e}: the same matmuls per expert, summed in another order
+    assert resumed["modules"] == ("SequentialMLP", "TEGroupedMLP")
+    np.testing.assert_allclose(resumed["grouped"], resumed["uninterrupted"], rtol=1e-6, atol=0)
     last = results[(1, 1, 2, "spot-bco")]["last"]
     assert len(last["moe_expert_load_max"]) == 4 and last["moe_expert_load_mean"] > 0
     assert last["moe_load_imbalance"] >= 1.0 and "moe_aux_loss" not in last  # coefficient 0: no aux loss

@@ -200,8 +200,8 @@ class GPTConfig:
 
     def layer_spec_kwargs(self, use_te: bool) -> dict[str, Any]:
         """Arguments of Megatron-Core's layer-spec builders (get_gpt_layer_local_spec and the TE one) that
-        differ between families (an MoE family adds num_experts and its grouped-GEMM choice, which depends on
-        `use_te`: the TE spec or the local one)."""
+        differ between families (an MoE family adds num_experts; grouped or sequential experts are the
+        provider's choice, from TransformerConfig.moe_grouped_gemm)."""
         return {"qk_layernorm": self.qk_layernorm}
 
     def gpt_model_kwargs(self) -> dict[str, Any]:

@@ -152,19 +152,27 @@ def build_transformer_config(cfg: GPTConfig, parallel: ParallelConfig, precision
     )
 
 
-def layer_spec(cfg: GPTConfig, use_te: bool):
+def layer_spec(cfg: GPTConfig, use_te: bool, grouped_experts: bool = False):
+    """The transformer layer spec: Transformer Engine's or the local one; an MoE family's experts grouped
+    (TEGroupedMLP) or sequential (SequentialMLP), as the TransformerConfig's moe_grouped_gemm says."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    grouped_experts = bool(grouped_experts and cfg.num_moe_experts)
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(**cfg.layer_spec_kwargs(use_te))
+        return get_gpt_layer_with_transformer_engine_spec(moe_grouped_gemm=grouped_experts,
+                                                          **cfg.layer_spec_kwargs(use_te))
     from megatron_spot.models.gpt.packed_attention import PackedDotProductAttention
 
     spec = get_gpt_layer_local_spec(normalization="RMSNorm", **cfg.layer_spec_kwargs(use_te))
     # packed pairs (THD): the local spec's attention refuses PackedSeqParams; this drop-in honours them
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
+    if grouped_experts:  # TEGroupedMLP without TE: its grouped linears in plain PyTorch
+        from megatron_spot.models.gpt.grouped_experts import grouped_moe_module_spec
+
+        spec.submodules.mlp = grouped_moe_module_spec(cfg.num_moe_experts)
     return spec
 
 
@@ -182,7 +190,7 @@ def build_model_chunks(cfg: GPTConfig, transformer_config, use_te: Optional[bool
     if model_cls is None:
         from megatron_spot.models.gpt.model import SpotGPTModel as model_cls
     use_te = transformer_engine_available() if use_te is None else use_te
-    spec = layer_spec(cfg, use_te)
+    spec = layer_spec(cfg, use_te, grouped_experts=transformer_config.moe_grouped_gemm)
     vpp = transformer_config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):

@@ -136,6 +136,8 @@ _TE_NAMES = {
 
 # an expert of Megatron-Core's SequentialMLP: this rank holds experts [ep_rank * n, (ep_rank + 1) * n)
 _LOCAL_EXPERT = re.compile(r"^(mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+# the same weight in TEGroupedMLP: local expert e's matrix is parameter weight{e} of the grouped linear
+_GROUPED_EXPERT = re.compile(r"^mlp\.experts\.(linear_fc[12])\.weight(\d+)$")
 
 
 def _global_name(chunk, local_name: str) -> str:
@@ -147,11 +149,14 @@ def _global_name(chunk, local_name: str) -> str:
     for local_suffix, te_suffix in _TE_NAMES.items():
         if rest == te_suffix:
             rest = local_suffix
-    expert = _LOCAL_EXPERT.match(rest)
-    if expert:  # global expert number, as in the unsharded (EP1) names of the mapping table
+    sequential, grouped = _LOCAL_EXPERT.match(rest), _GROUPED_EXPERT.match(rest)
+    if sequential or grouped:  # global expert number, as in the unsharded (EP1) names of the mapping table
         experts = layer.mlp.experts
         first = experts.ep_group.rank() * experts.num_local_experts
-        rest = f"{expert.group(1)}{first + int(expert.group(2))}{expert.group(3)}"
+        if sequential:
+            rest = f"{sequential.group(1)}{first + int(sequential.group(2))}{sequential.group(3)}"
+        else:
+            rest = f"mlp.experts.local_experts.{first + int(grouped.group(2))}.{grouped.group(1)}.weight"
     return f"decoder.layers.{layer.layer_number - 1}.{rest}"
 
 

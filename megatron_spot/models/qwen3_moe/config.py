@@ -5,8 +5,9 @@ per token, their weights renormalised when `norm_topk_prob`), and the released m
 Megatron-Core runs it with its MoE layer: the router (`moe_router_score_function=softmax`; without
 pre-softmax Megatron softmaxes the top-k logits, which is HF's renormalised top-k; with pre-softmax it
 keeps the full softmax's top-k values, which is HF without `norm_topk_prob`), the all-to-all token
-dispatcher (expert parallel), and SequentialMLP experts with the local spec (CPU) or grouped GEMM
-experts with Transformer Engine (GPUs). Dropless by default (`moe.capacity_factor`).
+dispatcher (expert parallel), and the experts as TEGroupedMLP (one grouped GEMM per layer: Transformer
+Engine's on GPUs, models/gpt/grouped_experts.py's twin without TE) or SequentialMLP (`moe.experts`; by
+default grouped where TE runs). Dropless by default (`moe.capacity_factor`).
 
 Refused by name: a dense MLP in some layers (`decoder_sparse_step` != 1, `mlp_only_layers`; no released
 Qwen3-MoE has one), shared experts, sliding windows and rope scaling (the dense Qwen3 rules).
@@ -21,6 +22,7 @@ from megatron_spot.models.gpt.mappings import DENSE_LAYER, QK_NORMS
 from megatron_spot.models.qwen3.config import Qwen3Config
 
 LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+EXPERT_LAYOUTS = ("auto", "grouped", "sequential")
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,8 @@ class Qwen3MoeConfig(Qwen3Config):
         coeff = self.router_aux_loss_coef if moe.aux_loss_coeff is None else moe.aux_loss_coeff
         if coeff < 0:
             raise ConfigError(f"moe.aux_loss_coeff={coeff} must be >= 0")
+        if moe.experts not in EXPERT_LAYOUTS:
+            raise ConfigError(f"moe.experts={moe.experts!r}: choose one of {', '.join(EXPERT_LAYOUTS)}")
         if moe.capacity_factor is not None and moe.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor={moe.capacity_factor} must be > 0 (or null: dropless)")
         return dict(
@@ -124,11 +128,13 @@ class Qwen3MoeConfig(Qwen3Config):
             moe_z_loss_coeff=moe.z_loss_coeff,
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_token_dispatcher_type="alltoall",
-            moe_grouped_gemm=use_te,  # Transformer Engine's grouped GEMM on GPUs; SequentialMLP otherwise
+            # TEGroupedMLP (TE's grouped GEMM; models/gpt/grouped_experts.py without TE) or SequentialMLP;
+            # the provider builds the layer spec from this
+            moe_grouped_gemm=moe.experts == "grouped" or (moe.experts == "auto" and use_te),
         )
 
     def layer_spec_kwargs(self, use_te: bool) -> dict[str, Any]:
-        return dict(super().layer_spec_kwargs(use_te), num_experts=self.num_experts, moe_grouped_gemm=use_te)
+        return dict(super().layer_spec_kwargs(use_te), num_experts=self.num_experts)
 
     def layer_mappings(self, layer: int) -> tuple:
         from megatron_spot.models.qwen3_moe.mappings import expert_rows
