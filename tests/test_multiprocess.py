@@ -10,6 +10,10 @@ from tests.multiprocess import run_on_ranks
 def _hang(rank, world_size, pid_dir):
     import os
 
+    import torch.distributed as dist
+
+    dist.barrier()  # both ranks are past gloo's start-up before rank 0 returns and takes its group down
+
     with open(os.path.join(pid_dir, f"{rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
     print(f"rank {rank} is about to hang", flush=True)
