@@ -360,3 +360,46 @@ def test_all_to_all_time_inside_a_node_and_across_nodes():
     dense = predict(load_model_config("qwen3-8b"), StepShape(dp=8), peak_tflops=989.0, assumed_mfu=0.4,
                     gpus_per_node=8, intra_node_gb_s=450.0, inter_node_gb_s=50.0)
     assert dense.all_to_all is None and dense.step_time_with_all_to_all_s is None
+
+
+def test_cli_answers_for_the_world_a_recipe_states(capsys, tmp_path):
+    """A recipe's world: (nodes x GPUs per node) is the world --predict-only answers for with no flags;
+    --nodes / --gpus-per-node override it field by field; without either, 1 x 8. The output and --json
+    say which world was used and where it came from."""
+    from tools.profile_throughput import main
+
+    recipe = os.path.join(ROOT, "examples", "qwen3_235b_a22b_spot.yaml")
+    with open(recipe) as f:
+        spec = yaml.safe_load(f)
+    nodes, per_node = spec["world"]["nodes"], spec["world"]["gpus_per_node"]
+
+    def predict(*argv):
+        path = str(tmp_path / "p.json")
+        assert main(["--gpu", "H100", "--predict-only", "--json", path, *argv]) == 0
+        with open(path) as f:
+            return json.load(f), capsys.readouterr().out
+
+    pred, out = predict("--config", recipe)
+    assert pred["world"] == {"nodes": nodes, "gpus_per_node": per_node, "size": nodes * per_node,
+                             "source": "the recipe's world: section"}
+    assert pred["world_size"] == nodes * per_node == 64
+    assert pred["layout"]["dp"] == 64 // spec["parallel"]["tensor_parallel"]
+    assert f"world: {nodes} node(s) x {per_node} GPUs = 64 (the recipe's world: section)" in out
+    # the EP64 group spans the 8 nodes: 7 of 63 peers share a node; the rest goes at 50 GB/s
+    a2a = pred["all_to_all"]
+    assert a2a["gpus_per_node"] == per_node and a2a["inter_node_gb_s"] == 50.0 and a2a["intra_node_gb_s"] == 450.0
+    assert a2a["inter_node_bytes"] == pytest.approx(pred["all_to_all_bytes_per_rank"] * 56 / 63)
+    assert pred["step_time_with_all_to_all_s"] == pytest.approx(pred["step_time_s"] + a2a["seconds"])
+    assert "not overlapped (upper bound)" in out
+    # a flag overrides its field only
+    pred, out = predict("--config", recipe, "--nodes", "16", "parallel.expert_parallel=128", "--inter-node-bandwidth",
+                        "25")
+    assert pred["world_size"] == 128 and pred["world"]["source"] == "nodes from --nodes, GPUs per node from world.gpus_per_node"
+    assert pred["all_to_all"]["inter_node_gb_s"] == 25.0
+    # no world stated, no flags: one node of 8
+    pred, out = predict("--config", os.path.join(ROOT, "examples", "qwen3_8b_spot.yaml"), "world.nodes=null",
+                        "world.gpus_per_node=null")
+    assert pred["world_size"] == 8 and pred["world"]["source"].startswith("the default")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", recipe, "--gpu", "H100", "--predict-only", "world.nodes=0"])
+    assert e.value.code == 2 and "world.nodes=0 must be an integer >= 1" in capsys.readouterr().err
