@@ -13,9 +13,12 @@
 
 With --config, the recipe supplies every setting the model, layout and batch flags describe
 (model.preset / hf_config or the architecture of model.init_checkpoint when that folder exists, parallel.*, precision.*,
-recompute.*, data.seq_length, data.micro_batch_size, model.fused_linear_loss, and the micro-batches
-per step = data.global_batch_size / (micro_batch_size x DP)); key=value overrides apply on top, the
-same dotted keys training takes, and a flag given explicitly wins over both. Profiling always uses
+recompute.*, data.seq_length, data.micro_batch_size, model.fused_linear_loss, the micro-batches
+per step = data.global_batch_size / (micro_batch_size x DP), and for --predict-only the world: world.nodes x
+world.gpus_per_node); key=value overrides apply on top, the same dotted keys training takes, and a flag given
+explicitly wins over both. The prediction names the world it answers for and where it came from.
+For an MoE model it also turns the all-to-all volume into seconds (--intra-node-bandwidth inside a node,
+--inter-node-bandwidth for what crosses nodes) and gives the step time with it added, unoverlapped. Profiling always uses
 random weights and synthetic full-length pairs: the recipe's data.pack, reference log-probs and
 checkpoint weights are not read.
 
