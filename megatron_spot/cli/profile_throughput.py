@@ -18,9 +18,9 @@ per step = data.global_batch_size / (micro_batch_size x DP), and for --predict-o
 world.gpus_per_node); key=value overrides apply on top, the same dotted keys training takes, and a flag given
 explicitly wins over both. The prediction names the world it answers for and where it came from.
 For an MoE model it also turns the all-to-all volume into seconds (--intra-node-bandwidth inside a node,
---inter-node-bandwidth for what crosses nodes) and gives the step time with it added, unoverlapped. Profiling always uses
-random weights and synthetic full-length pairs: the recipe's data.pack, reference log-probs and
-checkpoint weights are not read.
+--inter-node-bandwidth for what crosses nodes) and gives the step time with it added, unoverlapped.
+Profiling always uses random weights and synthetic full-length pairs: the recipe's data.pack, reference
+log-probs and checkpoint weights are not read.
 
 `tools/profile_throughput.py` is the same command. The layout and micro-batch counts come from
 training/plan.py's plan_run (the same checks as training); formatting is profiling/report.py's.
