@@ -231,7 +231,8 @@ def test_expert_parallel_splits_expert_weights_and_their_optimizer_state():
 # ---------------------------------------------------------------------------------------------- MoE activations
 def _saved_moe_tensors(rank, world_size):
     """Bytes autograd keeps from one forward of a tiny Megatron-Core MoE layer (layer 0's MLP: router,
-    all-to-all dispatcher, SequentialMLP experts; fp32, CPU), at EP1 and at EP2: every tensor saved for
+    all-to-all dispatcher, SequentialMLP or grouped TEGroupedMLP experts; fp32, CPU), at EP1 and at EP2,
+    per (experts, EP): every tensor saved for
     backward and still held when the forward returns (one saved in a branch the forward drops is not),
     counted once per storage (views share one), the layer's own weights excluded."""
     import weakref
@@ -242,10 +243,10 @@ def _saved_moe_tensors(rank, world_size):
 
     cfg = load_model_config("qwen3-moe-tiny")
     out = {}
-    for ep in (1, 2):
+    for experts, ep in ((e, ep) for e in ("sequential", "grouped") for ep in (1, 2)):
         parallel = ParallelConfig(expert_parallel=ep)
         initialize(parallel, seed=3)
-        tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=MoEConfig())  # fp32, aux loss on
+        tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=MoEConfig(experts=experts))  # fp32, aux loss
         model = build_model_chunks(cfg, tc)[0].train()
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         torch.manual_seed(rank)  # each rank its own tokens: the all-to-all moves unequal numbers
@@ -264,7 +265,7 @@ def _saved_moe_tensors(rank, world_size):
             t = ref()
             if t is not None:
                 held.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-        out[ep] = sum(held.values())
+        out[experts, ep] = sum(held.values())
         del y
     return out
 
@@ -273,8 +274,9 @@ MOE_SEQ, MOE_ROWS = 64, 2
 
 
 def test_moe_activation_formula_counts_what_the_layer_saves():
-    """moe_routed_activation_bytes (unfused SwiGLU, as the CPU's SequentialMLP runs it) plus the layer's
-    input (the router's input) equals what autograd keeps from a tiny MoE layer's forward. EP1: exactly,
+    """moe_routed_activation_bytes (unfused SwiGLU, as the CPU runs both expert modules) plus the layer's
+    input (the router's input) equals what autograd keeps from a tiny MoE layer's forward, with sequential
+    and with grouped experts (the same bytes: measured equal for both). EP1: exactly,
     up to one fp32 scalar of the load-balancing loss (4 bytes; measured 313,412 bytes = formula + 4). EP2:
     routing is not balanced per rank (measured 296,964 and 329,860 bytes), but the ranks together process
     every routed copy once, so their sum is the formula's twice (+ 2 x 4 bytes): the all-to-all keeps
@@ -284,13 +286,14 @@ def test_moe_activation_formula_counts_what_the_layer_saves():
 
     cfg = load_model_config("qwen3-moe-tiny")
     counted = run_on_ranks(_saved_moe_tensors, world_size=2, timeout_s=300)
-    for ep in (1, 2):
+    for experts, ep in counted[0]:
         shape = StepShape(dtype="fp32", micro_batch_size=MOE_ROWS // 2, seq_length=MOE_SEQ, ep=ep, dp=2,
                           flash_attention=False)
         per_rank = 4 * MOE_SEQ * MOE_ROWS * cfg.hidden_size + moe_routed_activation_bytes(cfg, shape, fused_swiglu=False)
-        total = sum(c[ep] for c in counted)
-        assert 0 <= total - 2 * per_rank <= 2 * 4, (ep, total, per_rank)
-    assert counted[0][1] == counted[1][1]  # EP1: each rank routes its own tokens alone, the same count
+        total = sum(c[experts, ep] for c in counted)
+        assert 0 <= total - 2 * per_rank <= 2 * 4, (experts, ep, total, per_rank)
+        if ep == 1:  # each rank routes its own tokens alone: the same count
+            assert counted[0][experts, ep] == counted[1][experts, ep]
 
 
 def test_moe_layer_activations_replace_the_dense_mlp_terms():
