@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Single node: score reference log-probs, then train, with one recipe.
 #   examples/launch_single_node.sh examples/qwen3_8b_spot.yaml [key=value ...]
+# One rank per GPU (NPROC, default: every GPU nvidia-smi lists); a recipe whose world: states another size
+# (world.nodes x world.gpus_per_node) stops at start-up: override it, e.g. world.gpus_per_node=4.
 # A rank that dies or hangs (run.collective_timeout_s, run.step_timeout_s) fails the group; torchrun then
 # restarts it up to MAX_RESTARTS times, and run.load=auto resumes from the newest complete checkpoint of
 # run.output_dir (set run.save_interval: a restart repeats the steps since the last checkpoint).

@@ -114,9 +114,14 @@ def preflight(cfg: TrainConfig, world_size: int):
     from megatron_spot.data import PairDataset
     from megatron_spot.platform.device import transformer_engine_available
     from megatron_spot.platform import Layout
+    from megatron_spot.platform.layout import check_stated_world
     from megatron_spot.training.plan import plan_run, validate_packing
     from megatron_spot.training.reference import load_ref_logps, reference_identity
 
+    # the recipe's world: before the layout rules (a wrong world is what a layout error would then be about)
+    shape_warning = check_stated_world(cfg.world, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or None)
+    if shape_warning and int(os.environ.get("RANK", "0")) == 0:
+        log.warning(shape_warning)
     Layout.from_config(cfg.parallel, world_size)  # the world-size rules first: they need no files
     _check_optimizer(cfg)
     _check_loss(cfg)

@@ -13,11 +13,14 @@
 
 With --config, the recipe supplies every setting the model, layout and batch flags describe
 (model.preset / hf_config or the architecture of model.init_checkpoint when that folder exists, parallel.*, precision.*,
-recompute.*, data.seq_length, data.micro_batch_size, model.fused_linear_loss, and the micro-batches
-per step = data.global_batch_size / (micro_batch_size x DP)); key=value overrides apply on top, the
-same dotted keys training takes, and a flag given explicitly wins over both. Profiling always uses
-random weights and synthetic full-length pairs: the recipe's data.pack, reference log-probs and
-checkpoint weights are not read.
+recompute.*, data.seq_length, data.micro_batch_size, model.fused_linear_loss, the micro-batches
+per step = data.global_batch_size / (micro_batch_size x DP), and for --predict-only the world: world.nodes x
+world.gpus_per_node); key=value overrides apply on top, the same dotted keys training takes, and a flag given
+explicitly wins over both. The prediction names the world it answers for and where it came from.
+For an MoE model it also turns the all-to-all volume into seconds (--intra-node-bandwidth inside a node,
+--inter-node-bandwidth for what crosses nodes) and gives the step time with it added, unoverlapped.
+Profiling always uses random weights and synthetic full-length pairs: the recipe's data.pack, reference
+log-probs and checkpoint weights are not read.
 
 `tools/profile_throughput.py` is the same command. The layout and micro-batch counts come from
 training/plan.py's plan_run (the same checks as training); formatting is profiling/report.py's.
@@ -36,7 +39,8 @@ import tempfile
 
 import megatron_spot
 from megatron_spot.cli import BAD_INPUT, FAILURE, INTERRUPTED, OK
-from megatron_spot.cli.args import non_negative_int, positive_int, positive_int_list, step_range, unit_fraction
+from megatron_spot.cli.args import (non_negative_int, positive_float, positive_int, positive_int_list, step_range,
+                                    unit_fraction)
 from megatron_spot.profiling.report import GiB, markdown_table, print_prediction, print_report, sweep_row, write_sweep_tables
 
 # the checkout holding the package, for torchrun children of an uninstalled tree
@@ -78,8 +82,16 @@ def parse_args(argv=None):
     p.add_argument("--sweep-mbs", type=positive_int_list, default=None, help="micro-batch sizes to sweep, comma separated")
     p.add_argument("--out-dir", default="profile_sweep", help="sweep outputs (table.md, table.csv, plot.png)")
     p.add_argument("--gpu", default=None, help="GPU for MFU/prediction (H100, H200, A100, B200, ...)")
-    p.add_argument("--nodes", type=positive_int, default=1, help="predict-only: nodes in the cluster (default 1)")
-    p.add_argument("--gpus-per-node", type=positive_int, default=8, help="predict-only: GPUs per node (default 8)")
+    p.add_argument("--nodes", type=positive_int, default=None,
+                   help="predict-only: nodes in the cluster (default: the recipe's world.nodes, else 1)")
+    p.add_argument("--gpus-per-node", type=positive_int, default=None,
+                   help="predict-only: GPUs per node (default: the recipe's world.gpus_per_node, else 8)")
+    p.add_argument("--intra-node-bandwidth", type=positive_float, default=None, metavar="GB/s",
+                   help="predict-only, MoE: GPU-to-GPU bandwidth inside a node, per GPU and direction, for the "
+                        "all-to-all time (default: the --gpu's NVLink, e.g. 450 for H100)")
+    p.add_argument("--inter-node-bandwidth", type=positive_float, default=None, metavar="GB/s",
+                   help="predict-only, MoE: network bandwidth between nodes per GPU and direction, for the "
+                        "all-to-all share that leaves the node (default 50 = one 400 Gb/s NIC per GPU)")
     p.add_argument("--assumed-mfu", type=unit_fraction, default=None,
                    help="predict-only: fraction of peak the matmuls reach (default 0.40 BF16, 0.30 of FP8 peak)")
     p.add_argument("--predict-only", action="store_true", help="print the analytical prediction, run nothing")
@@ -210,21 +222,45 @@ def _layout(args, model_cfg, world: int, on_gpu: bool, recipe=None):
     return cfg, layout
 
 
+def resolve_world(args, recipe=None) -> dict:
+    """The world a prediction answers for: each of --nodes / --gpus-per-node when given, else the recipe's
+    world.nodes / world.gpus_per_node when it states them, else 1 node x 8 GPUs; with where each came from."""
+    from megatron_spot.platform.layout import stated_world
+
+    stated = stated_world(recipe.world) if recipe is not None else (None, None)
+    out, kinds = {}, []
+    for (name, default), from_recipe in zip((("nodes", 1), ("gpus_per_node", 8)), stated):
+        given = getattr(args, name)
+        out[name], kind = ((given, "flag") if given is not None else (from_recipe, "recipe") if from_recipe is not None
+                           else (default, "default"))
+        kinds.append(kind)
+    out["size"] = out["nodes"] * out["gpus_per_node"]
+    both = {"flag": "--nodes/--gpus-per-node", "recipe": "the recipe's world: section",
+            "default": "the default: no --nodes/--gpus-per-node, no world: in the recipe"}
+    one = {"flag": ("--nodes", "--gpus-per-node"), "recipe": ("world.nodes", "world.gpus_per_node"),
+           "default": ("the default", "the default")}
+    out["source"] = both[kinds[0]] if kinds[0] == kinds[1] else \
+        f"nodes from {one[kinds[0]][0]}, GPUs per node from {one[kinds[1]][1]}"
+    return out
+
+
 def predict_only(args, model_cfg, recipe=None) -> dict:
     from megatron_spot.profiling.analytical import predict
-    from megatron_spot.profiling.hardware import gpu_spec, peak_tflops
+    from megatron_spot.profiling.hardware import INTER_NODE_GB_S, gpu_spec, peak_tflops
 
     if not args.gpu:
         fail("--predict-only needs --gpu (one of the known GPUs, e.g. H100)")
     spec = gpu_spec(args.gpu)
-    world = args.nodes * args.gpus_per_node
+    world = resolve_world(args, recipe)
     args.predict_only = True
-    _, layout = _layout(args, model_cfg, world, on_gpu=True, recipe=recipe)
+    _, layout = _layout(args, model_cfg, world["size"], on_gpu=True, recipe=recipe)
     peak = peak_tflops(args.gpu, layout.fp8)
     mfu = args.assumed_mfu or (0.30 if layout.fp8 else 0.40)
-    pred = predict(model_cfg, layout, peak_tflops=peak, assumed_mfu=mfu)
+    pred = predict(model_cfg, layout, peak_tflops=peak, assumed_mfu=mfu, gpus_per_node=world["gpus_per_node"],
+                   intra_node_gb_s=args.intra_node_bandwidth or spec["intra_node_gb_s"],
+                   inter_node_gb_s=args.inter_node_bandwidth or INTER_NODE_GB_S)
     d = pred.as_dict()
-    d.update(gpu=spec["name"], gpu_memory_gib=spec["memory_gib"], world_size=world)
+    d.update(gpu=spec["name"], gpu_memory_gib=spec["memory_gib"], world_size=world["size"], world=world)
     cap = spec["memory_gib"] * GiB
     d["fits"] = pred.memory["peak"]["total"] <= cap
     return d

@@ -11,10 +11,11 @@ from megatron_spot.config.schema import (
     RecomputeConfig,
     RunConfig,
     TrainConfig,
+    WorldConfig,
 )
 
 __all__ = [
     "ConfigError", "apply_overrides", "dump_config", "from_dict", "load_config", "to_dict",
     "DataConfig", "LossConfig", "ModelConfig", "MoEConfig", "OptimizerConfig", "ParallelConfig", "PrecisionConfig",
-    "RecomputeConfig", "RunConfig", "TrainConfig",
+    "RecomputeConfig", "RunConfig", "TrainConfig", "WorldConfig",
 ]

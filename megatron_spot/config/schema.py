@@ -65,6 +65,16 @@ class ParallelConfig:
 
 
 @dataclass
+class WorldConfig:
+    """The machines a recipe is written for: nodes x GPUs per node is the world size its parallel layout
+    divides. null = whatever the launcher gives. `spot-profile --config RECIPE --predict-only` answers for
+    this world (--nodes / --gpus-per-node override it); training stops at start-up when the launched world
+    size differs from nodes x gpus_per_node (the launchers do not read this section: start as many)."""
+    nodes: Optional[int] = None  # machines (torchrun --nnodes, SLURM --nodes)
+    gpus_per_node: Optional[int] = None  # ranks per machine (torchrun --nproc-per-node, SLURM --gpus-per-node)
+
+
+@dataclass
 class PrecisionConfig:
     dtype: str = "fp32"  # fp32 | bf16 | fp16
     fp8: Optional[str] = None  # None | hybrid | e4m3 (Transformer Engine only)
@@ -157,6 +167,7 @@ class RunConfig:
 @dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron_spot.config.loader import ConfigError
-from megatron_spot.config.schema import ParallelConfig
+from megatron_spot.config.schema import ParallelConfig, WorldConfig
 
 
 @dataclass(frozen=True)
@@ -102,3 +102,36 @@ class Layout:
                 )
         return cls(tp=tp, pp=pp, vpp=vpp if (vpp or 1) > 1 else None, cp=cp, dp=world_size // (tp * pp * cp),
                    world=world_size, ep=ep, etp=etp)
+
+
+def stated_world(world: WorldConfig) -> tuple[Optional[int], Optional[int]]:
+    """(nodes, GPUs per node) a recipe's `world:` states, each None when not stated; checked >= 1."""
+    for name in ("nodes", "gpus_per_node"):
+        value = getattr(world, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"world.{name}={value} must be an integer >= 1 (or null: whatever the launcher gives)")
+    return world.nodes, world.gpus_per_node
+
+
+def check_stated_world(world: WorldConfig, world_size: int, ranks_per_node: Optional[int] = None) -> Optional[str]:
+    """The recipe's `world:` against the world it was launched in, once at start-up.
+
+    A stated world size (world.nodes x world.gpus_per_node, both given) that differs from `world_size` is a
+    one-line ConfigError naming both numbers: the layout, the batch split and the predictions were made for
+    the stated world. With the same world size but another shape (`ranks_per_node`: torchrun's
+    LOCAL_WORLD_SIZE), or a single stated field that disagrees, the run is valid; a warning line is returned
+    (EP groups may then cross nodes the recipe's prediction kept inside one). None when nothing is stated
+    or everything agrees."""
+    nodes, per_node = stated_world(world)
+    if nodes is not None and per_node is not None and nodes * per_node != world_size:
+        raise ConfigError(f"world.nodes x world.gpus_per_node = {nodes} x {per_node} = {nodes * per_node} ranks, but "
+                          f"this run was launched with world size {world_size}; launch {nodes * per_node} ranks "
+                          "or change the recipe's world: section")
+    if not ranks_per_node or world_size % ranks_per_node:
+        return None
+    launched = (world_size // ranks_per_node, ranks_per_node)
+    if (nodes or launched[0], per_node or launched[1]) == launched:
+        return None
+    return (f"the recipe's world: says {nodes or '?'} node(s) x {per_node or '?'} GPUs per node, launched as "
+            f"{launched[0]} x {launched[1]}; a prediction for the recipe's world (spot-profile) does not describe "
+            "this run's communication")

@@ -21,11 +21,13 @@ an 8x or 64x H100 run. Conventions:
   :func:`layer_activation_bytes`; :func:`korthikanti_gpt_layer_bytes` is the paper's formula itself.
 * Mixture of experts: expert weights are split over EP x ETP instead of TP, and their gradients and
   optimizer state shard over the expert-data-parallel group (world / (ETP x EP x PP)); FLOPs count the
-  top-k experts a token reaches (the active parameters). The MLP activations keep the dense formula with
-  the config's intermediate_size: Qwen3-MoE's released intermediate_size equals top-k x
-  moe_intermediate_size (8 x 768 = 6144, 8 x 1536 = 12288), what each token's experts hold together; the
-  dispatcher's permutation buffers are not counted. The all-to-all volume (dispatch and combine, forward
-  and backward) is reported, not turned into time.
+  top-k experts a token reaches (the active parameters). An MoE layer's activations are what Megatron-Core's
+  MoELayer saves (:func:`moe_routed_activation_bytes`): the router's scores and top-k, the dispatcher's
+  indices, and per routed token copy (top-k per token, balanced over the experts) its hidden state, the
+  expert fc1 output (2 x moe_intermediate_size), the activation and its routing weight. The all-to-all
+  volume (dispatch and combine, forward and backward) becomes time at a stated bandwidth
+  (:func:`all_to_all_seconds`: NVLink when a rank's EP group fits in its node, the inter-node network per
+  GPU for the share that leaves it), reported beside the step time, not overlapped with it (an upper bound).
 * Pipelining (1F1B): stage i keeps min(PP - i, m) micro-batches of activations alive, so stage 0
   holds PP of them; the interleaved schedule keeps (1 + (PP-1)/(PP*VPP)) x PP micro-batches' worth of
   its layers (paper, Sec. 4.2.3). Bubble: (PP-1)/(m*VPP) of the ideal compute time (Narayanan et al.,
@@ -182,6 +184,25 @@ def all_to_all_bytes(cfg: GPTConfig, layout: StepShape) -> float:
     return per_layer * layers * layout.num_micro_batches
 
 
+def all_to_all_seconds(cfg: GPTConfig, layout: StepShape, gpus_per_node: int, intra_node_gb_s: float,
+                       inter_node_gb_s: float) -> dict:
+    """The all-to-all volume of one step (:func:`all_to_all_bytes`) as seconds on the wire.
+
+    Megatron-Core's expert grid puts ETP innermost, so an EP group spans ETP x EP consecutive ranks: a rank
+    has min(EP, gpus_per_node / ETP) - 1 EP peers in its own node (NVLink, `intra_node_gb_s` per GPU and
+    direction) and the rest in other nodes (the network, `inter_node_gb_s` per GPU). Each peer receives an
+    equal share (balanced routing). The two parts are added, and nothing overlaps them with compute: an
+    upper bound at these bandwidths (GB = 1e9 bytes). Returns bytes and seconds of each part."""
+    sent = all_to_all_bytes(cfg, layout)
+    ep = layout.ep
+    peers_in_node = min(ep, max(1, gpus_per_node // layout.expert_tp)) - 1
+    inter_share = (ep - 1 - peers_in_node) / (ep - 1) if ep > 1 else 0.0
+    intra, inter = sent * (1 - inter_share), sent * inter_share
+    return {"intra_node_bytes": intra, "inter_node_bytes": inter, "intra_node_gb_s": intra_node_gb_s,
+            "inter_node_gb_s": inter_node_gb_s, "gpus_per_node": gpus_per_node,
+            "seconds": intra / (intra_node_gb_s * 1e9) + inter / (inter_node_gb_s * 1e9)}
+
+
 # --------------------------------------------------------------------------------------------------
 # Activations
 def korthikanti_gpt_layer_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
@@ -207,7 +228,8 @@ def layer_activation_bytes(cfg: GPTConfig, layout: StepShape, softmax_fp32: bool
         output-projection input p*sbq/t;  flash attention instead keeps q, k, v and its output
         (p*sb(2q+2kv)/t) plus an fp32 log-sum-exp per head and row.
       MLP: RMSNorm input and fc1 input p*sbh each (rep), SwiGLU gate, silu(gate), up p*3sbf/t,
-        fc2 input p*sbf/t.
+        fc2 input p*sbf/t; an MoE layer: the RMSNorm and router inputs (rep), then
+        :func:`moe_routed_activation_bytes`.
     No dropout masks (neither family has dropout). Selective recompute drops the core-attention terms and
     keeps its inputs q, k, v; full recompute keeps only the layer input p*sbh (rep).
     """
@@ -228,8 +250,43 @@ def layer_activation_bytes(cfg: GPTConfig, layout: StepShape, softmax_fp32: bool
     if layout.recompute == "selective":
         core = p * s * b * (q + 2 * kv) / t
     proj_in = p * s * b * q / t
-    mlp = p * s * b * (2 * h * rep + 4 * f / t)
+    if is_moe(cfg):  # the same pre-MLP norm input and router input, then what the MoE layer keeps
+        mlp = p * s * b * 2 * h * rep + moe_routed_activation_bytes(cfg, layout)
+    else:
+        mlp = p * s * b * (2 * h * rep + 4 * f / t)
     return attn_in + core + proj_in + mlp
+
+
+def is_moe(cfg: GPTConfig) -> bool:
+    return bool(cfg.num_moe_experts and getattr(cfg, "num_experts_per_tok", 0))
+
+
+def moe_routed_activation_bytes(cfg: GPTConfig, layout: StepShape, fused_swiglu: Optional[bool] = None) -> float:
+    """Bytes one MoE layer keeps for backward beyond its input (the normed hidden states, counted with the
+    dense terms), per micro-batch, on one rank: Megatron-Core's MoELayer with the softmax router, the
+    all-to-all dispatcher and its experts. With T this rank's tokens (its sequence share under SP), E experts,
+    top-k, R = T x k x ETP routed token copies its experts process (balanced routing; ETP all-gathers them)
+    and f = moe_intermediate_size / ETP:
+      router: fp32 scores over all experts for the load-balancing loss 4TE, the top-k indices 8Tk and
+        weights 4Tk, tokens per expert 8E;
+      dispatch: the permutation's int64 token indices (a view of a T x E buffer) 8TE + 8Tk;
+      experts: fc1 input p*Rh (the dispatched tokens), routing weights 4R, fc1 output p*2Rf and the fc2 input
+        p*Rf (Transformer Engine's grouped MLP: one fused weighted-SwiGLU kernel keeps only its input);
+        unfused (`fused_swiglu=False`, SequentialMLP on the CPU local spec) also gate + 0 offset, silu(gate)
+        and silu(gate) * up, p*3Rf more.
+    The dispatcher's send/receive buffers live only during the layer and are not counted.
+    `fused_swiglu` None: fused when `layout.flash_attention` (the GPU/TE spec), unfused otherwise."""
+    p = BYTES_PER_ELEMENT[layout.dtype]
+    rep = 1.0 / layout.tp if layout.sequence_parallel else 1.0
+    tokens = layout.rows * -(-layout.seq_length // layout.cp) * rep
+    experts, top_k = cfg.num_moe_experts, cfg.num_experts_per_tok
+    routed = tokens * top_k * layout.expert_tp
+    f = cfg.moe_intermediate_size / layout.expert_tp
+    fused = layout.flash_attention if fused_swiglu is None else fused_swiglu
+    router = 4.0 * tokens * experts + 8.0 * tokens * top_k + 4.0 * tokens * top_k + 8.0 * experts
+    dispatch = 8.0 * tokens * experts + 8.0 * tokens * top_k
+    expert_mlp = p * routed * (cfg.hidden_size + 3 * f + (0 if fused else 3 * f)) + 4.0 * routed
+    return router + dispatch + expert_mlp
 
 
 def head_activation_bytes(cfg: GPTConfig, layout: StepShape) -> float:
@@ -303,11 +360,15 @@ class Prediction:
     bubble_fraction: float
     memory: dict
     all_to_all_bytes_per_rank: float = 0.0  # MoE token dispatch + combine of one step (see all_to_all_bytes)
+    all_to_all: Optional[dict] = None  # its time on the wire (all_to_all_seconds), when a world was given
     peak_tflops: Optional[float] = None
     assumed_mfu: Optional[float] = None
     step_time_s: Optional[float] = None
     tokens_per_s: Optional[float] = None
     tflops_per_device: Optional[float] = None
+    # the step with the all-to-all added, not overlapped (an upper bound); None for a dense model or EP1
+    step_time_with_all_to_all_s: Optional[float] = None
+    tokens_per_s_with_all_to_all: Optional[float] = None
     notes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -315,10 +376,13 @@ class Prediction:
 
 
 def predict(cfg: GPTConfig, layout: StepShape, peak_tflops: Optional[float] = None,
-            assumed_mfu: Optional[float] = None, vocab: Optional[int] = None) -> Prediction:
+            assumed_mfu: Optional[float] = None, vocab: Optional[int] = None, gpus_per_node: Optional[int] = None,
+            intra_node_gb_s: Optional[float] = None, inter_node_gb_s: Optional[float] = None) -> Prediction:
     """Analytical step: FLOPs, memory, bubble; with a peak and an assumed *compute* MFU (the fraction
     of peak the matmuls reach while they run), also step time = compute / (1 - bubble share).
-    Gradient reduce-scatter / param all-gather are assumed overlapped (or small), optimizer time ignored."""
+    Gradient reduce-scatter / param all-gather are assumed overlapped (or small), optimizer time ignored.
+    With gpus_per_node and both bandwidths (GB/s per GPU and direction), an MoE model's all-to-all also
+    becomes seconds (all_to_all_seconds), and the step time is given a second time with it added."""
     flops = step_flops(cfg, layout)
     executed = step_flops(cfg, layout, executed=True, vocab=vocab)
     pred = Prediction(layout=asdict(layout), flops_per_step=flops, executed_flops_per_step=executed,
@@ -331,4 +395,9 @@ def predict(cfg: GPTConfig, layout: StepShape, peak_tflops: Optional[float] = No
         pred.step_time_s = compute * (1 + pred.bubble_fraction)
         pred.tokens_per_s = layout.tokens_per_step / pred.step_time_s
         pred.tflops_per_device = flops / pred.step_time_s / layout.world_size / 1e12
+    if pred.all_to_all_bytes_per_rank and gpus_per_node and intra_node_gb_s and inter_node_gb_s:
+        pred.all_to_all = all_to_all_seconds(cfg, layout, gpus_per_node, intra_node_gb_s, inter_node_gb_s)
+        if pred.step_time_s:
+            pred.step_time_with_all_to_all_s = pred.step_time_s + pred.all_to_all["seconds"]
+            pred.tokens_per_s_with_all_to_all = layout.tokens_per_step / pred.step_time_with_all_to_all_s
     return pred

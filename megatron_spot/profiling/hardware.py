@@ -10,17 +10,22 @@ import torch
 from megatron_spot.config.loader import ConfigError
 from megatron_spot.platform.device import device_name
 
-# Dense (no sparsity) BF16 / FP8 peak TFLOP/s and memory (GiB) of known GPUs, from vendor data sheets.
+# Dense (no sparsity) BF16 / FP8 peak TFLOP/s, memory (GiB) and the GPU-to-GPU bandwidth inside a node
+# (GB/s per GPU and direction: half the data sheet's bidirectional NVLink figure, PCIe for the L40S) of
+# known GPUs, from vendor data sheets. The link figure is a peak; NCCL's all-to-all reaches less of it.
 GPUS = {
-    "H100": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 80},
-    "H800": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 80},
-    "H200": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 141},
-    "A100": {"bf16": 312.0, "fp8": None, "memory_gib": 80},
-    "A800": {"bf16": 312.0, "fp8": None, "memory_gib": 80},
-    "B200": {"bf16": 2250.0, "fp8": 4500.0, "memory_gib": 180},
-    "GB200": {"bf16": 2500.0, "fp8": 5000.0, "memory_gib": 186},
-    "L40S": {"bf16": 362.0, "fp8": 733.0, "memory_gib": 48},
+    "H100": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 80, "intra_node_gb_s": 450.0},
+    "H800": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 80, "intra_node_gb_s": 200.0},
+    "H200": {"bf16": 989.0, "fp8": 1979.0, "memory_gib": 141, "intra_node_gb_s": 450.0},
+    "A100": {"bf16": 312.0, "fp8": None, "memory_gib": 80, "intra_node_gb_s": 300.0},
+    "A800": {"bf16": 312.0, "fp8": None, "memory_gib": 80, "intra_node_gb_s": 200.0},
+    "B200": {"bf16": 2250.0, "fp8": 4500.0, "memory_gib": 180, "intra_node_gb_s": 900.0},
+    "GB200": {"bf16": 2500.0, "fp8": 5000.0, "memory_gib": 186, "intra_node_gb_s": 900.0},
+    "L40S": {"bf16": 362.0, "fp8": 733.0, "memory_gib": 48, "intra_node_gb_s": 32.0},
 }
+# Between nodes, per GPU and direction: one 400 Gb/s (NDR InfiniBand / 400G RoCE) NIC per GPU, as in DGX H100
+# and most H100/H200 clusters = 50 GB/s.
+INTER_NODE_GB_S = 50.0
 # Peak TFLOP/s only (what MFU needs).
 GPU_PEAK_TFLOPS = {k: {"bf16": v["bf16"], "fp8": v["fp8"]} for k, v in GPUS.items()}
 

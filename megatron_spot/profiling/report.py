@@ -17,6 +17,9 @@ def print_prediction(d: dict, model_cfg) -> None:
     print(f"Prediction: {d.get('gpu', '?')} x {d['world_size']}, TP{L['tp']} PP{L['pp']}"
           f"{' VPP' + str(L['vpp']) if L['vpp'] else ''} DP{L['dp']}{experts}, {L['dtype']}{' + FP8' if L['fp8'] else ''}, "
           f"mbs {L['micro_batch_size']} pairs x {L['num_micro_batches']} micro-batches, seq {L['seq_length']}")
+    w = d.get("world")
+    if w:
+        print(f"  world: {w['nodes']} node(s) x {w['gpus_per_node']} GPUs = {w['size']} ({w['source']})")
     print(f"  tokens/step {d['tokens_per_step']:,}  model FLOPs/step {d['flops_per_step']:.3e}  "
           f"bubble {d['bubble_fraction']:.1%} of compute")
     if d.get("step_time_s"):
@@ -26,6 +29,14 @@ def print_prediction(d: dict, model_cfg) -> None:
     if d.get("all_to_all_bytes_per_rank"):
         print(f"  MoE all-to-all (dispatch + combine, forward + backward): "
               f"{d['all_to_all_bytes_per_rank'] / GiB:.2f} GiB sent per GPU per step")
+        a = d.get("all_to_all")
+        if a:
+            print(f"    {a['intra_node_bytes'] / GiB:.2f} GiB inside the node at {a['intra_node_gb_s']:g} GB/s + "
+                  f"{a['inter_node_bytes'] / GiB:.2f} GiB to other nodes at {a['inter_node_gb_s']:g} GB/s = "
+                  f"{a['seconds']:.3f} s per step on the wire")
+        if d.get("step_time_with_all_to_all_s"):
+            print(f"  step with the all-to-all not overlapped (upper bound): {d['step_time_with_all_to_all_s']:.3f} s, "
+                  f"{d['tokens_per_s_with_all_to_all']:,.0f} tokens/s")
     for st in d["memory"]["stages"]:
         print(f"  stage {st['stage']}: weights {st['weights'] / GiB:.2f} GiB, grads {st['grads'] / GiB:.2f}, "
               f"optimizer {st['optimizer'] / GiB:.2f}, activations {st['activations'] / GiB:.2f} -> "

@@ -35,3 +35,14 @@ def test_unknown_yaml_key(tmp_path):
         load_config(TrainConfig, str(path))
     with pytest.raises(ConfigError, match="not found"):
         load_config(TrainConfig, str(tmp_path / "missing.yaml"))
+
+
+def test_world_section(tmp_path):
+    """world: is null by default (whatever the launcher gives); a recipe states nodes and GPUs per node."""
+    assert (TrainConfig().world.nodes, TrainConfig().world.gpus_per_node) == (None, None)
+    path = tmp_path / "r.yaml"
+    path.write_text("world:\n  nodes: 8\n  gpus_per_node: 8\n")
+    cfg = load_config(TrainConfig, str(path), ["world.nodes=16"])
+    assert (cfg.world.nodes, cfg.world.gpus_per_node) == (16, 8)
+    with pytest.raises(ConfigError, match="(?i)did you mean 'world.gpus_per_node'"):
+        apply_overrides(TrainConfig(), ["world.gpus_per_nod=4"])

@@ -83,3 +83,25 @@ def test_plan_run_counts_micro_batches():
 def test_plan_run_refuses(cfg, world, match):
     with pytest.raises(ConfigError, match=match):
         plan_run(cfg, world, model=load_model_config("qwen3-tiny"))
+
+
+def test_a_stated_world_is_checked_against_the_launched_one():
+    """world: nodes x gpus_per_node against the world size the run was launched with: another size is a
+    one-line error naming the fields and both numbers; the same size in another shape, or one stated field
+    the launcher contradicts, a warning; nothing stated or everything agreeing, nothing."""
+    from megatron_spot.config import WorldConfig
+    from megatron_spot.platform.layout import check_stated_world
+
+    with pytest.raises(ConfigError) as exc:
+        check_stated_world(WorldConfig(nodes=8, gpus_per_node=8), 16, ranks_per_node=8)
+    msg = str(exc.value)
+    assert "world.nodes x world.gpus_per_node = 8 x 8 = 64" in msg and "world size 16" in msg and "\n" not in msg
+    assert check_stated_world(WorldConfig(nodes=8, gpus_per_node=8), 64, ranks_per_node=8) is None
+    assert check_stated_world(WorldConfig(nodes=8, gpus_per_node=8), 64) is None  # no LOCAL_WORLD_SIZE: size only
+    assert check_stated_world(WorldConfig(), 3, ranks_per_node=3) is None  # null: whatever the launcher gives
+    assert check_stated_world(WorldConfig(gpus_per_node=8), 16, ranks_per_node=8) is None
+    shape = check_stated_world(WorldConfig(nodes=8, gpus_per_node=8), 64, ranks_per_node=4)
+    assert "8 node(s) x 8 GPUs per node, launched as 16 x 4" in shape
+    assert "launched as 2 x 8" in check_stated_world(WorldConfig(nodes=1), 16, ranks_per_node=8)
+    with pytest.raises(ConfigError, match=r"world.gpus_per_node=0 must be an integer >= 1"):
+        check_stated_world(WorldConfig(nodes=1, gpus_per_node=0), 8)

@@ -226,3 +226,183 @@ def test_expert_parallel_splits_expert_weights_and_their_optimizer_state():
     tokens = 2 * 4096  # chosen + rejected of one pair per micro-batch
     assert all_to_all_bytes(cfg, ep1) == 0
     assert all_to_all_bytes(cfg, ep8) == 4 * tokens * 8 * cfg.hidden_size * 2 * 7 / 8 * cfg.num_hidden_layers
+
+
+# ---------------------------------------------------------------------------------------------- MoE activations
+def _saved_moe_tensors(rank, world_size):
+    """Bytes autograd keeps from one forward of a tiny Megatron-Core MoE layer (layer 0's MLP: router,
+    all-to-all dispatcher, SequentialMLP or grouped TEGroupedMLP experts; fp32, CPU), at EP1 and at EP2,
+    per (experts, EP): every tensor saved for
+    backward and still held when the forward returns (one saved in a branch the forward drops is not),
+    counted once per storage (views share one), the layer's own weights excluded."""
+    import weakref
+
+    from megatron_spot.config import MoEConfig, ParallelConfig, PrecisionConfig
+    from megatron_spot.models import build_model_chunks, build_transformer_config
+    from megatron_spot.platform import initialize
+
+    cfg = load_model_config("qwen3-moe-tiny")
+    out = {}
+    for experts, ep in ((e, ep) for e in ("sequential", "grouped") for ep in (1, 2)):
+        parallel = ParallelConfig(expert_parallel=ep)
+        initialize(parallel, seed=3)
+        tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=MoEConfig(experts=experts))  # fp32, aux loss
+        model = build_model_chunks(cfg, tc)[0].train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        torch.manual_seed(rank)  # each rank its own tokens: the all-to-all moves unequal numbers
+        x = torch.randn(MOE_SEQ, MOE_ROWS, cfg.hidden_size, requires_grad=True)
+        saved = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                saved.append(weakref.ref(t))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y, _ = model.decoder.layers[0].mlp(x)
+        held = {}
+        for ref in saved:
+            t = ref()
+            if t is not None:
+                held.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        out[experts, ep] = sum(held.values())
+        del y
+    return out
+
+
+MOE_SEQ, MOE_ROWS = 64, 2
+
+
+def test_moe_activation_formula_counts_what_the_layer_saves():
+    """moe_routed_activation_bytes (unfused SwiGLU, as the CPU runs both expert modules) plus the layer's
+    input (the router's input) equals what autograd keeps from a tiny MoE layer's forward, with sequential
+    and with grouped experts (the same bytes: measured equal for both). EP1: exactly,
+    up to one fp32 scalar of the load-balancing loss (4 bytes; measured 313,412 bytes = formula + 4). EP2:
+    routing is not balanced per rank (measured 296,964 and 329,860 bytes), but the ranks together process
+    every routed copy once, so their sum is the formula's twice (+ 2 x 4 bytes): the all-to-all keeps
+    nothing the formula misses."""
+    from megatron_spot.profiling.analytical import moe_routed_activation_bytes
+    from tests.multiprocess import run_on_ranks
+
+    cfg = load_model_config("qwen3-moe-tiny")
+    counted = run_on_ranks(_saved_moe_tensors, world_size=2, timeout_s=300)
+    for experts, ep in counted[0]:
+        shape = StepShape(dtype="fp32", micro_batch_size=MOE_ROWS // 2, seq_length=MOE_SEQ, ep=ep, dp=2,
+                          flash_attention=False)
+        per_rank = 4 * MOE_SEQ * MOE_ROWS * cfg.hidden_size + moe_routed_activation_bytes(cfg, shape, fused_swiglu=False)
+        total = sum(c[experts, ep] for c in counted)
+        assert 0 <= total - 2 * per_rank <= 2 * 4, (experts, ep, total, per_rank)
+        if ep == 1:  # each rank routes its own tokens alone: the same count
+            assert counted[0][experts, ep] == counted[1][experts, ep]
+
+
+def test_moe_layer_activations_replace_the_dense_mlp_terms():
+    """Qwen3-30B-A3B: an MoE layer keeps the dense layer's attention terms and norm/router inputs, then per
+    routed copy (top-8 per token) its hidden state, fc1 output (2 x 768), fc2 input (768) and routing weight
+    (the fused weighted SwiGLU on GPUs), plus the router's and dispatcher's per-token bookkeeping; under
+    sequence parallel a rank routes 1/TP of the tokens, ETP all-gathers them and splits each expert."""
+    from megatron_spot.profiling.analytical import moe_routed_activation_bytes
+
+    cfg = load_model_config("qwen3-30b-a3b")
+    h, f, k, E = cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok, cfg.num_experts
+    base = dict(seq_length=4096, micro_batch_size=1, dtype="bf16", ep=8, dp=8)
+    T = 2 * 4096
+    gpu = StepShape(**base)
+    bookkeeping = (4 * E + 8 * k + 4 * k) + (8 * E + 8 * k)  # router: scores, top-k ids, weights; dispatch ids
+    per_token = 2 * k * (h + 3 * f) + 4 * k + bookkeeping
+    assert moe_routed_activation_bytes(cfg, gpu) == pytest.approx(T * per_token + 8 * E)
+    cpu = StepShape(**{**base, "flash_attention": False})
+    assert moe_routed_activation_bytes(cfg, cpu) - moe_routed_activation_bytes(cfg, gpu) == 2 * T * k * 3 * f
+    # the layer = the dense attention + norm/router inputs + the routed part (the dense MLP's 4f terms gone)
+    dense_mlp = 2 * T * (2 * h + 4 * cfg.intermediate_size)
+    routed_mlp = 2 * T * 2 * h + moe_routed_activation_bytes(cfg, gpu)
+    assert layer_activation_bytes(cfg, gpu) == pytest.approx(
+        _attention_terms(cfg, gpu) + routed_mlp)
+    assert routed_mlp > dense_mlp  # per token 8 x (h + 3f) = 8 x 4352 elements vs the dense formula's 4 x 6144
+    # TP4 + SP, ETP1: 1/4 of the tokens routed here; ETP4 gathers them back and splits f by 4
+    sp = dict(base, tp=4, dp=2, sequence_parallel=True)
+    etp1, etp4 = StepShape(**sp, etp=1), StepShape(**sp, etp=4)
+    assert moe_routed_activation_bytes(cfg, etp1) == pytest.approx((T / 4) * per_token + 8 * E)
+    routed4 = T * k  # = T/4 tokens x k x ETP4
+    assert moe_routed_activation_bytes(cfg, etp4) == pytest.approx(
+        2 * routed4 * (h + 3 * f / 4) + 4 * routed4 + (T / 4) * bookkeeping + 8 * E)
+
+
+def _attention_terms(cfg, shape):
+    """The attention half of layer_activation_bytes (flash attention, no TP/SP): norm + QKV inputs,
+    q/k before qk-norm, q/k/v/output kept by flash attention with its fp32 log-sum-exp, projection input."""
+    p, s, b = 2, shape.seq_length, shape.rows
+    h, q, kv, a = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim, \
+        cfg.num_attention_heads
+    return p * s * b * (2 * h + (q + kv)) + p * s * b * (2 * q + 2 * kv) + 4 * s * b * a + p * s * b * q
+
+
+def test_all_to_all_time_inside_a_node_and_across_nodes():
+    """The all-to-all volume at NVLink speed when the EP group fits in a node; across nodes the share sent
+    to peers in other nodes goes at the network's speed (Megatron-Core's expert grid: EP groups are runs of
+    consecutive ranks at ETP1); predict() reports the step with and without it."""
+    from megatron_spot.profiling.analytical import all_to_all_bytes, all_to_all_seconds, predict
+
+    cfg = load_model_config("qwen3-30b-a3b")
+    ep8 = StepShape(dp=8, ep=8, seq_length=4096, dtype="bf16")
+    sent = all_to_all_bytes(cfg, ep8)
+    inside = all_to_all_seconds(cfg, ep8, gpus_per_node=8, intra_node_gb_s=450.0, inter_node_gb_s=50.0)
+    assert inside["inter_node_bytes"] == 0 and inside["seconds"] == pytest.approx(sent / 450e9)
+    # 4 GPUs per node: of the 7 peers, 3 share the node, 4 are elsewhere
+    split = all_to_all_seconds(cfg, ep8, gpus_per_node=4, intra_node_gb_s=450.0, inter_node_gb_s=50.0)
+    assert split["inter_node_bytes"] == pytest.approx(sent * 4 / 7)
+    assert split["seconds"] == pytest.approx(sent * 3 / 7 / 450e9 + sent * 4 / 7 / 50e9)
+    # ETP2 x EP8 over 8-GPU nodes: an EP group spans 16 ranks, 4 of its members in each node
+    etp2 = StepShape(tp=2, dp=8, ep=8, etp=2, seq_length=4096, dtype="bf16", sequence_parallel=True)
+    assert all_to_all_seconds(cfg, etp2, 8, 450.0, 50.0)["inter_node_bytes"] == pytest.approx(
+        all_to_all_bytes(cfg, etp2) * 4 / 7)
+    pred = predict(cfg, ep8, peak_tflops=989.0, assumed_mfu=0.4, gpus_per_node=8, intra_node_gb_s=450.0,
+                   inter_node_gb_s=50.0)
+    assert pred.step_time_with_all_to_all_s == pytest.approx(pred.step_time_s + sent / 450e9)
+    assert pred.tokens_per_s_with_all_to_all == pytest.approx(ep8.tokens_per_step / pred.step_time_with_all_to_all_s)
+    dense = predict(load_model_config("qwen3-8b"), StepShape(dp=8), peak_tflops=989.0, assumed_mfu=0.4,
+                    gpus_per_node=8, intra_node_gb_s=450.0, inter_node_gb_s=50.0)
+    assert dense.all_to_all is None and dense.step_time_with_all_to_all_s is None
+
+
+def test_cli_answers_for_the_world_a_recipe_states(capsys, tmp_path):
+    """A recipe's world: (nodes x GPUs per node) is the world --predict-only answers for with no flags;
+    --nodes / --gpus-per-node override it field by field; without either, 1 x 8. The output and --json
+    say which world was used and where it came from."""
+    from tools.profile_throughput import main
+
+    recipe = os.path.join(ROOT, "examples", "qwen3_235b_a22b_spot.yaml")
+    with open(recipe) as f:
+        spec = yaml.safe_load(f)
+    nodes, per_node = spec["world"]["nodes"], spec["world"]["gpus_per_node"]
+
+    def predict(*argv):
+        path = str(tmp_path / "p.json")
+        assert main(["--gpu", "H100", "--predict-only", "--json", path, *argv]) == 0
+        with open(path) as f:
+            return json.load(f), capsys.readouterr().out
+
+    pred, out = predict("--config", recipe)
+    assert pred["world"] == {"nodes": nodes, "gpus_per_node": per_node, "size": nodes * per_node,
+                             "source": "the recipe's world: section"}
+    assert pred["world_size"] == nodes * per_node == 64
+    assert pred["layout"]["dp"] == 64 // spec["parallel"]["tensor_parallel"]
+    assert f"world: {nodes} node(s) x {per_node} GPUs = 64 (the recipe's world: section)" in out
+    # the EP64 group spans the 8 nodes: 7 of 63 peers share a node; the rest goes at 50 GB/s
+    a2a = pred["all_to_all"]
+    assert a2a["gpus_per_node"] == per_node and a2a["inter_node_gb_s"] == 50.0 and a2a["intra_node_gb_s"] == 450.0
+    assert a2a["inter_node_bytes"] == pytest.approx(pred["all_to_all_bytes_per_rank"] * 56 / 63)
+    assert pred["step_time_with_all_to_all_s"] == pytest.approx(pred["step_time_s"] + a2a["seconds"])
+    assert "not overlapped (upper bound)" in out
+    # a flag overrides its field only
+    pred, out = predict("--config", recipe, "--nodes", "16", "parallel.expert_parallel=128", "--inter-node-bandwidth",
+                        "25")
+    assert pred["world_size"] == 128 and pred["world"]["source"] == "nodes from --nodes, GPUs per node from world.gpus_per_node"
+    assert pred["all_to_all"]["inter_node_gb_s"] == 25.0
+    # no world stated, no flags: one node of 8
+    pred, out = predict("--config", os.path.join(ROOT, "examples", "qwen3_8b_spot.yaml"), "world.nodes=null",
+                        "world.gpus_per_node=null")
+    assert pred["world_size"] == 8 and pred["world"]["source"].startswith("the default")
+    with pytest.raises(SystemExit) as e:
+        main(["--config", recipe, "--gpu", "H100", "--predict-only", "world.nodes=0"])
+    assert e.value.code == 2 and "world.nodes=0 must be an integer >= 1" in capsys.readouterr().err

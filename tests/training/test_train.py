@@ -126,3 +126,17 @@ def test_errors_before_training_starts(workspace, tmp_path):
     assert main(["data.micro_batch=2"]) == 2
     with pytest.raises(ConfigError, match="(?i)did you mean 'data.micro_batch_size'"):
         load_config(TrainConfig, None, ["data.micro_batch=2"])
+
+
+def test_training_stops_when_launched_in_another_world(monkeypatch, capsys):
+    """The recipe's world: is checked first in the preflight (before any file is read): launched with 4 ranks,
+    a recipe written for 1 x 8 exits 2 with one line naming world.nodes x world.gpus_per_node and both sizes
+    (what agrees or is null passes: tests/platform/test_layout_plan.py)."""
+    from megatron_spot.train import main
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert main(["world.nodes=1", "world.gpus_per_node=8", "parallel.tensor_parallel=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "world.nodes x world.gpus_per_node = 1 x 8 = 8 ranks" in err[0] and "world size 4" in err[0]
