@@ -133,11 +133,12 @@ def test_a_hanging_test_interrupts_pytest_and_keeps_its_results(tmp_path):
 def test_the_cuda_build_step_names_why_it_cannot_build_here():
     """The GPU run's build path (the dry run skips it) up to the build itself: toolkit found, nvcc asked
     for its version, setup.py started with MEGATRON_SPOT_EXT=cuda, which this CPU torch refuses."""
-    from megatron_spot.gpu_check import steps
+    from megatron_spot.gpu_check.steps.build import child_build
+    from megatron_spot.gpu_check.steps.common import find_cuda_home
 
     with pytest.raises(RuntimeError) as err:
-        steps.child_build({"dry_run": False})
-    if steps._find_cuda_home() is None:
+        child_build({"dry_run": False})
+    if find_cuda_home() is None:
         assert "no CUDA toolkit" in str(err.value)
     else:
         assert "build failed (exit 1)" in str(err.value) and "has no CUDA support" in str(err.value), err.value
