@@ -1,5 +1,6 @@
 """GPU acceptance in one command: install the carried wheels, build the CUDA extension, run the GPU
-tests, benchmark the fused ops and profile the largest Qwen3 that fits, on one NVIDIA GPU.
+tests, benchmark the fused ops, train a tiny Qwen3-MoE with grouped experts against the CPU and profile
+the largest Qwen3 that fits, on one NVIDIA GPU.
 
   python3 tools/gpu_check.py --out gpu_results            # on the GPU machine (`make gpu-check`)
   python tools/gpu_check.py --dry-run --out /tmp/dry      # on a CPU machine, tiny sizes (`make gpu-check DRY_RUN=1`)
@@ -9,7 +10,7 @@ tests, benchmark the fused ops and profile the largest Qwen3 that fits, on one N
 `spot-gpu-check` is the same command where the package is installed (editable, from a checkout: the
 check builds csrc/ and runs tests/ of that checkout). Steps (each a child process with its own time
 limit, so a crash, hang or failure of one is recorded and the next still runs): wheels, build, pytest,
-bench-ops, profile. Results: OUT/gpu_results.json, OUT/summary.md (also printed) and
+bench-ops, moe, profile. Results: OUT/gpu_results.json, OUT/summary.md (also printed) and
 OUT/logs/<step>.log. The parent uses only the standard library (megatron_spot/gpu_check/): it must
 start on a machine where nothing but the GPU image's packages is installed.
 Exit code: 0 when no step failed, 1 otherwise, 2 bad usage.

@@ -41,6 +41,25 @@ PROFILE_GPU = {"candidates": ["qwen3-8b", "qwen3-4b", "qwen3-1.7b", "qwen3-0.6b"
 PROFILE_DRY = {"candidates": ["qwen3-tiny"], "seq_length": 64, "micro_batch_size": 1, "num_micro_batches": 2,
                "steps": 2, "warmup_steps": 1, "precision": "fp32", "recompute": "selective", "assumed_mfu": 0.3}
 
+# The MoE step: a few SPoT steps of the tiny Qwen3-MoE (8 experts, top-2; tests/gpu/train_child.py, the recipe
+# of tests/gpu/test_train_cuda.py: spot-bco, lr 2e-3, online reference, 8 pairs per step, EP1) with grouped
+# experts (Megatron-Core's TEGroupedMLP) against the same steps with sequential experts (SequentialMLP) on the
+# CPU in fp32. MOE_EXPERTS_KEY picks the implementation (the one place that names the override). Tolerances
+# are relative, per step and per metric (loss, logps/chosen, logps/rejected, grad_norm): |a - b| <= rel *
+# max(|a|, |b|, 1e-3). The fp32 run on the GPU is held to test_train_cuda's local-spec bounds (1e-4, grad
+# norm 1e-3: fp32 GEMMs, TF32 off, only the summation order differs) or, when Transformer Engine builds the
+# layers, its TE-spec bound 1e-3 (fused attention, TE's GEMMs); bf16 to 3e-2. The dry run compares grouped
+# with sequential experts on the CPU, where both are fp32 matmuls over the same tokens: 1e-6.
+MOE_EXPERTS_KEY = "moe.experts"
+MOE_EXPERT_BLOCKS = {"grouped": "TEGroupedMLP", "sequential": "SequentialMLP"}  # Megatron-Core's class of each
+MOE_GPU = {"preset": "qwen3-moe-tiny", "steps": 2, "runs": [
+    {"name": "grouped-fp32", "experts": "grouped", "precision": "fp32", "rel": 1e-4, "grad_rel": 1e-3, "te_rel": 1e-3},
+    {"name": "grouped-bf16", "experts": "grouped", "precision": "bf16", "rel": 3e-2, "grad_rel": 3e-2, "te_rel": 3e-2},
+]}
+MOE_DRY = {"preset": "qwen3-moe-tiny", "steps": 2, "runs": [
+    {"name": "grouped-fp32", "experts": "grouped", "precision": "fp32", "rel": 1e-6, "grad_rel": 1e-6},
+]}
+
 
 class Step:
     """One guarded stage: `budget_s` caps its run, `min_s` is what it needs to be worth starting."""
@@ -54,6 +73,8 @@ STEPS = (
     Step("build", 200, 30, "build megatron_spot._C with CUDA (MEGATRON_SPOT_EXT=cuda, sm_90)"),
     Step("pytest", 220, 30, "pytest -m gpu: tests/gpu/ and every gpu-marked test elsewhere"),
     Step("bench-ops", 90, 15, "fused log-prob op vs naive and Megatron-Core on the GPU"),
+    # before profile, whose preset choice adapts to the time it is left; this step cannot shrink
+    Step("moe", 90, 45, "tiny Qwen3-MoE SPoT steps: grouped experts on the GPU vs sequential experts on the CPU"),
     Step("profile", 150, 40, "tools/profile_throughput.py on the largest Qwen3 preset that fits"),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)

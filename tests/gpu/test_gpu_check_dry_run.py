@@ -40,7 +40,7 @@ def test_dry_run_is_green_and_writes_results(dry):
     assert list(steps) == list(plan.STEP_NAMES)
     assert res["dry_run"] is True and res["ok"] is True
     assert steps["build"]["status"] == "skipped" and "dry run" in steps["build"]["reason"]
-    assert all(steps[n]["status"] == "ok" for n in ("wheels", "pytest", "bench-ops", "profile")), steps
+    assert all(steps[n]["status"] == "ok" for n in ("wheels", "pytest", "bench-ops", "moe", "profile")), steps
     assert res["wall_s"] < res["budget_s"]
     summary = (out / "summary.md").read_text()
     assert summary.startswith("# GPU check: PASSED (DRY RUN") and summary in proc.stdout
@@ -89,6 +89,43 @@ def test_dry_run_benchmark_agrees_with_fp64_and_profile_reports(dry):
     rep = prof["report"]
     assert rep["tokens_per_s"] > 0 and rep["peak_memory_bytes"]["predicted"] > 0
     assert math.isfinite(rep["flops_per_step"]["measured"]) and rep["flops_per_step"]["predicted"] > 0
+
+
+def test_dry_run_moe_step_trains_grouped_experts_like_sequential(dry):
+    """The moe step's two tiny Qwen3-MoE runs (grouped experts as the GPU side, sequential experts as the CPU
+    reference; both on the CPU here) agree step by step within 1e-6, checked again here from the recorded
+    numbers, and that agreement is not of an untrained model: the loss moved far beyond the tolerance."""
+    from megatron_spot.gpu_check.steps.moe import COMPARED, experts_key_known
+
+    out, _, res = dry
+    r = {s["name"]: s for s in res["steps"]}["moe"]["result"]
+    ref, (run,) = r["reference"], r["runs"]
+    assert r["preset"] == "qwen3-moe-tiny" and ref["device"] == run["device"] == "cpu"
+    assert [h["step"] for h in ref["history"]] == [h["step"] for h in run["history"]] == [1, 2]
+    for got, want in zip(run["history"], ref["history"]):
+        for k in COMPARED:
+            assert abs(got[k] - want[k]) <= 1e-6 * max(abs(got[k]), abs(want[k]), 1e-3), (k, got, want)
+    assert ref["history"][0]["loss"] == pytest.approx(2 * math.log(2), abs=1e-6)  # policy = reference at step 1
+    assert ref["loss_moved"] > 1e-2 and ref["history"][1]["grad_norm"] != ref["history"][0]["grad_norm"]
+    assert run["passed"] and run["tolerance"] == {"rel": 1e-6, "grad_norm_rel": 1e-6}
+    assert run["tokens_per_s"] > 0 and run["step_time_s"] > 0
+    assert ref["experts"]["block"] == "SequentialMLP"
+    if experts_key_known():  # moe.experts=grouped: Megatron-Core's grouped block (TE's GroupedLinear twin on CPU)
+        assert run["experts"]["block"] == "TEGroupedMLP", run["experts"]
+    summary = (out / "summary.md").read_text()
+    assert "## MoE: qwen3-moe-tiny grouped experts vs sequential" in summary and "| grouped-fp32 | cpu |" in summary
+
+
+def test_moe_comparison_reports_every_difference_beyond_its_tolerance():
+    from megatron_spot.gpu_check.steps.moe import compare_histories
+
+    ref = [{"step": s, "loss": 1.0, "logps/chosen": -50.0, "logps/rejected": -60.0, "grad_norm": 4.0} for s in (1, 2)]
+    got = [dict(h) for h in ref]
+    got[1].update({"loss": 1.0 + 2e-4, "grad_norm": 4.0 * (1 + 5e-4), "logps/rejected": float("nan")})
+    worst, bad = compare_histories(got, ref, rel=1e-4, grad_rel=1e-3)
+    assert worst["loss"] == pytest.approx(2e-4, rel=1e-3) and worst["logps/chosen"] == 0.0
+    assert [b.split(":")[0] for b in bad] == ["step 2 loss", "step 2 logps/rejected"]  # grad norm within 1e-3
+    assert compare_histories(got[:1], ref, rel=1e-4)[1] == ["steps [1] vs [1, 2]"]
 
 
 def test_one_failing_step_does_not_stop_the_others(tmp_path):
@@ -183,6 +220,7 @@ def test_gpu_results_go_into_benchmarks_as_one_replaceable_section(dry, tmp_path
     assert text.count("<!-- bench:gpu -->") == 1 and text.startswith(original.rstrip())
     section = text[text.index("<!-- bench:gpu -->"):]
     assert "Machine: TEST GPU" in section and "| bench-ops | ok |" in section and "## fused log-prob op" in section
+    assert "| moe | ok |" in section and "## MoE: qwen3-moe-tiny" in section
 
 
 # what the parent must not import: the GPU machine lacks megatron-core before the wheels step, and the

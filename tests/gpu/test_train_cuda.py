@@ -18,11 +18,12 @@ import sys
 
 import pytest
 
+from megatron_spot.gpu_check.steps.moe import compare_histories
+
 pytestmark = pytest.mark.gpu
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CHILD = os.path.join(HERE, "train_child.py")
-KEYS = ("loss", "logps/chosen", "logps/rejected", "grad_norm")
 
 
 def _te_importable() -> bool:
@@ -104,17 +105,9 @@ def _need(runs, *names):
 
 
 def _compare(a, b, rel, grad_rel=None):
-    """Per step and key: |a - b| <= rel * max(|a|, |b|, 1e-3)."""
-    by_step = {h["step"]: h for h in b["history"]}
-    bad = []
-    for h in a["history"]:
-        o = by_step[h["step"]]
-        for k in KEYS:
-            tol = grad_rel if (k == "grad_norm" and grad_rel) else rel
-            x, y = float(h[k]), float(o[k])
-            if abs(x - y) > tol * max(abs(x), abs(y), 1e-3):
-                bad.append(f"step {h['step']} {k}: {x:.8g} vs {y:.8g} (rel {abs(x - y) / max(abs(x), abs(y)):.2e} > {tol})")
-    return bad
+    """Per step of loss, log-probs and grad norm: |a - b| <= rel * max(|a|, |b|, 1e-3) (grad_rel for the
+    grad norm when given), as the GPU check's moe step judges its runs; the violations."""
+    return compare_histories(a["history"], b["history"], rel, grad_rel)[1]
 
 
 def test_one_rank_nccl_startup_and_vocab_parallel_op(runs):

@@ -1,7 +1,9 @@
-"""Child process for tests/gpu/test_train_cuda.py (a plain script: every mode runs in a fresh process
-so CPU and GPU runs never share torch.distributed or CUDA state).
+"""Child process for tests/gpu/test_train_cuda.py and the GPU check's moe step
+(megatron_spot/gpu_check/steps/moe.py); a plain script: every mode runs in a fresh process so CPU and GPU
+runs never share torch.distributed or CUDA state.
 
-  python tests/gpu/train_child.py workspace DIR               tiny HF Qwen3 + tokenizer + pack + Megatron checkpoint
+  python tests/gpu/train_child.py workspace DIR [PRESET]      tests/tiny.build_train_workspace: tiny HF model of
+                                                               PRESET (qwen3-tiny) + tokenizer + pack + Megatron checkpoint
   python tests/gpu/train_child.py train DIR OUT SPEC [k=v ...] train with megatron_spot.train.run; SPEC local|te|auto
   python tests/gpu/train_child.py nccl OUT.json                one-rank NCCL start-up + vocab-parallel op over it
 
@@ -20,35 +22,25 @@ BETA = 0.5
 LR = 2e-3  # large enough that log-probs move visibly in four steps, so parity is not parity of noise
 
 
-def workspace(root: str) -> None:
-    import numpy as np
+def workspace(root: str, preset: str = "qwen3-tiny") -> None:
+    from tests.tiny import build_train_workspace
+
+    build_train_workspace(root, num_pairs=32, preset=preset)
+
+
+def _record_expert_block(seen: dict) -> None:
+    """Note which Megatron-Core expert block runs the first mixture-of-experts forward (SequentialMLP or
+    TEGroupedMLP: what moe.experts chose) and its fc1's class, then stop listening (no cost to the steps)."""
     import torch
-    import transformers
 
-    from megatron_spot.checkpoint.hf_convert import convert_hf_to_mcore
-    from megatron_spot.data import build_tiny_tokenizer, pack_pairs
-    from megatron_spot.models import load_model_config
+    def hook(module, args):
+        bases = [c.__name__ for c in type(module).__mro__
+                 if c.__module__.startswith("megatron.core.transformer.moe.experts")]
+        if bases and not seen:
+            seen.update(block=bases[0], fc1=type(getattr(module, "linear_fc1", None)).__name__)
+            handle.remove()
 
-    rng = np.random.default_rng(0)
-    words = "the a one two three plus minus equals total so answer is step then we add take".split()
-    pairs = [{"prompt": f"Problem {i}: " + " ".join(rng.choice(words, 6)),
-              "chosen": " ".join(rng.choice(words, int(rng.integers(4, 12)))) + f" answer {i}",
-              "rejected": " ".join(rng.choice(words, int(rng.integers(4, 12)))) + f" answer {i + 1}"}
-             for i in range(32)]
-    os.makedirs(root, exist_ok=True)
-    jsonl = os.path.join(root, "pairs.jsonl")
-    with open(jsonl, "w") as f:
-        f.write("".join(json.dumps(p) + "\n" for p in pairs))
-    hf = os.path.join(root, "hf")
-    build_tiny_tokenizer(hf, [p["prompt"] + " " + p["chosen"] + " " + p["rejected"] for p in pairs], vocab_size=512)
-    tok = transformers.AutoTokenizer.from_pretrained(hf)
-    cfg = load_model_config("qwen3-tiny").to_hf_dict()
-    cfg.update(eos_token_id=tok.eos_token_id, torch_dtype="float32")
-    torch.manual_seed(0)
-    transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**cfg)).save_pretrained(hf)
-    os.makedirs(os.path.join(root, "pack"))
-    pack_pairs([jsonl], hf, os.path.join(root, "pack", "pairs"), preset="trl")
-    convert_hf_to_mcore(hf, os.path.join(root, "mcore"), dtype="fp32", progress=False)
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
 
 
 def train(root: str, out: str, spec: str, extra: list) -> None:
@@ -72,9 +64,11 @@ def train(root: str, out: str, spec: str, extra: list) -> None:
                  "loss.online_reference=true", f"optimizer.lr={LR}", "optimizer.warmup_fraction=0.25",
                  "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "run.epochs=1", f"run.train_steps={STEPS}",
                  "run.export_hf=false", "run.tensorboard=false", "precision.dtype=fp32", *extra]
+    experts: dict = {}  # stays empty for a dense model
+    _record_expert_block(experts)
     summary = run(load_config(TrainConfig, None, overrides))
     with open(os.path.join(out, "child.json"), "w") as f:
-        json.dump({"device": "cuda" if has_cuda() else "cpu", "te": transformer_engine_available(),
+        json.dump({"device": "cuda" if has_cuda() else "cpu", "te": transformer_engine_available(), "experts": experts,
                    "history": summary["history"], "checkpoint": summary["checkpoint"]}, f, default=str)
     shutdown()
 
@@ -106,7 +100,7 @@ def nccl(out_json: str) -> None:
 if __name__ == "__main__":
     mode = sys.argv[1]
     if mode == "workspace":
-        workspace(sys.argv[2])
+        workspace(*sys.argv[2:4])
     elif mode == "train":
         train(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
     elif mode == "nccl":

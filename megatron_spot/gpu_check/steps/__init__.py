@@ -15,6 +15,7 @@ from megatron_spot.gpu_check.plan import INJECT_ENV
 from megatron_spot.gpu_check.steps.bench_ops import child_bench_ops
 from megatron_spot.gpu_check.steps.build import child_build
 from megatron_spot.gpu_check.steps.install_wheels import child_wheels
+from megatron_spot.gpu_check.steps.moe import child_moe
 from megatron_spot.gpu_check.steps.profile import child_profile, child_profile_run
 from megatron_spot.gpu_check.steps.run_pytest import child_pytest
 
@@ -27,7 +28,7 @@ def _loaded_distributions() -> list[str]:
 
 
 CHILDREN = {"wheels": child_wheels, "build": child_build, "pytest": child_pytest, "bench-ops": child_bench_ops,
-            "profile": child_profile, "profile-run": child_profile_run}
+            "moe": child_moe, "profile": child_profile, "profile-run": child_profile_run}
 
 
 def child_main(step: str, params, result_path: str) -> int:
