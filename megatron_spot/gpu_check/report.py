@@ -141,23 +141,18 @@ def _profile_section(r: dict) -> list[str]:
     return out
 
 
-def _expert_block(r: dict) -> str:
-    e = r.get("experts") or {}
-    fc1 = e.get("fc1")
-    return (e.get("block") or "?") + (f" (fc1 {fc1})" if fc1 and fc1 != "NoneType" else "")
-
-
 def _moe_row(r: dict, reference: bool = False) -> str:
     if "history" not in r:
         return f"| {r['name']} | | | {r.get('precision', '')} | | | failed: {first_line(r)} | |"
     device = r["device"] + (" (TE)" if r.get("te") else "")
+    experts = r.get("experts_module") or "?"
     last = r["history"][-1]
     speed = f"{last['step_time_s']:.3f} s, {_fmt(last.get('tokens_per_s'), ',.0f')}"
     if reference:
-        return f"| {r['name']} (reference) | {device} | {_expert_block(r)} | {r['precision']} | | | | {speed} |"
+        return f"| {r['name']} (reference) | {device} | {experts} | {r['precision']} | | | | {speed} |"
     tol, worst = r["tolerance"], r["max_rel_diff"]
     diffs = " / ".join(format(worst[k], ".1e") for k in ("loss", "logps/chosen", "logps/rejected", "grad_norm"))
-    return (f"| {r['name']} | {device} | {_expert_block(r)} | {r['precision']} | {tol['rel']:g}; "
+    return (f"| {r['name']} | {device} | {experts} | {r['precision']} | {tol['rel']:g}; "
             f"{tol['grad_norm_rel']:g} | {diffs} | {'passed' if r['passed'] else 'FAILED'} | {speed} |")
 
 
@@ -168,7 +163,7 @@ def _moe_section(r: dict) -> list[str]:
            "compared per step: loss, sequence log-probs, grad norm; relative tolerance |a - b| <= tol x "
            "max(|a|, |b|, 1e-3)"
            + (f"; training moved the reference's loss by {ref['loss_moved']:.3g}" if ref else "") + ".", "",
-           "| run | device | expert block | precision | tolerance (rel; grad norm) | max rel diff (loss / chosen / "
+           "| run | device | experts module | precision | tolerance (rel; grad norm) | max rel diff (loss / chosen / "
            "rejected / grad norm) | result | last step (s, tokens/s) |", "|---|---|---|---|---|---|---|---|"]
     out += [_moe_row(run) for run in r.get("runs", [])]
     if ref:

@@ -28,21 +28,6 @@ def workspace(root: str, preset: str = "qwen3-tiny") -> None:
     build_train_workspace(root, num_pairs=32, preset=preset)
 
 
-def _record_expert_block(seen: dict) -> None:
-    """Note which Megatron-Core expert block runs the first mixture-of-experts forward (SequentialMLP or
-    TEGroupedMLP: what moe.experts chose) and its fc1's class, then stop listening (no cost to the steps)."""
-    import torch
-
-    def hook(module, args):
-        bases = [c.__name__ for c in type(module).__mro__
-                 if c.__module__.startswith("megatron.core.transformer.moe.experts")]
-        if bases and not seen:
-            seen.update(block=bases[0], fc1=type(getattr(module, "linear_fc1", None)).__name__)
-            handle.remove()
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
-
-
 def train(root: str, out: str, spec: str, extra: list) -> None:
     if spec == "local":
         # hide Transformer Engine: the provider then picks Megatron-Core's local layer spec
@@ -64,11 +49,10 @@ def train(root: str, out: str, spec: str, extra: list) -> None:
                  "loss.online_reference=true", f"optimizer.lr={LR}", "optimizer.warmup_fraction=0.25",
                  "optimizer.weight_decay=0.01", "optimizer.clip_grad=1.0", "run.epochs=1", f"run.train_steps={STEPS}",
                  "run.export_hf=false", "run.tensorboard=false", "precision.dtype=fp32", *extra]
-    experts: dict = {}  # stays empty for a dense model
-    _record_expert_block(experts)
     summary = run(load_config(TrainConfig, None, overrides))
     with open(os.path.join(out, "child.json"), "w") as f:
-        json.dump({"device": "cuda" if has_cuda() else "cpu", "te": transformer_engine_available(), "experts": experts,
+        json.dump({"device": "cuda" if has_cuda() else "cpu", "te": transformer_engine_available(),
+                   "experts_module": summary.get("experts_module"),  # MoE: TEGroupedMLP or SequentialMLP
                    "history": summary["history"], "checkpoint": summary["checkpoint"]}, f, default=str)
     shutdown()
 

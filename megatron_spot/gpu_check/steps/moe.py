@@ -48,16 +48,8 @@ def compare_histories(got: list[dict], ref: list[dict], rel: float, grad_rel: fl
     return worst, bad
 
 
-def experts_key_known() -> bool:
-    """Whether this checkout's config has MOE_EXPERTS_KEY; without it neither run is given the override,
-    and each runs the expert block its layer spec defaults to (recorded beside the comparison)."""
-    from megatron_spot.config.schema import MoEConfig
-
-    return hasattr(MoEConfig(), MOE_EXPERTS_KEY.split(".", 1)[1])
-
-
-def _expert_override(experts: str, known: bool) -> list[str]:
-    return [f"{MOE_EXPERTS_KEY}={experts}"] if known else []
+def _experts(experts: str) -> str:
+    return f"{MOE_EXPERTS_KEY}={experts}"
 
 
 class _Child:
@@ -98,7 +90,7 @@ class _Child:
 def _summary(child_json: str, seconds: float) -> dict:
     with open(child_json) as f:
         r = json.load(f)
-    return {"device": r["device"], "te": r["te"], "experts": r.get("experts") or {}, "seconds": seconds,
+    return {"device": r["device"], "te": r["te"], "experts_module": r.get("experts_module"), "seconds": seconds,
             "history": [{"step": h["step"], **{k: h.get(k) for k in KEPT}} for h in r["history"]]}
 
 
@@ -107,11 +99,7 @@ def child_moe(p: dict) -> dict:
     t0 = time.monotonic()
     deadline = t0 + p["limit_s"] - 5  # the result is written before the parent's hard kill
     logs = os.path.join(p["out"], "logs")
-    known = experts_key_known()
     res = {"preset": cfg["preset"], "steps": cfg["steps"], "reference": None, "runs": [], "notes": []}
-    if not known:
-        res["notes"].append(f"{MOE_EXPERTS_KEY} is not in this checkout's config: no run is given it, each uses "
-                            "the expert block its layer spec defaults to (the table's expert block)")
     work = tempfile.mkdtemp(prefix="gpu_check_moe_")
     children: list[_Child] = []
     errors: list[str] = []
@@ -125,7 +113,7 @@ def child_moe(p: dict) -> dict:
         res["workspace_s"] = child.seconds
         common = [f"run.train_steps={cfg['steps']}", "optimizer.warmup_fraction=0"]  # every step at the full lr
         reference = _Child("cpu-sequential", ["train", ws, os.path.join(work, "cpu"), "local", *common,
-                                              *_expert_override("sequential", known)], logs, cpu=True)
+                                              _experts("sequential")], logs, cpu=True)
         children.append(reference)
         runs: list[dict] = []
         for run in cfg["runs"]:  # one after the other: the timed run has the device to itself
@@ -136,10 +124,10 @@ def child_moe(p: dict) -> dict:
                 continue
             child = _Child(run["name"], ["train", ws, os.path.join(work, run["name"]), "auto", *common,
                                          f"precision.dtype={run['precision']}",
-                                         *_expert_override(run["experts"], known)], logs, cpu=bool(p["dry_run"]))
+                                         _experts(run["experts"])], logs, cpu=bool(p["dry_run"]))
             children.append(child)
             failed = child.wait(deadline)
-            rec = {"name": run["name"], "precision": run["precision"], "experts_asked": run["experts"] if known else None}
+            rec = {"name": run["name"], "precision": run["precision"], "experts_asked": run["experts"]}
             if failed:
                 errors.append(failed)
                 runs.append({**rec, "status": "failed", "error": failed})
@@ -154,11 +142,12 @@ def child_moe(p: dict) -> dict:
         # how far training moved the loss (the first step's is 2 log 2: policy = reference): a comparison of
         # later steps means something only when this is far above the tolerances
         res["reference"]["loss_moved"] = max(abs(x - losses[0]) for x in losses)
-        if known and res["reference"]["experts"].get("block") != MOE_EXPERT_BLOCKS["sequential"]:
-            errors.append(f"the CPU reference ran {res['reference']['experts']}, not {MOE_EXPERT_BLOCKS['sequential']}")
+        if res["reference"]["experts_module"] != MOE_EXPERT_BLOCKS["sequential"]:
+            errors.append(f"the CPU reference's experts ran as {res['reference']['experts_module']}, not "
+                          f"{MOE_EXPERT_BLOCKS['sequential']}")
         for rec in runs:
             if "history" in rec:
-                errors += _judge(rec, res["reference"], cfg, known)
+                errors += _judge(rec, res["reference"], cfg)
         res["runs"] = runs
     finally:
         for child in children:
@@ -170,7 +159,7 @@ def child_moe(p: dict) -> dict:
     return res
 
 
-def _judge(rec: dict, reference: dict, cfg: dict, known: bool) -> list[str]:
+def _judge(rec: dict, reference: dict, cfg: dict) -> list[str]:
     """Compare one run with the CPU reference under its tolerance (the TE bound when TE built its layers);
     record the bound, the largest differences and the device's last-step throughput. Returns the errors."""
     run = next(r for r in cfg["runs"] if r["name"] == rec["name"])
@@ -181,7 +170,7 @@ def _judge(rec: dict, reference: dict, cfg: dict, known: bool) -> list[str]:
     rec.update(tolerance={"rel": rel, "grad_norm_rel": grad_rel}, max_rel_diff=worst, violations=bad,
                passed=not bad, tokens_per_s=last["tokens_per_s"], step_time_s=last["step_time_s"])
     errors = [f"{rec['name']}: {b}" for b in bad]
-    if known and rec["experts"].get("block") != MOE_EXPERT_BLOCKS[run["experts"]]:
+    if rec["experts_module"] != MOE_EXPERT_BLOCKS[run["experts"]]:
         errors.append(f"{rec['name']}: asked for {run['experts']} experts ({MOE_EXPERT_BLOCKS[run['experts']]}), "
-                      f"ran {rec['experts'] or 'no expert block'}")
+                      f"ran {rec['experts_module']}")
     return errors
