@@ -1,6 +1,7 @@
 """The moe step: the tiny Qwen3-MoE (8 experts, top-2) trained a few SPoT steps with grouped experts
-(Megatron-Core's TEGroupedMLP, through Transformer Engine on the GPU) against the same steps with sequential
-experts (SequentialMLP) on the CPU in fp32, same checkpoint, data and seed, at EP1; per step and metric
+(`moe.experts=grouped`: Megatron-Core's TEGroupedMLP, Transformer Engine's grouped GEMM where TE is installed,
+models/gpt/grouped_experts.py's plain-PyTorch twin otherwise) against the same steps with sequential experts
+(SequentialMLP) on the CPU in fp32, same checkpoint, data and seed, at EP1; per step and metric
 within the stated tolerances of plan.MOE_GPU, with the GPU run's step time and tokens/s. The dry run runs
 the grouped side on the CPU too (plan.MOE_DRY): grouped and sequential experts agree to float noise there.
 
