@@ -74,7 +74,7 @@ STEPS = (
     Step("pytest", 220, 30, "pytest -m gpu: tests/gpu/ and every gpu-marked test elsewhere"),
     Step("bench-ops", 90, 15, "fused log-prob op vs naive and Megatron-Core on the GPU"),
     # before profile, whose preset choice adapts to the time it is left; this step cannot shrink
-    Step("moe", 120, 45, "tiny Qwen3-MoE SPoT steps: grouped experts on the GPU vs sequential experts on the CPU"),
+    Step("moe", 180, 45, "tiny Qwen3-MoE SPoT steps: grouped experts on the GPU vs sequential experts on the CPU"),
     Step("profile", 150, 40, "tools/profile_throughput.py on the largest Qwen3 preset that fits"),
 )
 STEP_NAMES = tuple(s.name for s in STEPS)

@@ -5,6 +5,9 @@ runs never share torch.distributed or CUDA state.
   python tests/gpu/train_child.py workspace DIR [PRESET]      tests/tiny.build_train_workspace: tiny HF model of
                                                                PRESET (qwen3-tiny) + tokenizer + pack + Megatron checkpoint
   python tests/gpu/train_child.py train DIR OUT SPEC [k=v ...] train with megatron_spot.train.run; SPEC local|te|auto
+  python tests/gpu/train_child.py workspace-and-train PRESET DIR OUT SPEC [k=v ...]
+                                                               both in one process (one start-up fewer); DIR/READY
+                                                               appears when the workspace is complete
   python tests/gpu/train_child.py nccl OUT.json                one-rank NCCL start-up + vocab-parallel op over it
 
 The device is whatever CUDA_VISIBLE_DEVICES leaves visible (the test hides the GPU for the CPU run).
@@ -22,16 +25,27 @@ BETA = 0.5
 LR = 2e-3  # large enough that log-probs move visibly in four steps, so parity is not parity of noise
 
 
+READY = "READY"  # written last into a workspace folder, for a process waiting to train on it
+
+
 def workspace(root: str, preset: str = "qwen3-tiny") -> None:
     from tests.tiny import build_train_workspace
 
     build_train_workspace(root, num_pairs=32, preset=preset)
+    with open(os.path.join(root, READY + ".tmp"), "w") as f:
+        f.write(preset)
+    os.replace(os.path.join(root, READY + ".tmp"), os.path.join(root, READY))
 
 
-def train(root: str, out: str, spec: str, extra: list) -> None:
+def _choose_spec(spec: str) -> None:
+    """Before anything imports Megatron-Core (which notes at import whether TE is there)."""
     if spec == "local":
         # hide Transformer Engine: the provider then picks Megatron-Core's local layer spec
         sys.modules["transformer_engine"] = None
+
+
+def train(root: str, out: str, spec: str, extra: list) -> None:
+    _choose_spec(spec)
     from megatron_spot.config import TrainConfig, load_config
     from megatron_spot.platform.device import transformer_engine_available
     from megatron_spot.platform import shutdown
@@ -87,7 +101,11 @@ if __name__ == "__main__":
         workspace(*sys.argv[2:4])
     elif mode == "train":
         train(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:])
+    elif mode == "workspace-and-train":
+        _choose_spec(sys.argv[5])
+        workspace(sys.argv[3], sys.argv[2])
+        train(sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])
     elif mode == "nccl":
         nccl(sys.argv[2])
     else:
-        raise SystemExit(f"train_child: unknown mode {mode!r} (workspace | train | nccl)")
+        raise SystemExit(f"train_child: unknown mode {mode!r} (workspace | train | workspace-and-train | nccl)")

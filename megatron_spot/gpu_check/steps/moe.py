@@ -5,9 +5,10 @@ models/gpt/grouped_experts.py's plain-PyTorch twin otherwise) against the same s
 within the stated tolerances of plan.MOE_GPU, with the GPU run's step time and tokens/s. The dry run runs
 the grouped side on the CPU too (plan.MOE_DRY): grouped and sequential experts agree to float noise there.
 
-Every run is a fresh process of tests/gpu/train_child.py (the workspace, the CPU reference with the GPU
-hidden, the GPU runs one after the other so the timed one has the GPU to itself), the same child
-tests/gpu/test_train_cuda.py uses for the dense model."""
+Every run is a fresh process of tests/gpu/train_child.py, the child tests/gpu/test_train_cuda.py uses for the
+dense model: the CPU reference (GPU hidden) builds the workspace and trains on it in one process (a start-up
+fewer), the GPU runs start once the workspace is complete, one after the other so the timed one has the GPU
+to itself."""
 from __future__ import annotations
 
 import json
@@ -69,6 +70,14 @@ class _Child:
                                          start_new_session=True)
         self.seconds = None
 
+    def wait_for(self, path: str, deadline: float) -> str | None:
+        """None once `path` exists; otherwise why not (this process ended or the deadline came first)."""
+        while not os.path.exists(path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                return self.wait(deadline) or f"{self.name}: exit 0 without writing {path}"
+            time.sleep(0.2)
+        return None
+
     def wait(self, deadline: float) -> str | None:
         """None when it exited 0 before `deadline` (monotonic); otherwise why not, with its log's tail."""
         try:
@@ -106,16 +115,14 @@ def child_moe(p: dict) -> dict:
     errors: list[str] = []
     try:
         ws = os.path.join(work, "ws")
-        child = _Child("workspace", ["workspace", ws, cfg["preset"]], logs, cpu=True)
-        children.append(child)
-        failed = child.wait(deadline)
+        common = [f"run.train_steps={cfg['steps']}", "optimizer.warmup_fraction=0"]  # every step at the full lr
+        reference = _Child("cpu-sequential", ["workspace-and-train", cfg["preset"], ws, os.path.join(work, "cpu"),
+                                              "local", *common, _experts("sequential")], logs, cpu=True)
+        children.append(reference)
+        failed = reference.wait_for(os.path.join(ws, "READY"), deadline)
         if failed:
             return {**res, "status": "failed", "error": "the workspace was not built: " + failed}
-        res["workspace_s"] = child.seconds
-        common = [f"run.train_steps={cfg['steps']}", "optimizer.warmup_fraction=0"]  # every step at the full lr
-        reference = _Child("cpu-sequential", ["train", ws, os.path.join(work, "cpu"), "local", *common,
-                                              _experts("sequential")], logs, cpu=True)
-        children.append(reference)
+        res["workspace_s"] = round(time.monotonic() - t0, 1)
         runs: list[dict] = []
         for run in cfg["runs"]:  # one after the other: the timed run has the device to itself
             left = deadline - time.monotonic()
