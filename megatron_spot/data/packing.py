@@ -83,6 +83,7 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
     """One packed row from whole groups of pairs.
 
     Returns tensors `tokens`, `labels`, `position_ids` [1, T] (int64), `loss_mask` [1, T] (float32),
+    `padding_mask` [1, T] (bool, True at padding: the tail and context parallel's per-sequence padding),
     `segment_ids` [T] (sequence index of each token; the padding tail has index num_sequences),
     `cu_seqlens` (int32, boundaries incl. the padding tail), `pair_indices` [P] in group order,
     plus python lists `group_sizes` (pairs per group) and `chosen_tokens` (scored chosen tokens per
@@ -95,7 +96,7 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
     """
     import torch
 
-    tokens, labels, mask, positions, segment = [], [], [], [], []
+    tokens, labels, mask, padding, positions, segment = [], [], [], [], [], []
     lengths, real_lengths, group_sizes, chosen_tokens, pairs = [], [], [], [], []
     q = max(int(sequence_multiple), 1)
     seq_index = 0
@@ -114,6 +115,7 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
             tokens.append(torch.cat([row_t[:n], torch.full((extra,), pad_token_id, dtype=torch.int64)]))
             labels.append(torch.cat([row_l[:n], torch.full((extra,), pad_token_id, dtype=torch.int64)]))
             mask.append(torch.cat([row_m[:n], torch.zeros(extra, dtype=torch.float32)]))
+            padding.append(torch.arange(width) >= n)
             positions.append(torch.arange(width, dtype=torch.int64))
             segment.append(torch.full((width,), seq_index, dtype=torch.int64))
             lengths.append(width)
@@ -127,6 +129,7 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
         tokens.append(torch.full((pad,), pad_token_id, dtype=torch.int64))
         labels.append(torch.full((pad,), pad_token_id, dtype=torch.int64))
         mask.append(torch.zeros(pad, dtype=torch.float32))
+        padding.append(torch.ones(pad, dtype=torch.bool))
         positions.append(torch.arange(pad, dtype=torch.int64))
         segment.append(torch.full((pad,), seq_index, dtype=torch.int64))
     bounds = np.concatenate([[0], np.cumsum(lengths + ([pad] if pad else []))])
@@ -135,6 +138,7 @@ def collate_packed(dataset: PairDataset, groups: Sequence[Sequence[int]], pad_to
         "tokens": torch.cat(tokens)[None],
         "labels": torch.cat(labels)[None],
         "loss_mask": torch.cat(mask)[None],
+        "padding_mask": torch.cat(padding)[None],
         "position_ids": torch.cat(positions)[None],
         "segment_ids": torch.cat(segment),
         "cu_seqlens": torch.as_tensor(bounds, dtype=torch.int32),

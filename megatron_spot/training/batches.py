@@ -28,7 +28,8 @@ def make_micro_batches(dataset: PairDataset, step_indices: Sequence[Sequence[int
                        ref_logps: Optional[np.ndarray] = None, pad_to_multiple_of: int = 64,
                        max_length: Optional[int] = None) -> list[dict]:
     """Collate each micro-batch, pad all of them to one length (pipeline p2p needs a fixed shape),
-    mask non-response targets with IGNORE_INDEX and attach reference log-probs [2B] (chosen first)."""
+    mask non-response targets with IGNORE_INDEX and attach reference log-probs [2B] (chosen first) and
+    `padding_mask` [2B, L] (True after each row's tokens)."""
     pad_id = dataset.pad_token_id
     batches = [collate_pairs(dataset, idx, pad_id, pad_to_multiple_of=pad_to_multiple_of, max_length=max_length)
                for idx in step_indices]
@@ -38,6 +39,9 @@ def make_micro_batches(dataset: PairDataset, step_indices: Sequence[Sequence[int
         b = _pad_to(b, length, pad_id)
         b["labels"] = torch.where(b["loss_mask"] > 0, b["labels"], torch.full_like(b["labels"], IGNORE_INDEX))
         b["attention_tokens"] = int(b["sequence_lengths"].sum())
+        # True after each row's tokens (Megatron-Core's convention): MoE routers leave these out of the
+        # load-balancing losses and the expert load
+        b["padding_mask"] = torch.arange(length).unsqueeze(0) >= b["sequence_lengths"].unsqueeze(1)
         if ref_logps is not None:
             idx = b["pair_indices"].numpy()
             b["ref_logps"] = torch.from_numpy(np.concatenate([ref_logps[idx, 0], ref_logps[idx, 1]])).float()
@@ -80,7 +84,7 @@ def make_packed_micro_batches(dataset: PairDataset, step_plan, dp_rank: int, dev
         b["labels"] = torch.where(b["loss_mask"] > 0, b["labels"], torch.full_like(b["labels"], IGNORE_INDEX))
         if cp_size > 1:
             keep = context_parallel_indices(b["cu_seqlens"], cp_size, cp_rank)
-            for key in ("tokens", "labels", "loss_mask", "position_ids"):
+            for key in ("tokens", "labels", "loss_mask", "padding_mask", "position_ids"):
                 b[key] = b[key][:, keep]
             b["segment_ids"] = b["segment_ids"][keep]
         if ref_logps is not None:

@@ -85,6 +85,15 @@ class Engine:
         tc = self.transformer_config
         tc.grad_scale_func = self.optimizer.scale_loss
         tc.finalize_model_grads_func = finalize_model_grads
+        if self.packing and model_cfg.num_moe_experts and (tc.moe_aux_loss_coeff or tc.moe_z_loss_coeff):
+            # Megatron-Core's per-token-loss path (calculate_per_token_loss, set above) multiplies each router's
+            # load-balancing and z-losses by its micro-batch's non-padding token count and expects
+            # finalize_model_grads to divide the gradients by the step's token count. Our packed loss counts
+            # pairs, which left these losses' gradients tokens-per-pair times (~50x) too strong: scale them by
+            # the step's pairs / tokens, so each micro-batch's loss weighs its share of the step's tokens
+            # (1 / (micro-batches x DP) when all hold the same number, as with unpacked rows).
+            self._moe_pairs_per_token = 1.0
+            tc.moe_grad_scale_func = self._moe_loss_scale
         if cfg.parallel.overlap_grad_reduce:
             no_sync = [m.no_sync for m in self.model]
             tc.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -148,9 +157,46 @@ class Engine:
     # ----------------------------------------------------------------------------------------------
     def _forward_step(self, loss_func, data_iterator, model):
         batch = next(data_iterator)
+        moe = {}
+        if self.model_cfg.num_moe_experts and batch.get("padding_mask") is not None:
+            moe["padding_mask"] = self._padding_mask(batch["padding_mask"], model)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       packed_seq_params=batch.get("packed_seq_params"))
+                       packed_seq_params=batch.get("packed_seq_params"), **moe)
         return output, partial(loss_func, batch)
+
+    def _padding_mask(self, mask, model):
+        """The padding mask for the MoE routers (padding tokens still pass through the experts, but stay out of
+        the load-balancing and z-losses, as transformers leaves them out with an attention mask). Megatron-Core
+        0.19 splits it along the sequence for sequence parallel on the first pipeline stage only, where it
+        splits the embeddings; a later stage receives hidden states already split, so its mask is split here."""
+        if not self.transformer_config.sequence_parallel:
+            return mask
+        from megatron.core.utils import get_attr_wrapped_model
+
+        if get_attr_wrapped_model(model, "pre_process"):
+            return mask
+        from megatron.core.tensor_parallel import scatter_to_sequence_parallel_region
+
+        return scatter_to_sequence_parallel_region(mask.transpose(0, 1).contiguous()).transpose(0, 1).contiguous()
+
+    def _moe_loss_scale(self) -> torch.Tensor:
+        """Megatron-Core's `moe_grad_scale_func` for packed micro-batches (see __init__): the loss scale (fp16)
+        times the step's pairs / non-padding tokens."""
+        tc = self.transformer_config
+        one = torch.ones(1, device=self.device)
+        scale = tc.grad_scale_func(one) if tc.grad_scale_func is not None else one
+        return scale * self._moe_pairs_per_token
+
+    def _count_pairs_per_token(self, micro_batches: list[dict]) -> None:
+        """The step's pairs / non-padding tokens over all data- and context-parallel ranks (each token
+        once; the pairs on context-parallel rank 0, as the packed loss counts them)."""
+        from megatron.core import parallel_state as ps
+
+        pairs = sum(sum(mb["group_sizes"]) for mb in micro_batches) if ps.get_context_parallel_rank() == 0 else 0
+        tokens = sum(int((~mb["padding_mask"]).sum()) for mb in micro_batches)
+        counts = torch.tensor([float(pairs), float(tokens)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
+        self._moe_pairs_per_token = float(counts[0] / counts[1])
 
     def _packed_train_loss(self, batch, output_tensor):
         """Loss of one packed micro-batch: each group of pairs is one SpotLoss call (one spot-bco delta
@@ -233,6 +279,8 @@ class Engine:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss_func = self._timed("loss-compute", self._packed_train_loss if self.packing else self._train_loss)
+        if self.transformer_config.moe_grad_scale_func is not None:
+            self._count_pairs_per_token(micro_batches)
         reported = self._run_schedule(micro_batches, loss_func, forward_only=False)
         metrics = self._reduce_metrics(reported)
         if self.moe_metrics is not None:  # collective, on every rank

@@ -5,11 +5,12 @@ expert load.
   loss itself) per layer in its MoE metrics tracker; :meth:`MoEStepMetrics.collect` reports their mean over
   MoE layers and micro-batches, reduced the way Megatron-Core's own training loop does.
 - Expert load: a forward hook on every router counts the tokens routed to each expert (its routing
-  map, before the all-to-all). Counted only when autograd records (training forwards; Megatron's
-  activation recompute runs the first forward without grad), so reference scoring and evaluation do
-  not count. Summed over the ranks that see different tokens, each layer's max / mean tokens per expert
-  (1.0 = perfectly balanced) is what an aux-loss coefficient is meant to hold down; with expert parallel
-  the busiest expert's rank sets the step time.
+  map, before the all-to-all), padding tokens left out (the engine passes the batch's padding mask).
+  Counted only when autograd records (training forwards; Megatron's activation recompute runs the first
+  forward without grad), so reference scoring and evaluation do not count. Summed over the ranks that see
+  different tokens, each layer's max / mean tokens per expert (1.0 = perfectly balanced) is what an
+  aux-loss coefficient is meant to hold down; with expert parallel the busiest expert's rank sets the step
+  time.
 
 Every call of :meth:`collect` is collective (all ranks, same order) and clears what it reports.
 """
@@ -19,7 +20,9 @@ from typing import Iterable
 
 import torch
 
-# Megatron-Core's tracker names of the load-balancing losses (router.py), and our metrics.jsonl keys
+# Megatron-Core's tracker names of the load-balancing losses (router.py), and our metrics.jsonl keys: one per
+# moe.load_balancing type (aux_loss, seq_aux_loss, global_aux_loss) and the z-loss, each the loss without
+# its coefficient
 _TRACKER_LOSSES = {"load_balancing_loss": "moe_aux_loss", "seq_load_balancing_loss": "moe_seq_aux_loss",
                    "global_load_balancing_loss": "moe_global_aux_loss", "z_loss": "moe_z_loss"}
 
@@ -44,11 +47,14 @@ class MoEStepMetrics:
         self.tokens = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=self.device)
         self._handles = [r.register_forward_hook(self._count) for r in self.routers]
 
-    def _count(self, router, _inputs, output) -> None:
+    def _count(self, router, inputs, output) -> None:
         if not torch.is_grad_enabled():
             return
-        routing_map = output[1]  # [tokens, experts] bool: token t is sent to expert e
-        self.tokens[router.layer_number - 1] += routing_map.detach().sum(dim=0).to(torch.float64)
+        routing_map = output[1].detach()  # [tokens, experts] bool: token t is sent to expert e
+        padding = inputs[1] if len(inputs) > 1 else None  # MoELayer.route: router(hidden_states, padding_mask)
+        if padding is not None:  # [s, b], True at padding, flattened like the router's logits
+            routing_map = routing_map & ~padding.reshape(-1, 1)
+        self.tokens[router.layer_number - 1] += routing_map.sum(dim=0).to(torch.float64)
 
     def remove(self) -> None:
         for h in self._handles:
