@@ -115,6 +115,8 @@ class Qwen3MoeConfig(Qwen3Config):
             raise ConfigError(f"moe.aux_loss_coeff={coeff} must be >= 0")
         if moe.experts not in EXPERT_LAYOUTS:
             raise ConfigError(f"moe.experts={moe.experts!r}: choose one of {', '.join(EXPERT_LAYOUTS)}")
+        if moe.z_loss_coeff is not None and moe.z_loss_coeff < 0:
+            raise ConfigError(f"moe.z_loss_coeff={moe.z_loss_coeff} must be >= 0 (or null: off)")
         if moe.capacity_factor is not None and moe.capacity_factor <= 0:
             raise ConfigError(f"moe.capacity_factor={moe.capacity_factor} must be > 0 (or null: dropless)")
         return dict(
@@ -125,7 +127,9 @@ class Qwen3MoeConfig(Qwen3Config):
             moe_router_pre_softmax=not self.norm_topk_prob,
             moe_router_load_balancing_type=moe.load_balancing,
             moe_aux_loss_coeff=0.0 if moe.load_balancing == "none" else float(coeff),
-            moe_z_loss_coeff=moe.z_loss_coeff,
+            # 0 = off: Megatron-Core computes the z-loss whenever the coefficient is not None and logs it
+            # divided by the coefficient (0 / 0 = NaN in metrics.jsonl)
+            moe_z_loss_coeff=moe.z_loss_coeff or None,
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_token_dispatcher_type="alltoall",
             # TEGroupedMLP (TE's grouped GEMM; models/gpt/grouped_experts.py without TE) or SequentialMLP;
