@@ -7,6 +7,7 @@ import os
 from typing import Callable, Optional
 
 from megatron_spot.platform.device import peak_memory_bytes
+from megatron_spot.training.moe_metrics import console_summary as moe_console_summary
 from megatron_spot.utils.atomic import write_text_atomic
 
 log = logging.getLogger("megatron_spot.train")
@@ -79,11 +80,12 @@ class MetricsLogger:
         mfu = f" mfu {metrics['mfu']:.1%}" if "mfu" in metrics else ""
         log.info(
             "step %d/%d | loss %.4f | reward ch %+.4f rej %+.4f margin %+.4f acc %.2f | delta %+.4f | "
-            "lr %.2e | grad %.3f | %.0f tok/s | %.3f TFLOP/s/dev%s | mem %.2f GiB",
+            "lr %.2e | grad %.3f | %.0f tok/s | %.3f TFLOP/s/dev%s | mem %.2f GiB%s",
             step, total, metrics.get("loss", float("nan")), metrics.get("rewards/chosen", 0.0),
             metrics.get("rewards/rejected", 0.0), metrics.get("rewards/margin", 0.0),
             metrics.get("rewards/accuracy", 0.0), metrics.get("delta", 0.0), metrics["lr"], metrics["grad_norm"],
             metrics["tokens_per_s"], metrics["tflops_per_device"], mfu, metrics["peak_memory_gib"],
+            moe_console_summary(metrics),
         )
 
     def close(self):

@@ -25,6 +25,16 @@ import torch
 # its coefficient
 _TRACKER_LOSSES = {"load_balancing_loss": "moe_aux_loss", "seq_load_balancing_loss": "moe_seq_aux_loss",
                    "global_load_balancing_loss": "moe_global_aux_loss", "z_loss": "moe_z_loss"}
+# the console line's names of the MoE metrics
+_CONSOLE = {"moe_aux_loss": "aux loss", "moe_seq_aux_loss": "seq aux loss", "moe_global_aux_loss": "global aux loss",
+            "moe_z_loss": "z-loss", "moe_load_imbalance": "expert load max/mean"}
+
+
+def console_summary(metrics: dict) -> str:
+    """The step's MoE metrics for the console line, e.g. " | moe: aux loss 1.02 | expert load max/mean 1.41";
+    '' without any (dense models)."""
+    parts = [f"{name} {metrics[key]:.4g}" for key, name in _CONSOLE.items() if key in metrics]
+    return " | moe: " + " | ".join(parts) if parts else ""
 
 
 def _routers(chunks: Iterable) -> list:
