@@ -175,20 +175,65 @@ def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
     model.train()(x, pos, None)  # a training forward (no backward: Megatron-Core's aux-loss scale is the
     out["metrics"] = meter.collect(num_micro_batches=1)  # pipeline schedule's to set, as in the engine below)
     meter.remove()
+    out["balancing"] = {name: _balancing_metrics(cfg, full, parallel, x, pos, *case)
+                        for name, case in BALANCING.items()}
     # SPoT training through the engine at EP1 and EP2 (DP2 both), the same global batch
     from tests.tiny import random_pairs_batch
 
     global_batch = [random_pairs_batch(1, 8, 16, cfg.vocab_size, seed=100 + i) for i in range(4)]
-    out["train"] = {(ep, aux, experts): _train(cfg, full, global_batch, ep, aux, experts)
-                    for ep, aux, experts in ((1, 0.0, "sequential"), (2, 0.0, "sequential"), (2, None, "sequential"),
-                                             (2, 0.0, "grouped"))}
+    out["train"] = {(ep, name): _train(cfg, full, global_batch, ep, TRAIN_MOE[name])
+                    for ep, name in ((1, "aux0"), (2, "aux0"), (2, "released"), (2, "grouped"), (2, "seq"),
+                                     (2, "global"), (2, "z"), (2, "none"))}
     return out
 
 
+# The load-balancing types and the z-loss on training forwards of each rank's rows (Megatron-Core's MoE config,
+# micro-batches): global_aux_loss in two micro-batches of one row, for its running average over the global
+# batch's micro-batches; the last with padding at the end of the second row, which the routers leave out.
+PADDED = 5  # padding tokens at the end of row 1 in the "padded" case
+BALANCING = {  # name: (MoE settings, micro-batches, padded)
+    "seq": (MoEConfig(load_balancing="seq_aux_loss", aux_loss_coeff=0.01), 1, False),
+    "global": (MoEConfig(load_balancing="global_aux_loss", aux_loss_coeff=0.01), 2, False),
+    "z": (MoEConfig(load_balancing="none", aux_loss_coeff=0.01, z_loss_coeff=0.001), 1, False),
+    "padded": (MoEConfig(aux_loss_coeff=0.01, z_loss_coeff=0.001), 1, True),
+}
+
+
+def _balancing_metrics(cfg, full, parallel, x, pos, moe, micro_batches, padded):
+    from megatron_spot.models import build_model_chunks, build_transformer_config
+    from megatron_spot.training.moe_metrics import MoEStepMetrics
+
+    tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=moe)
+    model = build_model_chunks(cfg, tc)[0]
+    state_dict_adapter.load_full_state_dict([model], full)
+    meter = MoEStepMetrics([model], num_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts)
+    extra = {}
+    if padded:  # Megatron-Core's padding mask [b, s]: True at padding
+        extra["padding_mask"] = torch.zeros_like(x, dtype=torch.bool)
+        extra["padding_mask"][1, -PADDED:] = True
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.ones(1))  # what the pipeline schedule sets: here 1 per micro-batch
+    for rows in x.chunk(micro_batches):
+        logits = model.train()(rows, pos[: len(rows)], None, **extra)
+        (logits * 0).sum().backward()  # no main loss: the routers' gradients are the losses' alone
+    metrics = meter.collect(num_micro_batches=micro_batches)
+    meter.remove()
+    metrics["router_grads"] = [layer.mlp.router.weight.grad.clone() for layer in model.decoder.layers]
+    return metrics
+
+
 TRAIN_STEPS = 4
+# the MoE settings of the engine runs below (experts: sequential unless named)
+TRAIN_MOE = {"aux0": dict(aux_loss_coeff=0.0), "released": dict(aux_loss_coeff=None),
+             "grouped": dict(aux_loss_coeff=0.0, experts="grouped"),
+             "seq": dict(load_balancing="seq_aux_loss", aux_loss_coeff=0.01),
+             "global": dict(load_balancing="global_aux_loss", aux_loss_coeff=0.01),
+             "z": dict(aux_loss_coeff=0.0, z_loss_coeff=0.01),
+             "none": dict(load_balancing="none", aux_loss_coeff=0.01)}
 
 
-def _train(cfg, full, global_batch, ep, aux_loss_coeff, experts):
+def _train(cfg, full, global_batch, ep, moe: dict):
     """Per-step losses and the last step's metrics of spot-bco training (fp32, AdamW, distributed optimizer)."""
     from megatron_spot.config import TrainConfig
     from megatron_spot.platform import initialize
@@ -198,8 +243,9 @@ def _train(cfg, full, global_batch, ep, aux_loss_coeff, experts):
     tc.parallel.expert_parallel = ep
     tc.loss.objective = "spot-bco"
     tc.optimizer.lr, tc.optimizer.warmup_fraction = 1e-3, 0.0
-    tc.moe.aux_loss_coeff = aux_loss_coeff
-    tc.moe.experts = experts
+    tc.moe.experts = "sequential"
+    for key, value in moe.items():
+        setattr(tc.moe, key, value)
     info = initialize(tc.parallel, seed=7)
     engine = Engine(tc, cfg, total_steps=TRAIN_STEPS,
                     load_weights=lambda chunks: state_dict_adapter.load_full_state_dict(chunks, full))
@@ -273,8 +319,8 @@ def test_expert_parallel_trains_like_one_rank(logits_at_ep1_and_ep2):
     gradients are summed in another order, nothing else differs); the released coefficient (0.001) adds
     the load-balancing loss's gradient and logs it with the expert load."""
     train = logits_at_ep1_and_ep2[0]["train"]
-    ep1, ep2, released = train[(1, 0.0, "sequential")], train[(2, 0.0, "sequential")], train[(2, None, "sequential")]
-    grouped = train[(2, 0.0, "grouped")]
+    ep1, ep2, released = train[(1, "aux0")], train[(2, "aux0")], train[(2, "released")]
+    grouped = train[(2, "grouped")]
     assert ep1["dp"] == ep2["dp"] == 2
     assert len(set(ep1["losses"])) == TRAIN_STEPS  # it trains: every step's loss differs
     print(f"spot-bco losses EP1 {ep1['losses']} EP2 {ep2['losses']}: max diff "
@@ -287,5 +333,152 @@ def test_expert_parallel_trains_like_one_rank(logits_at_ep1_and_ep2):
     assert released["losses"][0] == pytest.approx(ep2["losses"][0], abs=1e-6)  # aux loss: not in the SPoT loss
     assert released["losses"][1:] != ep2["losses"][1:]  # but its gradient moved the routers
     # every rank reports the same metrics
-    assert [r["train"][(2, None, "sequential")]["last"]["moe_aux_loss"] for r in logits_at_ep1_and_ep2] == \
+    assert [r["train"][(2, "released")]["last"]["moe_aux_loss"] for r in logits_at_ep1_and_ep2] == \
         [released["last"]["moe_aux_loss"]] * 2
+
+
+def _switch(probs, tokens_per_expert, tokens, k):
+    """Megatron-Core's switch_load_balancing_loss_func (moe_utils.py) without the coefficient:
+    E / (k T^2) * sum_e P_e c_e (P_e: summed router probabilities of these tokens, c_e: tokens sent to e, T tokens)."""
+    return (probs.sum(0) * tokens_per_expert).sum() * probs.shape[1] / (k * tokens * tokens)
+
+
+def _balancing_terms(case, router_logits, rows, k):
+    """Each rank's recorded loss per layer and micro-batch, [ranks, layers, micro-batches], recomputed from
+    transformers' router logits (per rank, per layer: [rows x length, E], row-major) the way
+    megatron/core/transformer/moe/router.py defines them (differentiable in the logits; the tokens per
+    expert are counts):
+    - aux (the "padded" case, padding left out): the switch loss of the rank's micro-batch;
+    - seq: the switch loss of each sequence (row) on its own, averaged over the micro-batch's rows;
+    - global: micro-batch j = row j of every rank; tokens per expert counted over all ranks' rows j and
+      averaged over the micro-batches seen so far (Megatron's running average), T = all ranks' tokens of the
+      micro-batch; each rank's term has its own tokens' probabilities (the terms add up over ranks);
+    - z: mean over tokens of logsumexp(router logits)^2."""
+    length = router_logits[0][0].shape[0] // rows
+    valid = torch.ones(rows * length, dtype=torch.bool)
+    if case == "padded":
+        valid[rows * length - PADDED:] = False
+    routed = [[(lg.float().softmax(-1), torch.zeros_like(lg, dtype=torch.float32).scatter_(
+        1, lg.detach().topk(k, dim=-1).indices, 1.0)) for lg in rank] for rank in router_logits]
+    terms = []
+    for r, rank in enumerate(routed):
+        per_layer = []
+        for layer, (probs, chosen) in enumerate(rank):
+            if case == "seq":
+                per_layer.append([sum(_switch(probs[i * length:(i + 1) * length], chosen[i * length:(i + 1) * length]
+                                              .sum(0), length, k) for i in range(rows)) / rows])
+            elif case == "global":
+                seen, slots = 0, []
+                for j in range(rows):
+                    seen = seen + sum(other[layer][1][j * length:(j + 1) * length].sum(0) for other in routed)
+                    slots.append(_switch(probs[j * length:(j + 1) * length], seen / (j + 1),
+                                         len(routed) * length, k))
+                per_layer.append(slots)
+            elif case == "z":
+                per_layer.append([router_logits[r][layer].float().logsumexp(-1).square().mean()])
+            else:  # padded: aux_loss and z-loss over the tokens that are not padding
+                per_layer.append([_switch(probs[valid], chosen[valid].sum(0), int(valid.sum()), k),
+                                  router_logits[r][layer][valid].float().logsumexp(-1).square().mean()])
+        terms.append(torch.stack([torch.stack(t) for t in per_layer]))
+    return torch.stack(terms)
+
+
+@pytest.mark.slow
+def test_load_balancing_types_match_their_formulas(hf_checkpoint, logits_at_ep1_and_ep2):
+    """seq_aux_loss, global_aux_loss and the z-loss that Megatron-Core computes in our model at EP2 (what
+    metrics.jsonl logs as moe_seq_aux_loss, moe_global_aux_loss, moe_z_loss) against their definitions
+    (_balancing_terms) recomputed from transformers' router logits of both ranks' rows, reduced as Megatron-Core
+    reports them (seq, z, aux: mean over ranks, layers, micro-batches; global: its terms summed over ranks,
+    then the mean over layers and micro-batches); with padding at the end of a row, the switch loss, the
+    z-loss and the expert load over the other tokens only."""
+    cfg = load_model_config(TINY)
+    k, experts, layers = cfg.num_experts_per_tok, cfg.num_experts, cfg.num_hidden_layers
+    logits = hf_checkpoint["router_logits"]
+    rows, length = hf_checkpoint["tokens"][0].shape
+    ranks = len(logits)
+    seq = _balancing_terms("seq", logits, rows, k).mean().item()
+    global_running = _balancing_terms("global", logits, rows, k).sum(0).mean().item()
+    z = _balancing_terms("z", logits, rows, k).mean().item()
+    aux_padded, z_padded = _balancing_terms("padded", logits, rows, k).mean(dim=(0, 1)).tolist()
+    # what they are not: the switch loss of each rank's micro-batch (aux_loss), global counts without the
+    # running average, the padded rows' losses with the padding counted
+    routed = [[(lg.softmax(-1), torch.zeros_like(lg).scatter_(1, lg.topk(k, dim=-1).indices, 1.0)) for lg in rank]
+              for rank in logits]
+    aux = sum(_switch(p, c.sum(0), rows * length, k).item() for rank in routed for p, c in rank) / (ranks * layers)
+    global_per_slot = sum(_switch(torch.cat([rank[layer][0][j * length:(j + 1) * length] for rank in routed]),
+                                  sum(rank[layer][1][j * length:(j + 1) * length].sum(0) for rank in routed),
+                                  ranks * length, k).item()
+                          for layer in range(layers) for j in range(rows)) / (layers * rows)
+    values = [aux, seq, global_running, global_per_slot]
+    assert min(abs(a - b) / a for i, a in enumerate(values) for b in values[i + 1:]) > 1e-3, values
+    assert abs(aux_padded - aux) / aux > 1e-3 and abs(z_padded - z) / z > 1e-4  # the padding matters
+    valid = torch.ones(rows * length, dtype=torch.bool)
+    valid[rows * length - PADDED:] = False
+    load_padded = torch.stack([sum(rank[layer][1][valid].sum(0) for rank in routed) for layer in range(layers)])
+    print(f"aux {aux:.6f} seq {seq:.6f} global {global_running:.6f} (per micro-batch counts {global_per_slot:.6f}) "
+          f"z {z:.4f}; padded: aux {aux_padded:.6f} z {z_padded:.4f}")
+    for result in logits_at_ep1_and_ep2:
+        got = result["balancing"]
+        assert got["seq"]["moe_seq_aux_loss"] == pytest.approx(seq, rel=1e-5)
+        assert got["global"]["moe_global_aux_loss"] == pytest.approx(global_running, rel=1e-5)
+        assert got["z"]["moe_z_loss"] == pytest.approx(z, rel=1e-5)
+        # each type logs under its own name only; load_balancing=none: no load-balancing loss at all
+        assert [m for m in got["seq"] if m.startswith("moe_") and m.endswith("_loss")] == ["moe_seq_aux_loss"]
+        assert [m for m in got["global"] if m.startswith("moe_") and m.endswith("_loss")] == ["moe_global_aux_loss"]
+        assert [m for m in got["z"] if m.startswith("moe_") and m.endswith("_loss")] == ["moe_z_loss"]
+        padded = got["padded"]
+        assert padded["moe_aux_loss"] == pytest.approx(aux_padded, rel=1e-5)
+        assert padded["moe_z_loss"] == pytest.approx(z_padded, rel=1e-5)
+        assert padded["moe_expert_load_max"] == load_padded.max(dim=1).values.tolist()
+        assert padded["moe_expert_load_mean"] == ranks * (rows * length - PADDED) * k / experts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BALANCING))
+def test_load_balancing_gradients_match_their_formulas(hf_checkpoint, logits_at_ep1_and_ep2, case):
+    """The gradient each loss adds: every router's weight gradient on each rank (no main loss) equals the
+    gradient of sum over layers and micro-batches of coefficient x _balancing_terms, by autograd through
+    transformers' model on the rank's rows (1e-4 of the largest entry)."""
+    cfg = load_model_config(TINY)
+    moe, _, _ = BALANCING[case]
+    coeffs = {"z": [moe.z_loss_coeff], "padded": [moe.aux_loss_coeff, moe.z_loss_coeff]}.get(case, [moe.aux_loss_coeff])
+    model = hf_model_of(cfg, seed=0)  # hf_checkpoint's weights
+    counts_from = hf_checkpoint["router_logits"]  # the other ranks' routing (global_aux_loss counts all ranks)
+    rows = hf_checkpoint["tokens"][0].shape[0]
+    for rank, tokens in enumerate(hf_checkpoint["tokens"]):
+        model.zero_grad()
+        mine = model(tokens, output_router_logits=True).router_logits
+        logits = [list(mine) if r == rank else [lg.detach() for lg in counts_from[r]] for r in range(len(counts_from))]
+        terms = _balancing_terms(case, logits, rows, cfg.num_experts_per_tok)[rank]  # [layers, micro-batches]
+        (terms * torch.tensor(coeffs)).sum().backward()  # padded: [aux, z] per layer; else micro-batches
+        got = logits_at_ep1_and_ep2[rank]["balancing"][case]["router_grads"]
+        for layer, g in enumerate(got):
+            want = model.model.layers[layer].mlp.gate.weight.grad
+            scale = want.abs().max().item()
+            assert scale > 0 and (g - want).abs().max().item() <= 1e-4 * scale, (case, rank, layer, scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, logged", [("seq", "moe_seq_aux_loss"), ("global", "moe_global_aux_loss"),
+                                          ("z", "moe_z_loss")])
+def test_balancing_losses_move_the_routers(logits_at_ep1_and_ep2, name, logged):
+    """Training at EP2 with seq_aux_loss, global_aux_loss (coefficient 0.01) or the z-loss (0.01, no aux loss):
+    the first step's SPoT loss is the coefficient-0 run's (these losses are not part of it), later steps differ
+    (their gradient moved the routers), and the step's metrics log the loss under its own name on every rank."""
+    runs = [r["train"] for r in logits_at_ep1_and_ep2]
+    base, got = runs[0][(2, "aux0")], runs[0][(2, name)]
+    assert got["losses"][0] == pytest.approx(base["losses"][0], abs=1e-6)
+    differs = [abs(a - b) > 1e-6 for a, b in zip(got["losses"][1:], base["losses"][1:])]
+    assert all(differs), (got["losses"], base["losses"])
+    assert [m for m in got["last"] if m.startswith("moe_") and m.endswith("_loss")] == [logged]
+    assert got["last"][logged] > 0
+    assert [r[(2, name)]["last"][logged] for r in runs] == [got["last"][logged]] * len(runs)
+
+
+@pytest.mark.slow
+def test_load_balancing_none_trains_like_coefficient_zero(logits_at_ep1_and_ep2):
+    """moe.load_balancing=none with a coefficient set: no load-balancing loss and the very same training as
+    coefficient 0 (bit-exact)."""
+    train = logits_at_ep1_and_ep2[0]["train"]
+    assert train[(2, "none")]["losses"] == train[(2, "aux0")]["losses"]
+    assert not [m for m in train[(2, "none")]["last"] if m.startswith("moe_") and m.endswith("_loss")]
