@@ -43,9 +43,11 @@ def test_packed_row_holds_the_unpacked_rows(workspace):
             assert torch.equal(row["labels"][0, a:b], ref["labels"][j, :n])
             assert torch.equal(row["loss_mask"][0, a:b], ref["loss_mask"][j, :n])
             assert row["position_ids"][0, a:b].tolist() == list(range(n))
+            assert not row["padding_mask"][0, a:b].any()
             seg += 1
     assert row["num_sequences"] == seg and row["attention_tokens"] == bounds[seg]
     assert row["loss_mask"][0, bounds[seg]:].sum() == 0  # padding tail is never scored
+    assert row["padding_mask"][0, bounds[seg]:].all() and bounds[seg] < row["tokens"].shape[1]  # MoE routers skip it
     # per-sequence sums: masked -inf positions contribute exactly 0
     values = torch.randn(row["tokens"].shape[1], dtype=torch.float64)
     values[row["loss_mask"][0] == 0] = float("-inf")
@@ -177,6 +179,8 @@ def test_context_parallel_layout_and_packing_checks(workspace):
         n = real[k + 1] - real[k]
         assert padded[k + 1] - padded[k] - n < 4
         assert row["loss_mask"][0, padded[k] + n - 1: padded[k + 1]].sum() == 0
+        assert row["padding_mask"][0, padded[k] + n: padded[k + 1]].all()
+        assert not row["padding_mask"][0, padded[k]: padded[k] + n].any()
     # CP=2: each sequence in 4 chunks, rank 0 keeps chunks 0 and 3, rank 1 chunks 1 and 2; together all tokens once
     cu = torch.tensor([0, 8, 16], dtype=torch.int32)
     assert context_parallel_indices(cu, 2, 0).tolist() == [0, 1, 6, 7, 8, 9, 14, 15]
