@@ -2,7 +2,8 @@
 rules, the router/expert mapping objects against the files transformers writes, and Megatron-Core's MoE
 model (router, all-to-all dispatcher, SequentialMLP experts and grouped TEGroupedMLP experts) equal to
 transformers' Qwen3MoeForCausalLM at EP1 and EP2 on 2 gloo ranks (CPU), with the step metrics (aux loss,
-expert load), and training at EP1/EP2 with either expert layout."""
+expert load), training at EP1/EP2 with either expert layout, and every load-balancing type and the z-loss
+(values and router gradients) against their definitions recomputed from transformers' router logits."""
 from __future__ import annotations
 
 import json
@@ -79,6 +80,9 @@ def test_moe_settings_reach_megatron():
     assert kw["moe_aux_loss_coeff"] == 0.001 and kw["moe_expert_capacity_factor"] is None  # released, dropless
     assert kw["moe_router_pre_softmax"] is False  # norm_topk_prob: softmax over the top-k logits
     assert cfg.moe_transformer_config_kwargs(MoEConfig(aux_loss_coeff=0.0), use_te=False)["moe_aux_loss_coeff"] == 0
+    assert cfg.moe_transformer_config_kwargs(MoEConfig(z_loss_coeff=0.0), use_te=False)["moe_z_loss_coeff"] is None
+    with pytest.raises(ConfigError, match="moe.z_loss_coeff=-0.1"):
+        cfg.moe_transformer_config_kwargs(MoEConfig(z_loss_coeff=-0.1), use_te=False)
     with pytest.raises(ConfigError, match="moe.load_balancing='sinkhorn'"):
         cfg.moe_transformer_config_kwargs(MoEConfig(load_balancing="sinkhorn"), use_te=False)
     # expert layout: grouped (TEGroupedMLP) where Transformer Engine runs unless asked otherwise

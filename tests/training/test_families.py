@@ -6,7 +6,9 @@ of the same recipe (tests/training/recipe.py) for 10 steps. The MoE runs use aux
 TRL 0.20 trains with the released Qwen3-MoE config (output_router_logits false: no aux loss). An EP2 run
 resumed from its step-5 checkpoint repeats steps 6..10 exactly; resumed from it with the other expert layout
 (grouped TEGroupedMLP instead of the SequentialMLP it was saved from: model and distributed-optimizer state
-through the shared sharded keys) it repeats them to float rounding.
+through the shared sharded keys) it repeats them to float rounding. The MoE model also trains packed (THD) at
+EP1 and, with the online reference, at EP2 like the reference, and with its aux and z-losses on, packed like
+padded.
 """
 import json
 import os
