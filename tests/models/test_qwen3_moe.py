@@ -437,16 +437,23 @@ def test_load_balancing_types_match_their_formulas(hf_checkpoint, logits_at_ep1_
         assert padded["moe_expert_load_mean"] == ranks * (rows * length - PADDED) * k / experts
 
 
+@pytest.fixture(scope="module")
+def hf_model_for_gradients():
+    """hf_checkpoint's model again (same seed), built once for the gradient checks."""
+    return hf_model_of(load_model_config(TINY), seed=0)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(BALANCING))
-def test_load_balancing_gradients_match_their_formulas(hf_checkpoint, logits_at_ep1_and_ep2, case):
+def test_load_balancing_gradients_match_their_formulas(hf_checkpoint, logits_at_ep1_and_ep2, hf_model_for_gradients,
+                                                       case):
     """The gradient each loss adds: every router's weight gradient on each rank (no main loss) equals the
     gradient of sum over layers and micro-batches of coefficient x _balancing_terms, by autograd through
     transformers' model on the rank's rows (1e-4 of the largest entry)."""
     cfg = load_model_config(TINY)
     moe, _, _ = BALANCING[case]
     coeffs = {"z": [moe.z_loss_coeff], "padded": [moe.aux_loss_coeff, moe.z_loss_coeff]}.get(case, [moe.aux_loss_coeff])
-    model = hf_model_of(cfg, seed=0)  # hf_checkpoint's weights
+    model = hf_model_for_gradients
     counts_from = hf_checkpoint["router_logits"]  # the other ranks' routing (global_aux_loss counts all ranks)
     rows = hf_checkpoint["tokens"][0].shape[0]
     for rank, tokens in enumerate(hf_checkpoint["tokens"]):
