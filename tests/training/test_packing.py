@@ -83,7 +83,9 @@ def _packing_worker(rank, world_size, ws):
             losses[key + "/padded"] = run(cfg(f"p_{key}_padded".replace("/", "_"), objective, tp, pp, base))
             budgets = (100, 100000) if (objective, tp) == ("spot-bco", 2) else (100,)
             for budget in budgets:
-                extra = base + ["data.packing=true", f"data.max_tokens_per_micro_batch={budget}", "run.save_interval=1"]
+                extra = base + ["data.packing=true", f"data.max_tokens_per_micro_batch={budget}"]
+                if (key, budget) == ("spot-bco/tp2pp2", 100):  # the run resumed below: a checkpoint every step
+                    extra.append("run.save_interval=1")
                 losses[f"{key}/packed{budget}"] = run(cfg(f"p_{key}_{budget}".replace("/", "_"), objective, tp, pp, extra))
     # resume mid-epoch from the packed TP2PP2 run's step-1 checkpoint
     first = os.path.join(ws["root"], "p_spot-bco_tp2pp2_100", "checkpoints", "step_0000001")
