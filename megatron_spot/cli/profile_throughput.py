@@ -78,7 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--trace", default=None, metavar="DIR", help="torch.profiler Chrome traces (one per rank)")
     p.add_argument("--trace-steps", type=step_range, default=None, metavar="A:B",
                    help="measured steps [A, B) to trace, 0 <= A < B <= --steps (default 0:2, or 0:1 with --steps 1)")
-    p.add_argument("--sweep", default=None, help="layouts TPxPP[xDP], comma separated, e.g. 1x1,2x1,1x2,2x2")
+    p.add_argument("--sweep", default=None, help="layouts TPxPP[xDP], comma separated, e.g. 1x1,2x1,1x2,2x2: each is run under torchrun "
+                   "and measured (not with --predict-only, which predicts one layout)")
     p.add_argument("--sweep-mbs", type=positive_int_list, default=None, help="micro-batch sizes to sweep, comma separated")
     p.add_argument("--out-dir", default="profile_sweep", help="sweep outputs (table.md, table.csv, plot.png)")
     p.add_argument("--gpu", default=None, help="GPU for MFU/prediction (H100, H200, A100, B200, ...)")
@@ -147,6 +148,9 @@ def check_outputs_and_trace(args) -> None:
     from megatron_spot.config.loader import ConfigError
     from megatron_spot.utils.output_paths import check_output_dir, check_output_file
 
+    if args.sweep and args.predict_only:
+        raise ConfigError("--sweep measures each layout under torchrun and --predict-only predicts one layout "
+                          "(--tp/--pp or the recipe's) without running: drop one of them")
     if args.json:
         check_output_file(args.json, "--json")
     if args.sweep and not args.predict_only:

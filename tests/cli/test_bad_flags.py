@@ -103,6 +103,14 @@ def test_numbers_out_of_range_are_refused_at_parse_time(tool, argv, flag, tmp_pa
     assert os.listdir(tmp_path) == []
 
 
+def test_profile_sweep_with_predict_only_is_refused_not_ignored(tmp_path, capsys, no_work):
+    out = str(tmp_path / "sweep")
+    argv = ["--predict-only", "--gpu", "H100", "--sweep", "1x1,2x1", "--out-dir", out]
+    assert _run(profile_throughput.main, argv) == BAD_INPUT
+    assert "--sweep measures each layout under torchrun and --predict-only predicts one layout" in _error_line(capsys)
+    assert os.listdir(tmp_path) == []
+
+
 def test_profile_trace_steps_past_the_measured_steps(tmp_path, capsys, no_work):
     trace = str(tmp_path / "trace")
     assert _run(profile_throughput.main, ["--steps", "2", "--trace", trace, "--trace-steps", "1:3"]) == BAD_INPUT
