@@ -39,6 +39,11 @@ class RequestCache:
             " finish_reason TEXT, usage TEXT, created REAL NOT NULL)"
         )
 
+    def __len__(self) -> int:
+        """Responses stored."""
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0])
+
     def get(self, key: str) -> Optional[dict]:
         with self._lock:
             row = self._db.execute(

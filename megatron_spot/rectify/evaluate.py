@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import statistics
 from typing import Optional, Sequence
 
@@ -381,12 +382,20 @@ def evaluate(cfg: EvalConfig) -> dict:
                 jk = request_key(kind="eval", model=model_label, body=body, trial=t)
                 jobs.append(Job(jk, body))
                 slots.append((key, pr, t, jk))
+    created = not os.path.exists(cfg.output_dir)
     os.makedirs(cfg.output_dir, exist_ok=True)
     cache = RequestCache(os.path.join(cfg.output_dir, "cache.sqlite"))
     try:
         results, client_stats = _generate(cfg, jobs, cache, model_label)
-    finally:
+    except BaseException:
+        # a run that fails before its first answer (a --local-model that does not load, a server that is not
+        # there) leaves nothing behind; one with answers keeps them in the cache for the rerun
+        stored = len(cache)
         cache.close()
+        if created and not stored:
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)
+        raise
+    cache.close()
 
     samples, graded = [], {}
     failed = 0

@@ -103,3 +103,4 @@ def test_unloadable_tokenizer_or_local_model_is_one_line_before_any_request(tmp_
     assert evaluate_cli.main(["--benchmark", f"aime24={bench}", "--local-model", str(not_a_model), "--trials", "1",
                               "--output", str(tmp_path / "e"), "--quiet"]) == 2
     assert f"--local-model {not_a_model}: cannot load it with transformers" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()  # no empty cache.sqlite left behind
