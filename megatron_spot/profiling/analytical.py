@@ -179,7 +179,7 @@ def all_to_all_bytes(cfg: GPTConfig, layout: StepShape) -> float:
     tokens = layout.rows * -(-layout.seq_length // layout.cp)  # this rank's tokens of one micro-batch
     if layout.sequence_parallel:
         tokens /= layout.tp
-    layers = cfg.num_hidden_layers // layout.pp
+    layers = cfg.num_hidden_layers // layout.pp * cfg.moe_layer_fraction  # MoE layers of a stage (spread evenly)
     per_layer = 4 * tokens * top_k * cfg.hidden_size * p * (layout.ep - 1) / layout.ep
     return per_layer * layers * layout.num_micro_batches
 
@@ -250,10 +250,11 @@ def layer_activation_bytes(cfg: GPTConfig, layout: StepShape, softmax_fp32: bool
     if layout.recompute == "selective":
         core = p * s * b * (q + 2 * kv) / t
     proj_in = p * s * b * q / t
+    mlp = p * s * b * (2 * h * rep + 4 * f / t)
     if is_moe(cfg):  # the same pre-MLP norm input and router input, then what the MoE layer keeps
-        mlp = p * s * b * 2 * h * rep + moe_routed_activation_bytes(cfg, layout)
-    else:
-        mlp = p * s * b * (2 * h * rep + 4 * f / t)
+        moe = p * s * b * 2 * h * rep + moe_routed_activation_bytes(cfg, layout)
+        share = cfg.moe_layer_fraction  # (a Qwen3-MoE with dense layers: their share, spread evenly)
+        mlp = share * moe + (1 - share) * mlp
     return attn_in + core + proj_in + mlp
 
 

@@ -51,14 +51,16 @@ class Engine:
         if load_weights is not None:
             load_weights(chunks)  # before the optimizer copies fp32 main params from the model
         # mixture of experts: which module runs the experts (TEGroupedMLP or SequentialMLP, `moe.experts`)
-        self.experts_module = (type(chunks[0].decoder.layers[0].mlp.experts).__name__
-                               if model_cfg.num_moe_experts and len(chunks[0].decoder.layers) else None)
+        # (None on a pipeline stage without MoE layers)
+        self.experts_module = next((type(layer.mlp.experts).__name__ for chunk in chunks
+                                    for layer in chunk.decoder.layers if hasattr(layer.mlp, "experts")), None)
         self.moe_metrics = None  # mixture of experts: load-balancing loss and expert load of each step
         if trainable and model_cfg.num_moe_experts:
             from megatron_spot.training.moe_metrics import MoEStepMetrics
 
             self.moe_metrics = MoEStepMetrics(chunks, model_cfg.num_hidden_layers, model_cfg.num_moe_experts,
-                                              sequence_parallel=cfg.parallel.sequence_parallel)
+                                              sequence_parallel=cfg.parallel.sequence_parallel,
+                                              moe_layer_freq=self.transformer_config.moe_layer_freq)
         self.device = current_device()
         self.pp_last = ps.is_pipeline_last_stage(ignore_virtual=True)
         self.pp_first = ps.is_pipeline_first_stage(ignore_virtual=True)

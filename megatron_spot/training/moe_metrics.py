@@ -46,9 +46,12 @@ def _routers(chunks: Iterable) -> list:
 class MoEStepMetrics:
     """Hooks on this rank's routers; :meth:`collect` once per optimizer step on every rank."""
 
-    def __init__(self, chunks: Iterable, num_layers: int, num_experts: int, sequence_parallel: bool = False):
+    def __init__(self, chunks: Iterable, num_layers: int, num_experts: int, sequence_parallel: bool = False,
+                 moe_layer_freq=None):
+        """moe_layer_freq: TransformerConfig.moe_layer_freq (which layers are MoE layers; the losses are
+        averaged over those)."""
         self.routers = _routers(chunks)
-        self.num_layers, self.num_experts = num_layers, num_experts
+        self.num_layers, self.num_experts, self.moe_layer_freq = num_layers, num_experts, moe_layer_freq
         self.sequence_parallel = sequence_parallel
         from megatron_spot.platform.device import current_device
 
@@ -88,7 +91,7 @@ class MoEStepMetrics:
             tracker.ensure_initialized(name, self.num_layers, device=self.device)
         scalars: dict = {}
         tracker.report(loss_scale=1.0 / num_micro_batches, iteration=0, track_names=names, force_initialize=True,
-                       num_layers=self.num_layers, total_loss_dict=scalars)
+                       num_layers=self.num_layers, moe_layer_freq=self.moe_layer_freq, total_loss_dict=scalars)
         for name in names:
             value = float(scalars.get(name, 0.0))
             if value:

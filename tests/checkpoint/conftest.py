@@ -1,5 +1,5 @@
 """Shared fixtures: tiny HF checkpoints (Qwen3 tied / untied / vocab 300 / real 151,936 vocab; Llama 3 tied and
-untied; Qwen3-MoE), converted once."""
+untied; Qwen3-MoE, also with dense layers), converted once."""
 from __future__ import annotations
 
 import pytest
@@ -28,6 +28,9 @@ def ckpts(tmp_path_factory):
         "llama-tied": dict(preset="llama3-tiny-tied", seed=5, vocab_size=300, max_shard_size="200KB"),
         # mixture of experts (Qwen3-MoE: router + 8 experts per layer, per-expert HF tensors; sharded input)
         "moe": dict(preset="qwen3-moe-tiny", seed=6, vocab_size=300, max_shard_size="200KB"),
+        # dense MLP layers among the MoE ones (transformers: MoE where (i + 1) % decoder_sparse_step == 0): layers
+        # 1 and 3 are MoE, 0 and 2 dense
+        "moe-mixed": dict(preset="qwen3-moe-tiny", seed=7, decoder_sparse_step=2),
     }
     out = {}
     for name, spec in cases.items():

@@ -29,7 +29,7 @@ def _mcore_logits(chunks, tok, pos, vocab):
     return chunks[0](tok, pos, None)[..., :vocab].float()
 
 
-@pytest.mark.parametrize("name", ["untied", "tied", "vocab300", "llama", "llama-tied", "moe"])
+@pytest.mark.parametrize("name", ["untied", "tied", "vocab300", "llama", "llama-tied", "moe", "moe-mixed"])
 def test_logits_match_transformers_tp1pp1(ckpts, name):
     c = ckpts[name]
     chunks = _mcore_tp1(c["mcore"])
@@ -48,7 +48,7 @@ def test_logits_match_transformers_tp1pp1(ckpts, name):
         assert not params["embedding.word_embeddings.weight"][300:].any()
 
 
-@pytest.mark.parametrize("name", ["untied", "tied", "vocab300", "llama", "llama-tied", "moe"])
+@pytest.mark.parametrize("name", ["untied", "tied", "vocab300", "llama", "llama-tied", "moe", "moe-mixed"])
 def test_round_trip_bit_exact_and_from_pretrained(ckpts, name, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 

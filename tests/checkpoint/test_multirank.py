@@ -8,7 +8,9 @@ same logits, and saved at PP2 x EP2 it loads at TP1PP1 and exports bit-exact. Bo
 checkpoint (written by the converter through SequentialMLP's `local_experts.{e}`) also loads into grouped
 experts (TEGroupedMLP's `weight{e}`, models/gpt/grouped_experts.py without TE) at PP2 x EP2 and
 TP2 x EP2 x ETP2 with the same logits, and saved from the grouped model it loads back into SequentialMLP
-at TP1PP1 with the very same tensors and exports to the original HF files."""
+at TP1PP1 with the very same tensors and exports to the original HF files. A Qwen3-MoE with dense layers among
+its MoE ones (decoder_sparse_step 2) loads at PP2 x EP2 and PP2 x VPP2 (one stage's chunks all dense, the other's
+all MoE) with the same logits as transformers."""
 from __future__ import annotations
 
 import os
@@ -73,7 +75,8 @@ def _worker(rank, world_size, cases, save_root):
         experts = MoEConfig(experts="grouped" if layout.endswith("-grouped") else "sequential")
         initialize(parallel, seed=0)
         for name, (ckpt, tok, pos, vocab) in cases.items():
-            if (layout != "tp2pp2" and name == "vocab151936") or ("ep" in layout and name != "moe"):
+            if (layout != "tp2pp2" and name == "vocab151936") or ("ep" in layout and not name.startswith("moe")) or \
+                    (name == "moe-mixed" and layout not in ("pp2ep2", "tp1pp2vpp2")):
                 continue
             cfg = model_ckpt.checkpoint_model_config(ckpt)
             chunks = build_model_chunks(cfg, build_transformer_config(cfg, parallel, PrecisionConfig(dtype="fp32"),
@@ -104,7 +107,7 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     from megatron_spot.models import build_unsharded_model
 
     cases = {n: (ckpts[n]["mcore"], ckpts[n]["tok"], ckpts[n]["pos"], ckpts[n]["vocab"])
-             for n in ("untied", "tied", "vocab151936", "moe")}
+             for n in ("untied", "tied", "vocab151936", "moe", "moe-mixed")}
     save_root = str(tmp_path / "saved")
     per_rank = run_on_ranks(_worker, 4, args=(cases, save_root))
     results = {}
@@ -121,7 +124,7 @@ def test_layouts_tp2pp2_vpp_and_save_at_tp2pp2(ckpts, tmp_path):
     assert set(results) == {("tp2pp2", "untied"), ("tp2pp2", "tied"), ("tp2pp2", "vocab151936"),
                             ("tp1pp2vpp2", "untied"), ("tp1pp2vpp2", "tied"), ("tp2pp2", "moe"),
                             ("tp1pp2vpp2", "moe"), ("pp2ep2", "moe"), ("tp2ep2", "moe"), ("pp2ep2-grouped", "moe"),
-                            ("tp2ep2-grouped", "moe")}
+                            ("tp2ep2-grouped", "moe"), ("pp2ep2", "moe-mixed"), ("tp1pp2vpp2", "moe-mixed")}
     for (layout, name), logits in sorted(results.items()):
         diff = (logits - ckpts[name]["ref"]).abs().max().item()
         print(f"{layout} {name}: max abs logit diff vs transformers {diff:.3g}")

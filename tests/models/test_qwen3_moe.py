@@ -46,8 +46,10 @@ def test_config_json_round_trip_and_refusals(tmp_path):
     assert Qwen3MoeConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     tiny = PRESETS[TINY]
     for changes, match in [
-        (dict(decoder_sparse_step=2), "decoder_sparse_step=2"),
-        (dict(mlp_only_layers=[0]), r"mlp_only_layers=\[0\]"),
+        (dict(decoder_sparse_step=0), "decoder_sparse_step=0 must be an integer >= 1"),
+        (dict(mlp_only_layers=[4]), r"mlp_only_layers=\[4\] must list layer numbers in \[0, 4\)"),
+        (dict(mlp_only_layers=[0, 1, 2, 3]), "leave no MoE layer"),
+        (dict(decoder_sparse_step=5), "leave no MoE layer"),
         (dict(shared_expert_intermediate_size=64), "shared_expert_intermediate_size"),
         (dict(num_experts=None), "missing field.*num_experts"),
         (dict(num_experts_per_tok=9), "num_experts_per_tok=9"),
@@ -55,6 +57,36 @@ def test_config_json_round_trip_and_refusals(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=match):
             Qwen3MoeConfig.from_hf_dict(dict(tiny, **changes))
+
+
+@pytest.mark.parametrize("changes, moe_layers", [
+    (dict(decoder_sparse_step=2), (False, True, False, True)),
+    (dict(mlp_only_layers=[0, 2]), (False, True, False, True)),
+    (dict(decoder_sparse_step=3, mlp_only_layers=[1]), (False, False, True, False)),
+])
+def test_dense_layers_among_moe_layers_as_transformers_builds_them(changes, moe_layers, tmp_path):
+    """decoder_sparse_step / mlp_only_layers: the same layers are MoE layers as in transformers'
+    Qwen3MoeForCausalLM, whose parameter count (dense MLPs of intermediate_size elsewhere) ours equals; the
+    mapping rows cover exactly the tensors transformers saves; Megatron-Core gets the per-layer pattern."""
+    import transformers
+    from safetensors.torch import load_file
+
+    cfg = Qwen3MoeConfig.from_hf_dict(dict(PRESETS[TINY], **changes))
+    assert cfg.moe_layers == moe_layers and cfg.moe_layer_fraction == sum(moe_layers) / 4
+    assert Qwen3MoeConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
+    with torch.device("meta"):
+        hf = transformers.AutoModelForCausalLM.from_config(hf_config_of(cfg))
+    assert tuple(type(layer.mlp).__name__ == "Qwen3MoeSparseMoeBlock" for layer in hf.model.layers) == moe_layers
+    assert sum(p.numel() for p in hf.parameters()) == cfg.num_parameters()
+    hf_model_of(cfg, seed=0).save_pretrained(tmp_path)
+    files = load_file(str(tmp_path / "model.safetensors"))
+    assert state_dict_adapter.hf_shapes(cfg) == {n: tuple(t.shape) for n, t in files.items()}
+    assert cfg.moe_transformer_config_kwargs(MoEConfig(), use_te=False)["moe_layer_freq"] == [int(m) for m in moe_layers]
+    # a token's matmuls: attention everywhere, top-k experts in MoE layers, the whole MLP in dense ones
+    all_moe = load_model_config(TINY)
+    dense_mlp, top_k_experts = 3 * 64 * 128, 2 * 3 * 64 * 32 + 8 * 64  # (router included)
+    assert cfg.matmul_params_per_token() == all_moe.matmul_params_per_token() + (4 - sum(moe_layers)) * (
+        dense_mlp - top_k_experts)
 
 
 @pytest.mark.parametrize("preset, parallel, match", [
@@ -109,8 +141,16 @@ def hf_checkpoint(tmp_path_factory):
     tokens = [torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(r)) for r in range(2)]
     with torch.no_grad():
         outputs = [model(t, output_router_logits=True) for t in tokens]
+    # with dense layers among the MoE ones (decoder_sparse_step 2: layers 1 and 3 MoE)
+    mixed_model = hf_model_of(Qwen3MoeConfig.from_hf_dict(dict(PRESETS[TINY], decoder_sparse_step=2)), seed=5)
+    mixed_folder = tmp_path_factory.mktemp("qwen3_moe_mixed_hf")
+    mixed_model.save_pretrained(mixed_folder)
+    with torch.no_grad():
+        mixed = [mixed_model(t, output_router_logits=True) for t in tokens]
     return {"files": files, "tokens": tokens, "refs": [o.logits for o in outputs],
-            "router_logits": [o.router_logits for o in outputs], "folder": str(folder)}
+            "router_logits": [o.router_logits for o in outputs], "folder": str(folder),
+            "mixed": {"files": load_file(str(mixed_folder / "model.safetensors")), "refs": [o.logits for o in mixed],
+                      "router_logits": [[r for r in o.router_logits if r is not None] for o in mixed]}}
 
 
 def test_mapping_covers_the_checkpoint_files(hf_checkpoint):
@@ -145,7 +185,7 @@ def test_expert_placement_over_ranks():
 
 
 # ---------------------------------------------------------------------------------------------- numerics
-def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
+def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list, mixed_files: dict, mixed_refs: list):
     from megatron_spot.models import build_model_chunks, build_transformer_config
     from megatron_spot.platform import initialize
     from megatron_spot.training.moe_metrics import MoEStepMetrics
@@ -181,6 +221,7 @@ def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
     meter.remove()
     out["balancing"] = {name: _balancing_metrics(cfg, full, parallel, x, pos, *case)
                         for name, case in BALANCING.items()}
+    out["mixed"] = _mixed_layers(parallel, x, pos, mixed_files, mixed_refs[rank])
     # SPoT training through the engine at EP1 and EP2 (DP2 both), the same global batch
     from tests.tiny import random_pairs_batch
 
@@ -189,6 +230,28 @@ def _logits_worker(rank, world_size, hf_files: dict, tokens: list, refs: list):
                     for ep, name in ((1, "aux0"), (2, "aux0"), (2, "released"), (2, "grouped"), (2, "seq"),
                                      (2, "global"), (2, "z"), (2, "none"))}
     return out
+
+
+def _mixed_layers(parallel, x, pos, hf_files, ref) -> dict:
+    """A Qwen3-MoE with dense layers among its MoE ones (decoder_sparse_step 2: layers 1 and 3 MoE) at EP2:
+    logits against transformers' model (`ref`), and a training forward's step metrics."""
+    from megatron_spot.models import build_model_chunks, build_transformer_config
+    from megatron_spot.training.moe_metrics import MoEStepMetrics
+
+    cfg = Qwen3MoeConfig.from_hf_dict(dict(PRESETS[TINY], decoder_sparse_step=2))
+    full = state_dict_adapter.hf_to_mcore_state_dict(hf_files, cfg)
+    tc = build_transformer_config(cfg, parallel, PrecisionConfig(), moe=MoEConfig(aux_loss_coeff=0.01))
+    model = build_model_chunks(cfg, tc)[0]
+    state_dict_adapter.load_full_state_dict([model], full)
+    meter = MoEStepMetrics([model], num_layers=cfg.num_hidden_layers, num_experts=cfg.num_experts,
+                           moe_layer_freq=tc.moe_layer_freq)
+    with torch.no_grad():
+        logits = model.eval()(x, pos, None)[..., : cfg.vocab_size]
+    model.train()(x, pos, None)
+    metrics = meter.collect(num_micro_batches=1)
+    meter.remove()
+    return {"diff": (logits - ref).abs().max().item(), "scale": ref.abs().max().item(),
+            "mlp": [type(layer.mlp).__name__ for layer in model.decoder.layers], "metrics": metrics}
 
 
 # The load-balancing types and the z-loss on training forwards of each rank's rows (Megatron-Core's MoE config,
@@ -264,7 +327,8 @@ def _train(cfg, full, global_batch, ep, moe: dict):
 @pytest.fixture(scope="module")
 def logits_at_ep1_and_ep2(hf_checkpoint):
     c = hf_checkpoint
-    return run_on_ranks(_logits_worker, world_size=2, args=(c["files"], c["tokens"], c["refs"]))
+    return run_on_ranks(_logits_worker, world_size=2,
+                        args=(c["files"], c["tokens"], c["refs"], c["mixed"]["files"], c["mixed"]["refs"]))
 
 
 @pytest.mark.slow
@@ -493,3 +557,32 @@ def test_load_balancing_none_trains_like_coefficient_zero(logits_at_ep1_and_ep2)
     train = logits_at_ep1_and_ep2[0]["train"]
     assert train[(2, "none")]["losses"] == train[(2, "aux0")]["losses"]
     assert not [m for m in train[(2, "none")]["last"] if m.startswith("moe_") and m.endswith("_loss")]
+
+
+@pytest.mark.slow
+def test_dense_layers_among_moe_layers_compute_what_transformers_does(hf_checkpoint, logits_at_ep1_and_ep2):
+    """decoder_sparse_step 2 at EP2: Megatron-Core builds MLP / MoE layers where transformers does, the logits
+    equal its model's, and the step metrics cover the two MoE layers only: the aux loss is their mean switch
+    loss (from transformers' router logits), the expert load one entry per MoE layer."""
+    cfg = load_model_config(TINY)
+    k, experts = cfg.num_experts_per_tok, cfg.num_experts
+    aux, max_load = [], None
+    for rank, result in enumerate(logits_at_ep1_and_ep2):
+        r = result["mixed"]
+        print(f"decoder_sparse_step=2 EP2 rank {rank}: max abs logit diff vs transformers {r['diff']:.3g}")
+        assert r["mlp"] == ["MLP", "MoELayer", "MLP", "MoELayer"]
+        assert r["scale"] > 0.1 and r["diff"] <= 1e-5, r
+        router_logits = hf_checkpoint["mixed"]["router_logits"][rank]
+        assert len(router_logits) == 2
+        counts = []
+        for logits in router_logits:
+            probs = logits.float().softmax(dim=-1)
+            chosen = torch.zeros_like(probs).scatter_(1, probs.topk(k, dim=-1).indices, 1.0)
+            tokens = probs.shape[0]
+            aux.append(experts / (k * tokens * tokens) * (probs.sum(0) * chosen.sum(0)).sum())
+            counts.append(chosen.sum(0))
+        max_load = torch.stack(counts) if max_load is None else max_load + torch.stack(counts)
+    metrics = logits_at_ep1_and_ep2[0]["mixed"]["metrics"]
+    assert metrics["moe_aux_loss"] == pytest.approx(torch.stack(aux).mean().item(), rel=1e-5)
+    assert metrics["moe_expert_load_max"] == max_load.max(dim=1).values.tolist()
+

@@ -228,6 +228,34 @@ def test_expert_parallel_splits_expert_weights_and_their_optimizer_state():
     assert all_to_all_bytes(cfg, ep8) == 4 * tokens * 8 * cfg.hidden_size * 2 * 7 / 8 * cfg.num_hidden_layers
 
 
+def test_dense_layers_among_moe_layers_count_as_dense():
+    """Qwen3-30B-A3B made half dense (decoder_sparse_step 2): the dense layers' MLP weights, FLOPs and
+    activations are a dense Qwen3 MLP's (intermediate_size), the all-to-all runs through the MoE half only."""
+    from megatron_spot.models.qwen3_moe import PRESETS, Qwen3MoeConfig
+    from megatron_spot.profiling.analytical import all_to_all_bytes
+
+    moe = load_model_config("qwen3-30b-a3b")
+    half = Qwen3MoeConfig.from_hf_dict(dict(PRESETS["qwen3-30b-a3b"], decoder_sparse_step=2))
+    layers, h = moe.num_hidden_layers, moe.hidden_size
+    routed = moe.num_experts * (3 * h * moe.moe_intermediate_size + h)  # experts + router of one MoE layer
+    dense = 3 * h * moe.intermediate_size
+    assert moe.num_parameters() - half.num_parameters() == layers // 2 * (routed - dense)
+    top_k = moe.num_experts_per_tok * 3 * h * moe.moe_intermediate_size + moe.num_experts * h
+    assert moe.matmul_params_per_token() - half.matmul_params_per_token() == layers // 2 * (top_k - dense)
+    shape = StepShape(seq_length=4096, micro_batch_size=1, dtype="bf16", ep=8, dp=8)
+    assert all_to_all_bytes(half, shape) == all_to_all_bytes(moe, shape) / 2
+    dense_twin = load_model_config("qwen3-8b")  # (a dense layer's activation terms: same formula, its own sizes)
+    assert half.moe_layer_fraction == 0.5 and dense_twin.moe_layer_fraction == 0.0
+    assert layer_activation_bytes(half, shape) == pytest.approx(
+        (layer_activation_bytes(moe, shape) + _dense_layer_bytes(moe, shape)) / 2)
+
+
+def _dense_layer_bytes(cfg, shape):
+    """layer_activation_bytes of `cfg`'s attention with a dense MLP of intermediate_size (no TP/SP)."""
+    p, tokens = 2, shape.seq_length * shape.rows
+    return _attention_terms(cfg, shape) + p * tokens * (2 * cfg.hidden_size + 4 * cfg.intermediate_size)
+
+
 # ---------------------------------------------------------------------------------------------- MoE activations
 def _saved_moe_tensors(rank, world_size):
     """Bytes autograd keeps from one forward of a tiny Megatron-Core MoE layer (layer 0's MLP: router,

@@ -221,6 +221,20 @@ class GPTConfig:
         """TransformerConfig MoE settings from the model and the run's `moe:` section (config/schema.py MoEConfig)."""
         return {}
 
+    @property
+    def moe_layers(self) -> Optional[tuple[bool, ...]]:
+        """Which layers are MoE layers, when only some are (the others have a dense MLP); None when every layer
+        is alike (all dense, or all MoE)."""
+        return None
+
+    @property
+    def moe_layer_fraction(self) -> float:
+        """The share of layers that are MoE layers (0.0 for a dense model)."""
+        layers = self.moe_layers
+        if layers is None:
+            return 1.0 if self.num_moe_experts else 0.0
+        return sum(layers) / len(layers)
+
     def layer_mappings(self, layer: int) -> tuple:
         """Layer `layer`'s HF <-> Megatron mapping objects, "{i}" unfilled (see models/gpt/mappings.py)."""
         from megatron_spot.models.gpt.mappings import DENSE_LAYER

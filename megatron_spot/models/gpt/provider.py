@@ -152,21 +152,24 @@ def build_transformer_config(cfg: GPTConfig, parallel: ParallelConfig, precision
     )
 
 
-def layer_spec(cfg: GPTConfig, use_te: bool, grouped_experts: bool = False):
+def layer_spec(cfg: GPTConfig, use_te: bool, grouped_experts: bool = False, dense: bool = False):
     """The transformer layer spec: Transformer Engine's or the local one; an MoE family's experts grouped
-    (TEGroupedMLP) or sequential (SequentialMLP), as the TransformerConfig's moe_grouped_gemm says."""
+    (TEGroupedMLP) or sequential (SequentialMLP), as the TransformerConfig's moe_grouped_gemm says;
+    `dense`: the spec of an MoE family's layers that have a dense MLP instead (cfg.moe_layers)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    grouped_experts = bool(grouped_experts and cfg.num_moe_experts)
+    kwargs = cfg.layer_spec_kwargs(use_te)
+    if dense:
+        kwargs.pop("num_experts", None)
+    grouped_experts = bool(grouped_experts and kwargs.get("num_experts"))
     if use_te:
-        return get_gpt_layer_with_transformer_engine_spec(moe_grouped_gemm=grouped_experts,
-                                                          **cfg.layer_spec_kwargs(use_te))
+        return get_gpt_layer_with_transformer_engine_spec(moe_grouped_gemm=grouped_experts, **kwargs)
     from megatron_spot.models.gpt.packed_attention import PackedDotProductAttention
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **cfg.layer_spec_kwargs(use_te))
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", **kwargs)
     # packed pairs (THD): the local spec's attention refuses PackedSeqParams; this drop-in honours them
     spec.submodules.self_attention.submodules.core_attention = PackedDotProductAttention
     if grouped_experts:  # TEGroupedMLP without TE: its grouped linears in plain PyTorch
@@ -174,6 +177,29 @@ def layer_spec(cfg: GPTConfig, use_te: bool, grouped_experts: bool = False):
 
         spec.submodules.mlp = grouped_moe_module_spec(cfg.num_moe_experts)
     return spec
+
+
+def decoder_spec(cfg: GPTConfig, transformer_config, use_te: bool, vp_stage: Optional[int]):
+    """What GPTModel builds its decoder from: one layer spec when every layer is alike; with dense layers among
+    an MoE family's layers (cfg.moe_layers), the spec of each layer this pipeline stage (and virtual stage)
+    builds, as Megatron-Core's get_gpt_decoder_block_spec slices them."""
+    spec = layer_spec(cfg, use_te, grouped_experts=transformer_config.moe_grouped_gemm)
+    moe_layers = cfg.moe_layers
+    if moe_layers is None:
+        return spec
+    from megatron.core.transformer.transformer_block import (
+        LayerNormImpl,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    dense = layer_spec(cfg, use_te, dense=True)
+    first = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
+    count = get_num_layers_to_build(transformer_config, vp_stage=vp_stage)
+    # the final norm: what GPTModel's block uses for a single layer spec (transformer_block._get_block_submodules)
+    return TransformerBlockSubmodules(layer_specs=[spec if moe_layers[i] else dense for i in range(first, first + count)],
+                                      layer_norm=LayerNormImpl)
 
 
 def build_model_chunks(cfg: GPTConfig, transformer_config, use_te: Optional[bool] = None,
@@ -190,14 +216,13 @@ def build_model_chunks(cfg: GPTConfig, transformer_config, use_te: Optional[bool
     if model_cls is None:
         from megatron_spot.models.gpt.model import SpotGPTModel as model_cls
     use_te = transformer_engine_available() if use_te is None else use_te
-    spec = layer_spec(cfg, use_te, grouped_experts=transformer_config.moe_grouped_gemm)
     vpp = transformer_config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         model = model_cls(
             config=transformer_config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=decoder_spec(cfg, transformer_config, use_te, stage),
             vocab_size=cfg.padded_vocab_size,
             max_sequence_length=max_sequence_length or cfg.max_position_embeddings,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

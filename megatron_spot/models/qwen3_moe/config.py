@@ -9,8 +9,11 @@ dispatcher (expert parallel), and the experts as TEGroupedMLP (one grouped GEMM 
 Engine's on GPUs, models/gpt/grouped_experts.py's twin without TE) or SequentialMLP (`moe.experts`; by
 default grouped where TE runs). Dropless by default (`moe.capacity_factor`).
 
-Refused by name: a dense MLP in some layers (`decoder_sparse_step` != 1, `mlp_only_layers`; no released
-Qwen3-MoE has one), shared experts, sliding windows and rope scaling (the dense Qwen3 rules).
+Dense MLP layers among the MoE ones are honoured as transformers builds them: layer i is an MoE layer when
+i is not in `mlp_only_layers` and (i + 1) % `decoder_sparse_step` == 0, a dense Qwen3 MLP of
+`intermediate_size` otherwise (Megatron-Core's `moe_layer_freq` list; no released Qwen3-MoE has one).
+Refused by name: shared experts, a model without any MoE layer, sliding windows and rope scaling (the dense
+Qwen3 rules).
 """
 from __future__ import annotations
 
@@ -32,6 +35,8 @@ class Qwen3MoeConfig(Qwen3Config):
     moe_intermediate_size: int = 768
     norm_topk_prob: bool = True
     router_aux_loss_coef: float = 0.001
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
 
     family: ClassVar[str] = "qwen3_moe"
     model_type: ClassVar[str] = "qwen3_moe"
@@ -41,12 +46,16 @@ class Qwen3MoeConfig(Qwen3Config):
     @classmethod
     def _refuse(cls, hf: dict[str, Any], source: str) -> None:
         super()._refuse(hf, source)
-        if hf.get("decoder_sparse_step", 1) != 1:
-            raise ConfigError(f"{source}: decoder_sparse_step={hf['decoder_sparse_step']} (dense MLPs between MoE "
-                              "layers) is not supported; every layer must be an MoE layer (decoder_sparse_step=1)")
-        if hf.get("mlp_only_layers"):
-            raise ConfigError(f"{source}: mlp_only_layers={hf['mlp_only_layers']} (dense MLP layers) is not supported; "
-                              "every layer must be an MoE layer")
+        step, layers = hf.get("decoder_sparse_step", 1), hf.get("num_hidden_layers", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ConfigError(f"{source}: decoder_sparse_step={step!r} must be an integer >= 1")
+        dense = hf.get("mlp_only_layers") or []
+        if not isinstance(dense, list) or any(isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < layers
+                                              for i in dense):
+            raise ConfigError(f"{source}: mlp_only_layers={dense!r} must list layer numbers in [0, {layers})")
+        if layers and not any(_is_moe_layer(i, step, dense) for i in range(layers)):
+            raise ConfigError(f"{source}: decoder_sparse_step={step} and mlp_only_layers={dense} leave no MoE layer; "
+                              "a model without experts is a dense Qwen3 (model_type qwen3)")
         if hf.get("shared_expert_intermediate_size"):
             raise ConfigError(f"{source}: shared_expert_intermediate_size={hf['shared_expert_intermediate_size']} "
                               "(a shared expert) is not supported; Qwen3-MoE has none")
@@ -65,10 +74,13 @@ class Qwen3MoeConfig(Qwen3Config):
                     moe_intermediate_size=int(hf["moe_intermediate_size"]),
                     # transformers' default is False; every released Qwen3-MoE sets it true
                     norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-                    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)))
+                    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                    decoder_sparse_step=int(hf.get("decoder_sparse_step", 1)),
+                    mlp_only_layers=tuple(sorted(set(hf.get("mlp_only_layers") or []))))
 
     def _family_hf_fields(self) -> dict[str, Any]:
-        return dict(super()._family_hf_fields(), decoder_sparse_step=1, mlp_only_layers=[],
+        return dict(super()._family_hf_fields(), decoder_sparse_step=self.decoder_sparse_step,
+                    mlp_only_layers=list(self.mlp_only_layers),
                     num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok,
                     moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
                     router_aux_loss_coef=self.router_aux_loss_coef, output_router_logits=False)
@@ -82,25 +94,44 @@ class Qwen3MoeConfig(Qwen3Config):
     def _expert_parameters(self) -> int:
         return 3 * self.hidden_size * self.moe_intermediate_size
 
+    def _dense_mlp_parameters(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    def _mlp_parameters(self, experts_used: int) -> tuple[int, int]:
+        """(summed over the layers: MLP matmul weights with `experts_used` experts per MoE layer, of them in
+        routed experts): router + experts in MoE layers, the dense MLP in the others."""
+        moe = sum(self.moe_layers) if self.moe_layers is not None else self.num_hidden_layers
+        experts = moe * experts_used * self._expert_parameters()
+        return experts + moe * self.num_experts * self.hidden_size + (self.num_hidden_layers - moe) * \
+            self._dense_mlp_parameters(), experts
+
     def layer_matmul_parameters(self) -> int:
-        """All of one layer's matmul weights: attention, router, every expert."""
-        return self._attention_parameters() + self.num_experts * (self.hidden_size + self._expert_parameters())
+        """One layer's matmul weights: attention, router, every expert (averaged over the layers when some have
+        a dense MLP instead)."""
+        return self._attention_parameters() + self._mlp_parameters(self.num_experts)[0] // self.num_hidden_layers
 
     def layer_expert_parameters(self) -> int:
-        return self.num_experts * self._expert_parameters()
+        return self._mlp_parameters(self.num_experts)[1] // self.num_hidden_layers
+
+    def num_parameters(self) -> int:
+        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        per_layer = self._attention_parameters() + self.layer_norm_parameters()
+        return embed + self.num_hidden_layers * per_layer + self._mlp_parameters(self.num_experts)[0] + self.hidden_size
 
     def active_parameters(self) -> int:
         """Parameters one token uses (its top-k experts): the "A3B" / "A22B" of the released names."""
-        per_layer = (self._attention_parameters() + self.num_experts * self.hidden_size
-                     + self.num_experts_per_tok * self._expert_parameters() + self.layer_norm_parameters())
-        embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return embed + self.num_hidden_layers * per_layer + self.hidden_size
+        return self.num_parameters() - self._mlp_parameters(self.num_experts - self.num_experts_per_tok)[1]
 
     def matmul_params_per_token(self) -> int:
         """Weights one token's matmuls touch (the N of 6N): attention, router, its top-k experts, LM head."""
-        per_layer = (self._attention_parameters() + self.num_experts * self.hidden_size
-                     + self.num_experts_per_tok * self._expert_parameters())
-        return self.num_hidden_layers * per_layer + self.hidden_size * self.vocab_size
+        return (self.num_hidden_layers * self._attention_parameters() + self._mlp_parameters(self.num_experts_per_tok)[0]
+                + self.hidden_size * self.vocab_size)
+
+    @property
+    def moe_layers(self) -> Optional[tuple[bool, ...]]:
+        layers = tuple(_is_moe_layer(i, self.decoder_sparse_step, self.mlp_only_layers)
+                       for i in range(self.num_hidden_layers))
+        return None if all(layers) else layers
 
     # ------------------------------------------------------------------ Megatron-Core hooks
     @property
@@ -132,6 +163,8 @@ class Qwen3MoeConfig(Qwen3Config):
             moe_z_loss_coeff=moe.z_loss_coeff or None,
             moe_expert_capacity_factor=moe.capacity_factor,
             moe_token_dispatcher_type="alltoall",
+            # which layers are MoE layers (1) or dense (0); the provider builds the per-layer specs from it
+            moe_layer_freq=[int(m) for m in self.moe_layers] if self.moe_layers is not None else 1,
             # TEGroupedMLP (TE's grouped GEMM; models/gpt/grouped_experts.py without TE) or SequentialMLP;
             # the provider builds the layer spec from this
             moe_grouped_gemm=moe.experts == "grouped" or (moe.experts == "auto" and use_te),
@@ -144,6 +177,8 @@ class Qwen3MoeConfig(Qwen3Config):
         from megatron_spot.models.qwen3_moe.mappings import expert_rows
 
         # Qwen3's attention rows (q/k norms after the fused QKV), the pre-MLP norm, then the router and experts
+        if self.moe_layers is not None and not self.moe_layers[layer]:
+            return super().layer_mappings(layer)  # a dense Qwen3 layer
         attention = DENSE_LAYER[:2] + QK_NORMS + DENSE_LAYER[2:4]
         return attention + expert_rows(self.num_experts)
 
@@ -158,6 +193,12 @@ class Qwen3MoeConfig(Qwen3Config):
             out.append(f"parallel.expert_tensor_parallel={etp} does not divide moe_intermediate_size "
                        f"{self.moe_intermediate_size}")
         return out
+
+
+def _is_moe_layer(layer: int, decoder_sparse_step: int, mlp_only_layers) -> bool:
+    """transformers' Qwen3MoeDecoderLayer: a sparse MoE block unless listed in mlp_only_layers, every
+    decoder_sparse_step-th layer (counting from 1)."""
+    return layer not in mlp_only_layers and (layer + 1) % decoder_sparse_step == 0
 
 
 def _num_experts(hf: dict[str, Any], source: str) -> Optional[int]:
