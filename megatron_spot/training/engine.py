@@ -195,8 +195,9 @@ class Engine:
         from megatron.core import parallel_state as ps
 
         pairs = sum(sum(mb["group_sizes"]) for mb in micro_batches) if ps.get_context_parallel_rank() == 0 else 0
-        tokens = sum(int((~mb["padding_mask"]).sum()) for mb in micro_batches)
-        counts = torch.tensor([float(pairs), float(tokens)], dtype=torch.float64, device=self.device)
+        tokens = sum((~mb["padding_mask"]).sum() for mb in micro_batches)  # on the device: one sync, below
+        counts = torch.stack([torch.tensor(float(pairs), dtype=torch.float64, device=self.device),
+                              tokens.to(device=self.device, dtype=torch.float64)])
         dist.all_reduce(counts, group=ps.get_data_parallel_group(with_context_parallel=True))
         self._moe_pairs_per_token = float(counts[0] / counts[1])
 

@@ -25,6 +25,13 @@ def endpoint_responder(endpoint) -> Callable:
     return respond
 
 
+def chat_reply(content: str) -> tuple[int, dict, bytes]:
+    """A responder's 200 answer: one assistant message `content` with OpenAI's chat-completion shape."""
+    body = {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
+    return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
 class LoopbackServer:
     def __init__(self, respond: Callable, host: str = "127.0.0.1", port: int = 0):
         if host not in ("127.0.0.1", "localhost", "::1"):

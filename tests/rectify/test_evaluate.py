@@ -11,7 +11,7 @@ import pytest
 from megatron_spot.cli import evaluate as cli
 from megatron_spot.rectify import evaluate as E
 
-from .loopback import LoopbackServer
+from .loopback import LoopbackServer, chat_reply
 
 AIME = [{"id": f"a{j}", "problem": f"[q:a{j}] Find the value number {j}.", "answer": str(10 + j)} for j in range(4)]
 MATH500 = [{"unique_id": "m0", "problem": "[q:m0] Half of one?", "solution": "It is $\\boxed{\\frac{1}{2}}$."},
@@ -59,9 +59,7 @@ class PlantedServer:
             answer = "We get \\boxed{0.5}" if qid == "m0" and right else "We get \\boxed{7}"
         else:
             answer = f"Thus \\boxed{{{10 + int(qid[1:]) if right else 999}}}."
-        body = {"choices": [{"message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
-        return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+        return chat_reply(answer)
 
 
 @pytest.fixture

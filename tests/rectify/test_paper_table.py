@@ -11,7 +11,7 @@ import pytest
 
 from megatron_spot.cli import evaluate as cli
 
-from .loopback import LoopbackServer
+from .loopback import LoopbackServer, chat_reply
 
 END = "Any other questions?"
 C4_RIGHT = {   # board -> the exact right answer
@@ -92,9 +92,7 @@ class PlantedNine:
             content = ("No commas here." if j == 0 else f"Done. {END}") if ok else f"Done, ok. {END}\nBye."
         else:
             content = f"So \\boxed{{{10 + j if ok else 999}}}."
-        body = {"choices": [{"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
-                "usage": {"prompt_tokens": 10, "completion_tokens": 5}}
-        return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+        return chat_reply(content)
 
 
 @pytest.fixture

@@ -25,6 +25,8 @@ import torch
 
 from megatron.core.models.backends import LocalSpecProvider
 
+from megatron_spot.platform.device import current_device
+
 
 class _GroupedLinear(torch.nn.Module):
     """`num_gemms` independent [out, in] weights; input rows are split into consecutive blocks, block e
@@ -50,7 +52,7 @@ class _GroupedLinear(torch.nn.Module):
         # weights are the shards: fc1 (column) holds out/tp rows, fc2 (row) holds in/tp columns
         out_features = output_size // tp if self.parallel_mode == "column" else output_size
         in_features = input_size // tp if self.parallel_mode == "row" else input_size
-        device = None if config.use_cpu_initialization else torch.cuda.current_device()
+        device = None if config.use_cpu_initialization else current_device()
         for e in range(num_gemms):
             weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=config.params_dtype,
                                                     device=device))

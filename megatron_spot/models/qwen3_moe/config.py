@@ -100,7 +100,8 @@ class Qwen3MoeConfig(Qwen3Config):
     def _mlp_parameters(self, experts_used: int) -> tuple[int, int]:
         """(summed over the layers: MLP matmul weights with `experts_used` experts per MoE layer, of them in
         routed experts): router + experts in MoE layers, the dense MLP in the others."""
-        moe = sum(self.moe_layers) if self.moe_layers is not None else self.num_hidden_layers
+        pattern = self.moe_layers
+        moe = self.num_hidden_layers if pattern is None else sum(pattern)
         experts = moe * experts_used * self._expert_parameters()
         return experts + moe * self.num_experts * self.hidden_size + (self.num_hidden_layers - moe) * \
             self._dense_mlp_parameters(), experts
